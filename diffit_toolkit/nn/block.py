@@ -1,0 +1,238 @@
+"""The DiffiT transformer block and its injection sites.
+
+A block is pre-norm attention + MLP (DiffiT eq. 7-8)::
+
+    x = x + gate_attn * Attention(modulate(LN(x), shift_attn, scale_attn), qkv, bias, extra tokens)
+    x = x + gate_mlp  * MLP(modulate(LN(x), shift_mlp, scale_mlp) + mlp_in)
+
+The time/class token ``c`` enters **only** through the fields of an :class:`Injection`, which the
+block's conditioning mechanism computes from ``c``. Every field left ``None`` is a site the
+mechanism does not use, and the block then computes exactly the unconditioned formula. The
+sites:
+
+========================  ===========================================================  =================
+site (Injection field)    effect                                                        used by
+========================  ===========================================================  =================
+``tokens``                added to the block input ``x``                                ``additive``
+``shift_attn/scale_attn`` ``LN(x) * (1 + scale) + shift`` before attention              ``adaln_zero``
+``gate_attn``             multiplies the attention branch                              ``adaln_zero``
+``qkv``                   added to the q/k/v projection of every token                  ``tmsa``
+``bias_table``            added to the relative position bias table (per sample)        ``relative_bias``
+``extra_tokens``          attended as extra keys/values, no output of their own        ``separate_token``
+``shift_mlp/scale_mlp``   modulation of the MLP's LayerNorm                             ``adaln_zero``
+``mlp_in``                added to the MLP input                                        ``mlp``
+``gate_mlp``              multiplies the MLP branch                                     ``adaln_zero``
+========================  ===========================================================  =================
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from diffit_toolkit.nn.attention import Attention, as_pair, check_window
+from diffit_toolkit.registry import PluginError, conditioning
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything a block (and a mechanism) needs to know about its shape.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads (must divide ``dim``).
+        cond_dim: width of the conditioning token ``c``.
+        grid: token grid ``(H, W)``; needed for windows and the relative bias.
+        window: attention window ``(h, w)``; ``None`` is global attention.
+        rel_pos_bias: learn a relative position bias table.
+        mlp_ratio: MLP hidden width / ``dim``.
+        qkv_bias: bias in the qkv projection.
+        attention_backend: registered backend name or ``auto``.
+        norm_eps: LayerNorm epsilon (1e-6 as released).
+        norm_affine: learnable LayerNorm scale/shift (the released model has none).
+    """
+
+    dim: int
+    num_heads: int
+    cond_dim: int
+    grid: tuple[int, int] | None = None
+    window: tuple[int, int] | None = None
+    rel_pos_bias: bool = False
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    attention_backend: str = "auto"
+    norm_eps: float = 1e-6
+    norm_affine: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"width {self.dim} is not divisible by {self.num_heads} heads: choose heads that divide the width"
+            )
+        if self.grid is not None:
+            object.__setattr__(self, "grid", as_pair(self.grid))
+        if self.window is not None:
+            object.__setattr__(self, "window", as_pair(self.window))
+            if self.grid is None:
+                raise ValueError("a window needs the token grid: set grid=(H, W)")
+            check_window(self.grid, self.window)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def bias_window(self) -> tuple[int, int] | None:
+        """The window the relative bias table spans (the grid for global attention)."""
+        if not self.rel_pos_bias:
+            return None
+        return self.window or self.grid
+
+    @property
+    def bias_table_size(self) -> int:
+        """Rows of the relative bias table, ``(2h-1)(2w-1)`` (0 without a bias)."""
+        if self.bias_window is None:
+            return 0
+        h, w = self.bias_window
+        return (2 * h - 1) * (2 * w - 1)
+
+
+@dataclass
+class Injection:
+    """What a conditioning mechanism puts into one block; every field is one injection site.
+
+    Shapes (B the batch, D the width, T the bias table rows, H the heads, M extra tokens):
+    ``tokens``, ``shift_*``, ``scale_*``, ``gate_*``, ``mlp_in``: (B, 1, D) (or (B, N, D));
+    ``qkv``: (B, 1, 3D) in the ``(3, heads, head_dim)`` layout; ``bias_table``: (B, T, H);
+    ``extra_tokens``: (B, M, D).
+    """
+
+    tokens: Tensor | None = None
+    shift_attn: Tensor | None = None
+    scale_attn: Tensor | None = None
+    gate_attn: Tensor | None = None
+    qkv: Tensor | None = None
+    bias_table: Tensor | None = None
+    extra_tokens: Tensor | None = None
+    shift_mlp: Tensor | None = None
+    scale_mlp: Tensor | None = None
+    mlp_in: Tensor | None = None
+    gate_mlp: Tensor | None = None
+
+
+class ConditioningMechanism(nn.Module, abc.ABC):
+    """Base class of conditioning mechanisms: ``forward(c) -> Injection`` for one block.
+
+    Subclass, create your parameters in ``__init__(spec, **options)`` (initialised the way your
+    paper says), fill the sites you use in ``forward``, and register the class with
+    :func:`diffit_toolkit.register_conditioning`. Class attributes:
+
+    * ``requires_rel_pos_bias``: the block must have a relative position bias.
+    * ``configure_block(spec, **options)``: a classmethod that may adjust the block's spec before
+      it is built (e.g. ``window_tmsa`` turns windows on).
+    """
+
+    requires_rel_pos_bias: ClassVar[bool] = False
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    @classmethod
+    def configure_block(cls, spec: BlockSpec, **options: Any) -> BlockSpec:
+        """Return the spec the block should be built with (default: unchanged)."""
+        return spec
+
+    @abc.abstractmethod
+    def forward(self, c: Tensor) -> Injection:
+        """Map the conditioning token ``c`` (B, cond_dim) to this block's injections."""
+
+
+def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
+    """``x * (1 + scale) + shift`` (DiT's adaLN), each term skipped when ``None``."""
+    if scale is not None:
+        x = x * (1 + scale)
+    if shift is not None:
+        x = x + shift
+    return x
+
+
+def _gated(branch: Tensor, gate: Tensor | None) -> Tensor:
+    return branch if gate is None else gate * branch
+
+
+def resolve_mechanism(mechanism: str | type[ConditioningMechanism]) -> tuple[str, type[ConditioningMechanism]]:
+    """A mechanism's registered name and class, from either."""
+    if isinstance(mechanism, str):
+        return mechanism, conditioning.get(mechanism)
+    if isinstance(mechanism, type) and issubclass(mechanism, ConditioningMechanism):
+        return getattr(mechanism, "name", mechanism.__name__), mechanism
+    raise PluginError(f"conditioning mechanism must be a registered name or a ConditioningMechanism class, got {mechanism!r}")
+
+
+class DiffiTBlock(nn.Module):
+    """Pre-norm transformer block whose conditioning goes only through injection sites.
+
+    Args:
+        spec: the block's shape (:class:`BlockSpec`).
+        mechanism: registered mechanism name (``tmsa``, ``adaln_zero``, ...) or class.
+        mechanism_options: keyword options for the mechanism (recipe ``mechanism_options``).
+
+    Submodules: ``norm1``, ``attn`` (:class:`Attention`), ``norm2``, ``mlp`` (``fc1``/``fc2``,
+    GELU tanh), ``cond`` (the mechanism).
+    """
+
+    def __init__(
+        self,
+        spec: BlockSpec,
+        mechanism: str | type[ConditioningMechanism] = "tmsa",
+        mechanism_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        name, cls = resolve_mechanism(mechanism)
+        options = dict(mechanism_options or {})
+        spec = cls.configure_block(spec, **options)
+        if cls.requires_rel_pos_bias and not spec.rel_pos_bias:
+            raise PluginError(
+                f"conditioning mechanism '{name}' acts on the relative position bias: build the block "
+                f"with rel_pos_bias=True"
+            )
+        self.spec = spec
+        self.mechanism_name = name
+        self.norm1 = nn.LayerNorm(spec.dim, eps=spec.norm_eps, elementwise_affine=spec.norm_affine)
+        self.attn = Attention(
+            spec.dim,
+            spec.num_heads,
+            grid=spec.grid,
+            window=spec.window,
+            rel_pos_bias=spec.rel_pos_bias,
+            qkv_bias=spec.qkv_bias,
+            backend=spec.attention_backend,
+        )
+        self.norm2 = nn.LayerNorm(spec.dim, eps=spec.norm_eps, elementwise_affine=spec.norm_affine)
+        self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        for linear in (self.mlp.fc1, self.mlp.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        if isinstance(mechanism, str):
+            self.cond = conditioning.build(mechanism, spec, **options)
+        else:
+            self.cond = cls(spec, **options)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x`` (B, N, D) tokens in row-major grid order, ``c`` (B, cond_dim) -> (B, N, D)."""
+        inj: Injection = self.cond(c)
+        if inj.tokens is not None:
+            x = x + inj.tokens
+        h = modulate(self.norm1(x), inj.shift_attn, inj.scale_attn)
+        h = self.attn(h, qkv_offset=inj.qkv, bias_table_offset=inj.bias_table, extra_tokens=inj.extra_tokens)
+        x = x + _gated(h, inj.gate_attn)
+        h = modulate(self.norm2(x), inj.shift_mlp, inj.scale_mlp)
+        if inj.mlp_in is not None:
+            h = h + inj.mlp_in
+        return x + _gated(self.mlp(h), inj.gate_mlp)

@@ -1,0 +1,125 @@
+"""Built-in attention backends: math (reference), sdpa, flex, xformers.
+
+Each declares what it can take (devices, dtypes, bias, head dim); ``auto`` walks the usable
+ones by priority at call time. ``math`` is the fp32 reference the others are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffit_toolkit import register_attention_backend
+from diffit_toolkit.nn.attention import MATH_BACKEND, AttentionBackend
+
+register_attention_backend("math", MATH_BACKEND)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``; flash/cuDNN without a bias, the
+    memory-efficient kernel with one."""
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+register_attention_backend(
+    "sdpa",
+    AttentionBackend(
+        name="sdpa",
+        fn=attention_sdpa,
+        devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        auto_priority=10,
+        description="torch scaled_dot_product_attention (flash/cuDNN without bias, memory-efficient with).",
+    ),
+)
+
+
+def _flex_unavailable() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError as exc:  # torch < 2.5
+        return f"torch {torch.__version__} has no FlexAttention ({exc})"
+    return None
+
+
+@functools.cache
+def _flex_kernel(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # FlexAttention is fused only when compiled; on CPU the eager (unfused) path is kept so that
+    # tests run without a C++ toolchain and compile time.
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def attention_flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """torch FlexAttention with the bias added in a ``score_mod``."""
+    kernel = _flex_kernel(q.device.type)
+    score_mod = None
+    if bias is not None:
+        dense = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + dense[b, h, q_idx, kv_idx]
+
+    return kernel(q, k, v, score_mod=score_mod, scale=scale)
+
+
+register_attention_backend(
+    "flex",
+    AttentionBackend(
+        name="flex",
+        fn=attention_flex,
+        availability=_flex_unavailable,
+        description="torch FlexAttention, bias in a score_mod (compiled on CUDA, eager elsewhere).",
+    ),
+)
+
+
+@functools.cache
+def _xformers_unavailable() -> str | None:
+    """xformers counts as available only if its kernel actually runs here (the PyPI wheel is
+    built for one torch release and often fails to load its extensions)."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    try:
+        import xformers.ops as xops
+
+        x = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(x, x, x)
+    except Exception as exc:  # ImportError, missing kernels, ABI mismatch, ...
+        return f"its kernels do not load: {type(exc).__name__}"
+    return None
+
+
+def attention_xformers(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """xformers ``memory_efficient_attention`` (layout B, N, H, d)."""
+    import xformers.ops as xops
+
+    attn_bias = None
+    if bias is not None:
+        # xformers wants the bias's last dim padded to a multiple of 8 in memory.
+        m = k.shape[2]
+        padded = (m + 7) // 8 * 8
+        storage = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], padded)
+        storage[..., :m] = bias.to(q.dtype)
+        attn_bias = storage[..., :m]
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+register_attention_backend(
+    "xformers",
+    AttentionBackend(
+        name="xformers",
+        fn=attention_xformers,
+        devices=frozenset({"cuda"}),
+        availability=_xformers_unavailable,
+        auto_priority=5,
+        description="xformers memory_efficient_attention (optional extra; CUDA only).",
+    ),
+)
