@@ -54,8 +54,20 @@ def version() -> None:
     console.print(__version__)
 
 
+# Feature areas add their commands to ``app`` on import (kept below ``app`` to avoid a cycle).
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _load_commands() -> None:
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(f"diffit_toolkit.commands.{module}")
+
+
 def main() -> None:
     """Console-script entry point."""
+    _load_commands()
     app()
 
 
