@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import typer
@@ -54,21 +55,16 @@ def version() -> None:
     console.print(__version__)
 
 
-# Feature areas add their commands to ``app`` on import (kept below ``app`` to avoid a cycle).
-_COMMAND_MODULES: tuple[str, ...] = ()
-
-
-def _load_commands() -> None:
-    import importlib
-
-    for module in _COMMAND_MODULES:
-        importlib.import_module(f"diffit_toolkit.commands.{module}")
-
-
 def main() -> None:
     """Console-script entry point."""
-    _load_commands()
     app()
+
+
+# Feature areas add their commands to ``app`` when imported; this stays at the bottom of the
+# module because each of them imports ``app`` from here.
+_COMMAND_MODULES: tuple[str, ...] = ()
+for _module in _COMMAND_MODULES:
+    importlib.import_module(f"diffit_toolkit.commands.{_module}")
 
 
 if __name__ == "__main__":  # pragma: no cover
