@@ -30,6 +30,7 @@ import importlib
 import importlib.metadata as md
 import inspect
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -130,19 +131,27 @@ _loading_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def _caller_source() -> str:
-    """Source package of the code that called a ``register`` function."""
-    during_load = _loading_source.get()
-    if during_load is not None:
-        return during_load
+def _caller_module() -> str:
+    """Name of the first module on the stack outside this one (the registering code)."""
     frame = inspect.currentframe()
     try:
         while frame is not None and frame.f_globals.get("__name__") == __name__:
             frame = frame.f_back
-        module_name = frame.f_globals.get("__name__", "__main__") if frame else "__main__"
+        return frame.f_globals.get("__name__", "__main__") if frame else "__main__"
     finally:
         del frame
-    return _source_of_module(module_name)
+
+
+def _caller_source() -> str:
+    """Source package of the code that called a ``register`` function."""
+    during_load = _loading_source.get()
+    return during_load if during_load is not None else _source_of_module(_caller_module())
+
+
+#: Every registration made by a module, by module name. A module runs its registrations once
+#: (on first import); a plugin system created later replays them when it loads that module's
+#: entry point, so every system sees the same plugins.
+_registrations_by_module: dict[str, list[Entry]] = {}
 
 
 class PluginSystem:
@@ -182,6 +191,11 @@ class PluginSystem:
         module_name, _, attr = target.partition(":")
         token = _loading_source.set(source)
         try:
+            if module_name in sys.modules:  # imported before: replay what it registered
+                for logged_module, entries in list(_registrations_by_module.items()):
+                    if logged_module == module_name or logged_module.startswith(module_name + "."):
+                        for entry in entries:
+                            self.add(Entry(entry.kind, entry.name, entry.obj, source))
             module = importlib.import_module(module_name)
             if attr:
                 functools.reduce(getattr, attr.split("."), module)
@@ -278,7 +292,9 @@ class Registry:
                 raise PluginError(f"cannot register {target!r} as a {self.label}: give it a name")
             system = current_system()
             system.ensure_loaded()  # built-ins first, so a clash names the user's plugin
-            system.add(Entry(self.kind, key, target, src))
+            entry = Entry(self.kind, key, target, src)
+            system.add(entry)
+            _registrations_by_module.setdefault(_caller_module(), []).append(entry)
             return target
 
         if obj is not None:

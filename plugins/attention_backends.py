@@ -7,6 +7,7 @@ ones by priority at call time. ``math`` is the fp32 reference the others are tes
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,17 @@ def _flex_unavailable() -> str | None:
 def _flex_kernel(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
-    # FlexAttention is fused only when compiled; on CPU the eager (unfused) path is kept so that
-    # tests run without a C++ toolchain and compile time.
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=False)
+
+    # Off CUDA the eager (unfused) path is kept: no C++ toolchain or compile time needed. It is a
+    # correctness path, so torch's "called without torch.compile" warning is expected here.
+    def eager(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(*args, **kwargs)
+
+    return eager
 
 
 def attention_flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -73,6 +82,7 @@ register_attention_backend(
         name="flex",
         fn=attention_flex,
         availability=_flex_unavailable,
+        backward_devices=frozenset({"cuda"}),  # torch has no FlexAttention backward on CPU
         description="torch FlexAttention, bias in a score_mod (compiled on CUDA, eager elsewhere).",
     ),
 )

@@ -46,6 +46,8 @@ class AttentionBackend:
         auto_priority: rank for the ``auto`` choice (higher first); ``None`` keeps it out of auto.
         availability: returns ``None`` when usable in this process, else the reason it is not.
         max_head_dim: largest head dim it accepts (``None``: no limit).
+        backward_devices: device types where it can also be differentiated (``None``: all of
+            ``devices``).
         description: one line for listings.
     """
 
@@ -57,15 +59,19 @@ class AttentionBackend:
     auto_priority: int | None = None
     availability: Callable[[], str | None] = field(default=lambda: None)
     max_head_dim: int | None = None
+    backward_devices: frozenset[str] | None = None
     description: str = ""
 
-    def supports(self, device_type: str, dtype: torch.dtype, has_bias: bool, head_dim: int) -> bool:
+    def supports(
+        self, device_type: str, dtype: torch.dtype, has_bias: bool, head_dim: int, needs_grad: bool = False
+    ) -> bool:
         """Whether a call with these properties can go to this backend."""
         return (
             device_type in self.devices
             and dtype in self.dtypes
             and (self.supports_bias or not has_bias)
             and (self.max_head_dim is None or head_dim <= self.max_head_dim)
+            and (not needs_grad or self.backward_devices is None or device_type in self.backward_devices)
         )
 
     def unavailable_reason(self) -> str | None:
@@ -94,16 +100,19 @@ class BackendChoice:
     fixed: AttentionBackend | None
     auto_candidates: tuple[AttentionBackend, ...]
 
-    def pick(self, device_type: str, dtype: torch.dtype, has_bias: bool, head_dim: int) -> AttentionBackend:
-        if self.fixed is not None and self.fixed.supports(device_type, dtype, has_bias, head_dim):
+    def pick(
+        self, device_type: str, dtype: torch.dtype, has_bias: bool, head_dim: int, needs_grad: bool = False
+    ) -> AttentionBackend:
+        call = (device_type, dtype, has_bias, head_dim, needs_grad)
+        if self.fixed is not None and self.fixed.supports(*call):
             return self.fixed
         for backend in self.auto_candidates:
-            if backend.supports(device_type, dtype, has_bias, head_dim):
+            if backend.supports(*call):
                 if self.fixed is not None:
                     _warn_once(
                         f"attention backend '{self.requested}' cannot take this call "
-                        f"({device_type}, {dtype}, bias={has_bias}, head_dim={head_dim}); "
-                        f"using '{backend.name}'"
+                        f"({device_type}, {dtype}, bias={has_bias}, head_dim={head_dim}, "
+                        f"backward={needs_grad}); using '{backend.name}'"
                     )
                 return backend
         return MATH_BACKEND
@@ -305,7 +314,8 @@ class Attention(nn.Module):
             if bias is not None:  # extra keys carry no position: zero bias
                 bias = F.pad(bias, (0, ke.shape[2])).expand(q.shape[0], -1, -1, -1)
 
-        backend = self.backend.pick(q.device.type, q.dtype, bias is not None, self.head_dim)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or (bias is not None and bias.requires_grad))
+        backend = self.backend.pick(q.device.type, q.dtype, bias is not None, self.head_dim, needs_grad)
         out = backend.fn(q, k, v, bias, self.scale)  # (B', heads, n, d)
         out = rearrange(out, "b h n d -> b n (h d)")
         if self.window is not None:

@@ -7,6 +7,8 @@ and costs one network evaluation per step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffit_toolkit.diffusion.gaussian import GaussianDiffusion, Model
@@ -133,6 +135,6 @@ def dpm_solver_pp_2m_sample(
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = float(sigma[i - 1] / sigma[i]) * x - float(alpha[i - 1]) * torch.expm1(torch.tensor(-h)).item() * d
+        x = float(sigma[i - 1] / sigma[i]) * x - float(alpha[i - 1]) * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x

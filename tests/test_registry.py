@@ -1,0 +1,171 @@
+"""The registry: public registration, entry-point discovery, one-line errors naming the plugin."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffit_toolkit import (
+    BlockSpec,
+    ConditioningMechanism,
+    DiffiTBlock,
+    DuplicatePluginError,
+    Injection,
+    PluginBuildError,
+    UnknownPluginError,
+    register_conditioning,
+)
+from diffit_toolkit.registry import PluginSystem, attention_backends, conditioning, plugin_failures, use_plugin_system
+
+BUILTIN_MECHANISMS = {"tmsa", "window_tmsa", "adaln_zero", "relative_bias", "mlp", "separate_token", "additive"}
+BUILTIN_BACKENDS = {"math", "sdpa", "flex", "xformers"}
+SPEC = BlockSpec(dim=16, num_heads=2, cond_dim=8, grid=(4, 4), rel_pos_bias=True)
+
+
+class _Scale(ConditioningMechanism):
+    """Test mechanism: the token, projected, scales the MLP input."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__(spec)
+        self.proj = torch.nn.Linear(spec.cond_dim, spec.dim)
+
+    def forward(self, c):
+        return Injection(scale_mlp=self.proj(c)[:, None])
+
+
+def test_builtins_are_registered_from_the_distribution():
+    entries = {e.name: e for e in conditioning.entries()}
+    assert BUILTIN_MECHANISMS <= set(entries)
+    assert {entries[n].source for n in BUILTIN_MECHANISMS} == {"diffit-toolkit"}
+    assert BUILTIN_BACKENDS <= set(attention_backends.names())
+
+
+def test_register_as_decorator_and_plain_call_then_build_by_name(plugin_system):
+    decorated = register_conditioning("scale_mlp")(_Scale)
+    assert decorated is _Scale  # the decorator hands the class back
+    register_conditioning("scale_mlp_again", _Scale)
+    for name in ("scale_mlp", "scale_mlp_again"):
+        block = DiffiTBlock(SPEC, name)
+        assert isinstance(block.cond, _Scale)
+        assert block(torch.randn(2, 16, 16), torch.randn(2, 8)).shape == (2, 16, 16)
+    entry = conditioning.entry("scale_mlp")
+    assert entry.source == __name__  # user code outside a distribution: the module is the source
+    assert entry.summary == "Test mechanism: the token, projected, scales the MLP input."
+
+
+def test_registering_in_one_system_does_not_leak(plugin_system):
+    register_conditioning("only_here", _Scale)
+    with use_plugin_system(PluginSystem()):
+        assert "only_here" not in conditioning
+    assert "only_here" in conditioning
+
+
+def test_duplicate_name_is_a_one_line_error_naming_both_sources(plugin_system):
+    with pytest.raises(DuplicatePluginError) as err:
+        register_conditioning("tmsa", _Scale)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'tmsa'" in message and "diffit-toolkit" in message and __name__ in message
+
+
+def test_registering_the_same_object_twice_is_harmless(plugin_system):
+    register_conditioning("twice", _Scale)
+    register_conditioning("twice", _Scale)
+    assert conditioning.get("twice") is _Scale
+
+
+def test_unknown_name_suggests_the_closest(plugin_system):
+    with pytest.raises(UnknownPluginError) as err:
+        DiffiTBlock(SPEC, "tmas")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "unknown conditioning mechanism 'tmas'" in message
+    assert "did you mean 'tmsa'?" in message
+    with pytest.raises(UnknownPluginError, match="unknown attention backend 'flash3'"):
+        attention_backends.get("flash3")
+
+
+def test_unknown_name_without_close_match_lists_available(plugin_system):
+    with pytest.raises(UnknownPluginError) as err:
+        conditioning.get("zzzzzz")
+    assert "did you mean" not in str(err.value)
+    assert "available: " in str(err.value) and "adaln_zero" in str(err.value)
+
+
+def test_a_raising_constructor_is_named(plugin_system):
+    @register_conditioning("explodes")
+    class Explodes(ConditioningMechanism):
+        def __init__(self, spec):
+            raise RuntimeError("boom\nsecond line")
+
+        def forward(self, c):  # pragma: no cover - never built
+            return Injection()
+
+    with pytest.raises(PluginBuildError) as err:
+        DiffiTBlock(SPEC, "explodes")
+    assert str(err.value) == f"building conditioning mechanism 'explodes' (from '{__name__}') failed: RuntimeError: boom"
+
+
+def _fake_distribution(root, dist: str, module: str, body: str, ep_name: str) -> None:
+    """Write an installed-looking distribution (dist-info with an entry point) under ``root``."""
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[diffit_toolkit.plugins]\n{ep_name} = {module}\n")
+    (info / "RECORD").write_text("")
+
+
+GOOD_PLUGIN = """
+    from torch import nn
+    from diffit_toolkit import ConditioningMechanism, Injection, register_conditioning
+
+    @register_conditioning("fake_gate")
+    class FakeGate(ConditioningMechanism):
+        '''Gates the attention branch with a projection of the token.'''
+
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.gate = nn.Linear(spec.cond_dim, spec.dim)
+
+        def forward(self, c):
+            return Injection(gate_attn=self.gate(c)[:, None])
+"""
+
+
+def test_installed_distribution_entry_point_is_discovered(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "fake-diffit-plugin", "fake_diffit_plugin", GOOD_PLUGIN, "fake")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_diffit_plugin", raising=False)
+    with use_plugin_system(PluginSystem()):
+        entry = conditioning.entry("fake_gate")
+        assert entry.source == "fake-diffit-plugin"
+        block = DiffiTBlock(SPEC, "fake_gate")
+        assert block(torch.randn(1, 16, 16), torch.randn(1, 8)).shape == (1, 16, 16)
+        assert "tmsa" in conditioning  # built-ins still there
+
+
+def test_plugin_whose_import_raises_is_named_and_the_rest_keep_working(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "broken-diffit-plugin", "broken_diffit_plugin", "raise ImportError('needs libfoo')\n", "broken")
+    _fake_distribution(tmp_path, "fake-diffit-plugin", "fake_diffit_plugin", GOOD_PLUGIN, "fake")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("broken_diffit_plugin", "fake_diffit_plugin"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    with use_plugin_system(PluginSystem()):
+        with pytest.warns(RuntimeWarning, match="plugin 'broken' from package 'broken-diffit-plugin' failed to import"):
+            names = conditioning.names()
+        assert {"fake_gate", "tmsa"} <= set(names)
+        (failure,) = plugin_failures()
+        assert failure.error == "ImportError: needs libfoo"
+        assert "\n" not in failure.message()
+        with pytest.raises(UnknownPluginError, match="broken-diffit-plugin"):
+            conditioning.get("from_the_broken_one")
+
+
+def test_pluggy_holds_every_entry(plugin_system):
+    register_conditioning("held", _Scale)
+    assert plugin_system.pm.get_plugin("conditioning:held").obj is _Scale
+    plugin_system.pm.check_pending()  # every hook implementation matches a spec
