@@ -9,6 +9,7 @@ from diffit_plugins import (  # noqa: F401  (imported for their registrations)
     additive,
     adaln_zero,
     attention_backends,
+    backbones,
     mlp,
     relative_bias,
     separate_token,

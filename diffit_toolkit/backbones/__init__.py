@@ -1,0 +1,51 @@
+"""Denoiser backbones: the isotropic latent DiffiT / DiT and the U-shaped image-space DiffiT.
+
+Build one by registry name with a preset and options, or rebuild one from its recorded config::
+
+    from diffit_toolkit.registry import backbones
+    model = backbones.build("latent_diffit", "XL/2", input_size=64)   # DiffiT-XL/2 at 512 px
+    same = build_backbone(model.config)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from diffit_toolkit.backbones.image import IMAGE_PRESETS, ImageDiffiT, ImageDiffiTConfig, image_diffit
+from diffit_toolkit.backbones.latent import (
+    LATENT_MODELS,
+    LATENT_PRESETS,
+    LatentDiffiT,
+    LatentDiffiTConfig,
+    dit,
+    latent_diffit,
+)
+
+
+def build_backbone(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its ``model.config`` (the registry name under ``backbone``, every
+    other entry a constructor option; no preset is applied)."""
+    from diffit_toolkit.registry import backbones
+
+    options = dict(config)
+    name = options.pop("backbone", None)
+    if not isinstance(name, str):
+        raise ValueError("a backbone config needs the registry name under 'backbone'")
+    return backbones.build(name, None, **options)
+
+
+__all__ = [
+    "IMAGE_PRESETS",
+    "LATENT_MODELS",
+    "LATENT_PRESETS",
+    "ImageDiffiT",
+    "ImageDiffiTConfig",
+    "LatentDiffiT",
+    "LatentDiffiTConfig",
+    "build_backbone",
+    "dit",
+    "image_diffit",
+    "latent_diffit",
+]

@@ -1,0 +1,105 @@
+"""``diffit-toolkit model-info`` and ``diffit-toolkit convert``: model facts and checkpoint import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from diffit_toolkit.backbones.image import IMAGE_PRESETS
+from diffit_toolkit.backbones.info import model_facts
+from diffit_toolkit.backbones.latent import LATENT_PRESETS
+from diffit_toolkit.cli import app, console
+
+#: Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown.
+_LISTED: dict[str, tuple[str, list[str]]] = {
+    "latent_diffit": ("DiffiT", list(LATENT_PRESETS)),
+    "dit": ("DiT", list(LATENT_PRESETS)),
+    "image_diffit": ("DiffiT", list(IMAGE_PRESETS)),
+}
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs, values parsed as YAML scalars/lists (``window=8``, ``channels=[64,128]``)."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got '{item}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _error(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=1)
+
+
+@app.command("model-info")
+def model_info(
+    backbone: list[str] = typer.Option(None, "--backbone", "-b", help="Backbone(s): latent_diffit, dit, image_diffit (default: all)."),
+    preset: list[str] = typer.Option(None, "--preset", "-p", help="Preset(s), e.g. XL/2 or cifar10 (default: all of each backbone)."),
+    mechanism: str = typer.Option(None, "--mechanism", "-m", help="Conditioning mechanism for every model listed."),
+    input_size: int = typer.Option(None, "--input-size", help="Input side (latent side for latent models: 32 = 256 px, 64 = 512 px)."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Class labels (latent default 1000; 0 = unconditional)."),
+    sets: list[str] = typer.Option(None, "--set", help="Any backbone option as key=value (repeatable)."),
+) -> None:
+    """Print parameters, MACs and FLOPs (one forward pass, batch 1) per preset."""
+    options = _parse_sets(sets)
+    for key, value in (("mechanism", mechanism), ("input_size", input_size), ("num_classes", num_classes)):
+        if value is not None:
+            options[key] = value
+    chosen = backbone or list(_LISTED)
+    table = Table(title="model facts (batch 1; MACs as DiT's 'Gflops', FLOPs = 2 x MACs)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    table.add_column("mechanism", no_wrap=True)
+    for column in ("params (M)", "GMACs", "GFLOPs"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for name in chosen:
+        prefix, presets = _LISTED.get(name, (name, []))
+        for p in preset or presets:
+            if preset and presets and p not in presets:
+                continue  # a preset of another backbone
+            try:
+                facts = model_facts(name, p, **options)
+            except ValueError as exc:
+                _error(str(exc).splitlines()[0])
+            table.add_row(
+                f"{prefix}-{p}", facts.mechanism or "", f"{facts.params / 1e6:.2f}", f"{facts.gmacs:.2f}", f"{facts.gflops:.2f}"
+            )
+    if not table.rows:
+        valid = sorted({p for name in chosen for p in _LISTED.get(name, ("", []))[1]})
+        _error(f"unknown preset(s) {', '.join(preset)} for backbone(s) {', '.join(chosen)} (valid: {', '.join(valid)})")
+    console.print(table)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="Released checkpoint (.pt/.pth read with weights_only=True, or .safetensors)."),
+    output: Path = typer.Argument(..., help="Toolkit checkpoint to write (.safetensors, config in its header)."),
+    layout: str = typer.Option("auto", "--layout", help="auto, diffit (released latent DiffiT) or dit (DiT reference)."),
+    num_heads: int = typer.Option(None, "--num-heads", help="Heads, for a DiT whose width matches no preset."),
+    sets: list[str] = typer.Option(None, "--set", help="Other backbone options as key=value (e.g. attention_backend=sdpa)."),
+) -> None:
+    """Convert a released DiffiT or DiT checkpoint into a toolkit checkpoint."""
+    from diffit_toolkit.backbones.info import count_parameters
+    from diffit_toolkit.interop.checkpoints import save_checkpoint
+    from diffit_toolkit.interop.released import load_released
+
+    options = _parse_sets(sets)
+    if num_heads is not None:
+        options["num_heads"] = num_heads
+    try:
+        model = load_released(source, layout=layout, **options)
+    except (ValueError, FileNotFoundError) as exc:
+        _error(str(exc).splitlines()[0])
+    path = save_checkpoint(model, output, metadata={"diffit_toolkit.converted_from": source.name})
+    cfg = model.config
+    console.print(
+        f"wrote {path}: {cfg['backbone']} ({cfg['mechanism']}), depth {cfg['depth']}, width {cfg['hidden_size']}, "
+        f"patch {cfg['patch_size']}, input {cfg['input_size']}, {cfg['num_classes']} classes, "
+        f"{count_parameters(model) / 1e6:.2f} M parameters"
+    )

@@ -1,0 +1,160 @@
+"""The toolkit's own checkpoint: safetensors weights with the resolved model config inside.
+
+A checkpoint is one ``.safetensors`` file. Its header metadata holds the model's ``config`` (the
+backbone registry name and every constructor option, as JSON), so loading it rebuilds the model
+through the registry and never runs pickled code. Reading state dicts from other files
+(``.pt`` with ``weights_only=True`` or ``.safetensors``) and checking them against a model with
+one-line errors also lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+#: Header metadata keys of a toolkit checkpoint.
+CONFIG_KEY = "diffit_toolkit.config"
+FORMAT_KEY = "diffit_toolkit.format"
+FORMAT_VERSION = "1"
+
+#: Wrapper keys of training checkpoints, in order of preference (EMA weights first, as DiT samples with EMA).
+WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
+
+#: How many offending keys an error message names per kind.
+KEYS_SHOWN = 4
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A flat ``name -> tensor`` dict from ``.safetensors`` or ``.pt``/``.pth``/``.bin``.
+
+    ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and plain containers
+    only, no pickled code. A training checkpoint wrapping the weights under ``ema``, ``model``,
+    ``state_dict`` or ``module`` is unwrapped (EMA first). A ``module.`` prefix (DDP) is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for files holding pickled objects
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"cannot read '{path}' with torch.load(weights_only=True) ({first}); save the state dict "
+                f"alone (torch.save(model.state_dict(), ...)) or as .safetensors"
+            ) from exc
+    while isinstance(state, Mapping) and not any(isinstance(v, Tensor) for v in state.values()):
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"'{path}' holds no tensors at the top level nor under {', '.join(WRAPPER_KEYS)}")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ValueError(f"'{path}' does not hold a state dict (found {type(state).__name__})")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"'{path}': entries that are not tensors: {', '.join(map(str, bad[:KEYS_SHOWN]))}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:KEYS_SHOWN])
+    more = f", ... {len(items) - KEYS_SHOWN} more" if len(items) > KEYS_SHOWN else ""
+    return f"[{shown}{more}]"
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()
+) -> None:
+    """Raise one ValueError line naming missing, unexpected and mis-shaped keys (if any).
+
+    Args:
+        model: the model the weights are for.
+        state: the weights (already in the model's key names).
+        source: what the weights are (file name, layout) for the message.
+        optional: key suffixes that may be absent (derived buffers like ``relative_position_index``).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(expected[k].shape)} in model"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped key(s) {_listing(misshaped)}")
+    if problems:
+        name = getattr(model, "config", {}).get("backbone", type(model).__name__)
+        raise ValueError(f"{source} does not fit the {name} model: " + "; ".join(problems))
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()) -> nn.Module:
+    """Check ``state`` against ``model`` (one-line error) and copy it in."""
+    check_state_dict(model, state, source, optional)
+    expected = model.state_dict()
+    for key in state:
+        if key.endswith(optional) and not torch.equal(state[key].to(expected[key].dtype), expected[key].cpu()):
+            raise ValueError(f"{source}: derived buffer '{key}' differs from the model's (another window layout?)")
+    model.load_state_dict(dict(state), strict=False)
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model`` as a toolkit checkpoint: safetensors weights + its JSON config in the header.
+
+    Args:
+        model: a toolkit model with a ``config`` dict (registry name under ``backbone``).
+        path: output file; ``.safetensors`` is appended when missing.
+        metadata: extra string entries for the header (e.g. the source file).
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping) or "backbone" not in config:
+        raise ValueError("only models built by a registered backbone (with model.config) can be saved")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {**(metadata or {}), CONFIG_KEY: json.dumps(dict(config), sort_keys=True), FORMAT_KEY: FORMAT_VERSION}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The model config stored in a toolkit checkpoint."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if CONFIG_KEY not in header:
+        raise ValueError(
+            f"'{path}' is not a diffit-toolkit checkpoint (no '{CONFIG_KEY}' in its header); "
+            f"import released weights with `diffit-toolkit convert`"
+        )
+    return json.loads(header[CONFIG_KEY])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model recorded in a toolkit checkpoint and load its weights."""
+    from diffit_toolkit.backbones import build_backbone
+
+    config = read_config(path)
+    model = build_backbone(config)
+    load_weights(model, load_file(str(path), device="cpu"), f"checkpoint '{path}'")
+    return model.to(map_location)
