@@ -13,6 +13,20 @@ from hypothesis import strategies as st
 from diffit_toolkit import BlockSpec, DiffiTBlock, PluginError
 from diffit_toolkit.registry import conditioning
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Blocks and inputs in float64, so the references written here compare to 1e-9 whatever
+    the magnitude of the activations (float32 round-off grows with width)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+TOL = dict(atol=1e-9, rtol=1e-9)
+
 BUILTINS = ["tmsa", "window_tmsa", "adaln_zero", "relative_bias", "mlp", "separate_token", "additive"]
 
 
@@ -74,7 +88,7 @@ def test_tmsa_equals_its_concatenation_form(spec, batch, seed):
     block = DiffiTBlock(spec, "tmsa")
     randomize_(block, seed)
     x, c = inputs(spec, batch, seed)
-    torch.testing.assert_close(block(x, c), reference_tmsa_block(block, x, c), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block(x, c), reference_tmsa_block(block, x, c), **TOL)
 
 
 @given(specs(), st.integers(0, 2**16))
@@ -87,7 +101,7 @@ def test_tmsa_with_zero_temporal_weights_is_plain_attention_with_the_same_bias(s
     x, c = inputs(spec, 2, seed)
     expected = x + block.attn(block.norm1(x))  # the attention module alone: no time anywhere
     expected = expected + block.mlp(block.norm2(expected))
-    torch.testing.assert_close(block(x, c), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, c), expected, **TOL)
     other_c = torch.randn_like(c)
     torch.testing.assert_close(block(x, other_c), block(x, c))
 
@@ -119,7 +133,7 @@ def test_window_tmsa_equals_a_plain_per_window_loop(grid, window, bias, seed):
         for j in range(0, grid[1], window):
             tile = xg[:, i : i + window, j : j + window].reshape(2, window * window, 16)
             expected = one_window(tile, c).view(2, window, window, 16)
-            torch.testing.assert_close(out[:, i : i + window, j : j + window], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[:, i : i + window, j : j + window], expected, **TOL)
 
 
 def test_window_tmsa_defaults_to_window_4_and_checks_the_grid():
@@ -146,7 +160,7 @@ def test_adaln_zero_modulates_like_dit(spec, seed):
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
     expected = x + gate_a * block.attn(block.norm1(x) * (1 + scale_a) + shift_a)
     expected = expected + gate_m * block.mlp(block.norm2(expected) * (1 + scale_m) + shift_m)
-    torch.testing.assert_close(block(x, c), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, c), expected, **TOL)
 
 
 def bias_spec(window) -> BlockSpec:
@@ -172,7 +186,7 @@ def test_relative_bias_offset_constant_along_keys_changes_nothing(window, seed):
     h = block.norm1(x)
     T, H = block.attn.bias_table_size, block.spec.num_heads
     constant = torch.randn(2, 1, H).expand(2, T, H) * 10
-    torch.testing.assert_close(block.attn(h, bias_table_offset=constant), block.attn(h), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block.attn(h, bias_table_offset=constant), block.attn(h), **TOL)
     varying = torch.randn(2, T, H) * 10
     assert (block.attn(h, bias_table_offset=varying) - block.attn(h)).abs().max() > 1e-3
 
@@ -190,7 +204,7 @@ def test_mlp_injection_leaves_attention_time_independent(seed):
     x, c = inputs(spec, 2, seed)
     a = x + block.attn(block.norm1(x))
     expected = a + block.mlp(block.norm2(a) + block.cond.mlp_temb(c)[:, None])
-    torch.testing.assert_close(block(x, c), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, c), expected, **TOL)
 
 
 @given(st.sampled_from([None, 2]), st.integers(0, 2**16))
@@ -219,7 +233,7 @@ def test_separate_token_is_an_extra_key_value_with_zero_bias(window, seed):
             out[:, i : i + w, j : j + w] = o
     a = x + attn.proj(out.view(2, 16, 16))
     expected = a + block.mlp(block.norm2(a))
-    torch.testing.assert_close(block(x, c), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, c), expected, **TOL)
 
 
 @given(st.integers(0, 2**16))
@@ -231,7 +245,7 @@ def test_additive_adds_the_scaled_projection_to_the_tokens(seed):
     y = x + block.cond.gamma * block.cond.add_temb(c)[:, None]
     y = y + block.attn(block.norm1(y))
     expected = y + block.mlp(block.norm2(y))
-    torch.testing.assert_close(block(x, c), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, c), expected, **TOL)
 
 
 @settings(max_examples=30)
@@ -250,7 +264,7 @@ def test_batch_independence(mechanism, spec, batch, data):
     c2[j] += torch.randn_like(c2[j])
     out, out2 = block(x, c), block(x2, c2)
     keep = [i for i in range(batch) if i != j]
-    torch.testing.assert_close(out2[keep], out[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2[keep], out[keep], **TOL)
     assert (out2[j] - out[j]).abs().max() > 0
 
 

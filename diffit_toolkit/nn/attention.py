@@ -25,11 +25,13 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """Reference attention in fp32: ``softmax(q k^T * scale + bias) v`` (DiffiT eq. 6)."""
-    logits = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale  # (B, H, N, M)
+    """Reference attention in fp32 (fp64 for fp64 inputs): ``softmax(q k^T * scale + bias) v``
+    (DiffiT eq. 6)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("bhnd,bhmd->bhnm", q.to(compute), k.to(compute)) * scale  # (B, H, N, M)
     if bias is not None:
-        logits = logits + bias.float()
-    out = torch.einsum("bhnm,bhmd->bhnd", logits.softmax(dim=-1), v.float())
+        logits = logits + bias.to(compute)
+    out = torch.einsum("bhnm,bhmd->bhnd", logits.softmax(dim=-1), v.to(compute))
     return out.to(q.dtype)
 
 
