@@ -9,6 +9,7 @@ multiply-accumulates (what DiT's paper calls "Gflops": 118.6 for DiT-XL/2); ``fl
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +56,25 @@ def example_inputs(model: nn.Module, batch_size: int = 1, device: torch.device |
     return x, t, y
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """The same architecture on the ``meta`` device (rebuilt from ``model.config`` when it has one)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and "backbone" in config:
+        from diffit_toolkit.backbones import build_backbone
+
+        with torch.device("meta"):
+            return build_backbone(config)
+    return copy.deepcopy(model).to("meta")
+
+
 def count_flops(model: nn.Module, batch_size: int = 1) -> int:
-    """FLOPs (2 x MACs) of one forward pass of ``model`` at ``batch_size`` (eval mode)."""
+    """FLOPs (2 x MACs) of one forward pass of ``model`` at ``batch_size`` (eval mode).
+
+    Counted on a ``meta`` copy: there attention runs the reference ``math`` backend, whose matrix
+    products the counter sees (fused CPU kernels such as SDPA's are invisible to it).
+    """
+    if next(model.parameters()).device.type != "meta":
+        model = meta_copy(model)
     was_training = model.training
     model.eval()
     try:

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from diffit_toolkit.backbones.image import IMAGE_PRESETS
@@ -34,7 +35,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _error(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=1)
 
 

@@ -46,7 +46,7 @@ LAYOUT_BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
 #: Buffers that are derived from the shape, so a file may leave them out.
 DERIVED_KEYS = ("relative_position_index",)
 #: Keys the shape is read from.
-_SHAPE_KEYS = ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
+_SHAPE_KEYS = ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight")
 
 
 def detect_layout(state: Mapping[str, Tensor]) -> str:
@@ -85,7 +85,9 @@ def infer_options(state: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise ValueError(f"pos_embed has {tokens} positions: not a square patch grid")
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k)))
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))), default=-1)
+    if depth == 0:
+        raise ValueError("not a latent DiffiT/DiT state dict: no 'blocks.N.*' keys")
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     table = state.get("y_embedder.embedding_table.weight")
     options: dict[str, Any] = dict(
@@ -94,10 +96,11 @@ def infer_options(state: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
         patch_size=patch,
         hidden_size=hidden,
         depth=depth,
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         num_classes=table.shape[0] - 1 if table is not None else 0,
         learn_sigma=out_channels == 2 * in_channels,
     )
+    if "blocks.0.mlp.fc1.weight" in state:
+        options["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
     if "t_embedder.mlp.0.weight" in state:
         options["frequency_dim"] = state["t_embedder.mlp.0.weight"].shape[1]
     bias = state.get("blocks.0.attn.relative_position_bias_table")
