@@ -54,7 +54,7 @@ def model_info(
         if value is not None:
             options[key] = value
     chosen = backbone or list(_LISTED)
-    table = Table(title="model facts (batch 1; MACs as DiT's 'Gflops', FLOPs = 2 x MACs)", title_justify="left")
+    table = Table(caption="batch 1; MACs are what DiT calls 'Gflops'; FLOPs = 2 x MACs", caption_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("mechanism", no_wrap=True)
     for column in ("params (M)", "GMACs", "GFLOPs"):
