@@ -1,0 +1,182 @@
+"""Cached VAE latents: the on-disk format (safetensors shards + ``meta.json``) and the dataset reading it.
+
+A cache folder holds ``shard-00000.safetensors``, ... each with
+
+* ``latents``: (n, 2, C, h, w) float16 or float32, the *unscaled* VAE latents of every image and
+  of its horizontal mirror (``[:, 0]`` plain, ``[:, 1]`` flipped);
+* ``labels``: (n,) int64;
+
+and ``meta.json`` recording the latent scale, the VAE, the shapes, the classes and the format version,
+so decoding always divides by the scale the latents were made with.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from diffit_toolkit.data.base import DiffusionDataset, label
+
+#: Stable Diffusion's VAE latent scale (``latents * scale`` has roughly unit variance); DiT, LDM and DiffiT use it.
+SD_VAE_LATENT_SCALE = 0.18215
+#: Name of the cache's description file.
+META_FILE = "meta.json"
+#: ``format`` field of ``meta.json``.
+LATENT_FORMAT = "diffit-toolkit-latents"
+#: Current format version (readers refuse newer ones).
+LATENT_FORMAT_VERSION = 1
+#: Number of stored variants per image: plain and horizontally flipped.
+FLIP_VARIANTS = 2
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass
+class LatentMeta:
+    """The contents of ``meta.json``.
+
+    Attributes:
+        latent_scale: Multiply stored latents by this for training; divide model outputs by it before decoding.
+        vae: The VAE folder or hub id the latents were encoded with.
+        channels: Latent channels C.
+        resolution: Latent side h = w.
+        image_resolution: Side of the images that were encoded.
+        num_classes: Number of class labels (0 = unconditional).
+        class_names: Name per label, or ``None``.
+        num_items: Number of images (each stored plain and flipped).
+        shards: ``{"file": name, "count": n}`` per shard, in order.
+        stored: ``"mean"`` (the posterior mean, deterministic) or ``"sample"`` (one posterior sample).
+        dtype: Storage dtype of the latents (``float16`` or ``float32``).
+        source: The image folder that was encoded.
+        skipped: Unreadable image files left out.
+        format: Always :data:`LATENT_FORMAT`.
+        version: Format version.
+    """
+
+    latent_scale: float
+    vae: str
+    channels: int
+    resolution: int
+    image_resolution: int
+    num_classes: int
+    class_names: list[str] | None
+    num_items: int
+    shards: list[dict[str, Any]]
+    stored: str = "mean"
+    dtype: str = "float16"
+    source: str = ""
+    skipped: list[str] = field(default_factory=list)
+    format: str = LATENT_FORMAT
+    version: int = LATENT_FORMAT_VERSION
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``meta.json`` into ``folder`` atomically (temporary file, then rename)."""
+        path = Path(folder) / META_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LatentMeta:
+        """Read ``folder/meta.json``; one-line ``ValueError`` when missing, foreign or too new."""
+        path = Path(folder) / META_FILE
+        if not path.is_file():
+            raise ValueError(f"no {META_FILE} in '{folder}' (create the cache with: diffit-toolkit cache-latents IMAGES '{folder}' --vae ...)")
+        data = json.loads(path.read_text())
+        if data.get("format") != LATENT_FORMAT:
+            raise ValueError(f"'{path}' is not a {LATENT_FORMAT} cache (format: {data.get('format')})")
+        if data.get("version", 0) > LATENT_FORMAT_VERSION:
+            raise ValueError(f"'{path}' has format version {data['version']}, newer than {LATENT_FORMAT_VERSION} (update diffit-toolkit)")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class LatentDataset(DiffusionDataset):
+    """Cached latents, returned already multiplied by the recorded ``latent_scale``.
+
+    Shards are memory-mapped (``safetensors.safe_open``) and opened lazily in each process, so the
+    dataset works with ``DataLoader`` workers and caches larger than memory.
+
+    Args:
+        path: The cache folder (with ``meta.json``).
+        resolution: Optional check: the latent side, or the encoded image side; must match the cache.
+        channels: Optional check: latent channels; must match the cache.
+        hflip: Pick the stored flipped variant half of the time.
+        conditional: Use the stored labels; otherwise every label is 0.
+
+    Attributes:
+        latent_scale: The scale the latents were cached with (pass it to ``decode_latents``).
+        vae: The VAE folder or hub id recorded at caching time.
+        meta: The whole :class:`LatentMeta`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int | None = None,
+        channels: int | None = None,
+        hflip: bool = False,
+        conditional: bool = True,
+    ) -> None:
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ValueError(f"latent cache folder '{self.root}' does not exist")
+        meta = self.meta = LatentMeta.load(self.root)
+        if resolution is not None and resolution not in (meta.resolution, meta.image_resolution):
+            raise ValueError(
+                f"latent cache '{self.root}' holds {meta.resolution}x{meta.resolution} latents of {meta.image_resolution}px images, "
+                f"not resolution={resolution} (set resolution={meta.resolution} or leave it unset)"
+            )
+        if channels is not None and channels != meta.channels:
+            raise ValueError(f"latent cache '{self.root}' has {meta.channels} latent channels, not channels={channels} (leave channels unset)")
+        missing = [s["file"] for s in meta.shards if not (self.root / s["file"]).is_file()]
+        if missing:
+            raise ValueError(f"latent cache '{self.root}' lacks shard(s) {', '.join(missing)} (re-run cache-latents to complete it)")
+        self.latent_scale, self.vae = float(meta.latent_scale), meta.vae
+        self.channels, self.resolution = meta.channels, meta.resolution
+        self.num_classes = meta.num_classes if conditional else 0
+        self.class_names = meta.class_names if conditional else None
+        self.hflip = hflip
+        self._starts = [0]  # first item of each shard, then the total
+        for shard in meta.shards:
+            self._starts.append(self._starts[-1] + int(shard["count"]))
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # memory maps are reopened in each worker
+        return state
+
+    def _shard(self, index: int) -> Any:
+        if index not in self._handles:
+            self._handles[index] = safe_open(str(self.root / self.meta.shards[index]["file"]), framework="pt")
+        return self._handles[index]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def raw(self, index: int) -> tuple[torch.Tensor, int]:
+        """The stored, unscaled (2, C, h, w) latents ``[plain, flipped]`` and label of item ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} latents")
+        index %= len(self)
+        shard = bisect.bisect_right(self._starts, index) - 1
+        handle, offset = self._shard(shard), index - self._starts[shard]
+        return handle.get_slice("latents")[offset], int(handle.get_slice("labels")[offset])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        latents, y = self.raw(index)  # (2, C, h, w)
+        variant = int(torch.randint(FLIP_VARIANTS, ())) if self.hflip else 0
+        x = latents[variant].to(torch.float32) * self.latent_scale  # (C, h, w)
+        return x, label(y if self.num_classes else 0)
