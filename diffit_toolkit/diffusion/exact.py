@@ -140,11 +140,14 @@ class ExactGaussianModel:
     def __init__(self, data: GaussianMixture, diffusion: GaussianDiffusion) -> None:
         self.data = data
         self.diffusion = diffusion
-        self._step_of = {int(orig): i for i, orig in enumerate(diffusion.timestep_map)}
+        self._step_of = torch.full((int(diffusion.timestep_map.max()) + 1,), -1, dtype=torch.long)
+        self._step_of[diffusion.timestep_map] = torch.arange(diffusion.num_timesteps)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         dif = self.diffusion
-        steps = torch.tensor([self._step_of[int(v)] for v in t.round().long()], dtype=torch.long)  # (B,)
+        steps = self._step_of[t.detach().round().long().cpu()]  # (B,) step index of each original t
+        if (steps < 0).any():
+            raise ValueError("the model was called at a timestep its diffusion does not have.")
         a = dif.sqrt_alphas_cumprod[steps]
         s = dif.sqrt_one_minus_alphas_cumprod[steps]
         x0, x0_var, eps = self.data.posterior(_flat(x), a, s)

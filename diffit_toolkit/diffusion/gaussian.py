@@ -137,12 +137,47 @@ class GaussianDiffusion:
         original timestep indices.
 
         Args:
-            section_counts: As in :func:`space_timesteps`, e.g. ``250`` or ``"ddim50"``.
+            section_counts: As in :func:`space_timesteps`, e.g. ``250`` or ``"ddim50"``, or
+                ``"logsnrN"``: N steps uniform in log-SNR (what DPM-Solver++ likes).
 
         Returns:
             A new :class:`GaussianDiffusion` with ``len(kept)`` steps.
         """
-        kept = space_timesteps(self.num_timesteps, section_counts)
+        if isinstance(section_counts, str) and section_counts.startswith("logsnr"):
+            kept = self._logsnr_timesteps(int(section_counts[len("logsnr") :]))
+        else:
+            kept = space_timesteps(self.num_timesteps, section_counts)
+        return self.respace_to(kept)
+
+    def _logsnr_timesteps(self, num_steps: int) -> list[int]:
+        """``num_steps`` distinct steps whose log-SNR is as close to uniformly spaced as possible."""
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(
+                f"cannot respace {self.num_timesteps} steps to {num_steps}; choose between 1 and {self.num_timesteps}."
+            )
+        log_snr = torch.log(self.alphas_cumprod / (1 - self.alphas_cumprod))  # decreasing in t
+        targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), num_steps, dtype=torch.float64)
+        idx = [int((log_snr - v).abs().argmin()) for v in targets]
+        for j in range(1, num_steps):  # make the indices strictly increasing and in range
+            idx[j] = max(idx[j], idx[j - 1] + 1)
+        idx[-1] = min(idx[-1], self.num_timesteps - 1)
+        for j in range(num_steps - 2, -1, -1):
+            idx[j] = min(idx[j], idx[j + 1] - 1)
+        return idx
+
+    def respace_to(self, timesteps: Sequence[int]) -> GaussianDiffusion:
+        """Return a process that keeps exactly the given steps (of this process) in increasing order.
+
+        Args:
+            timesteps: Distinct step indices in ``[0, num_timesteps)``.
+
+        Returns:
+            A new :class:`GaussianDiffusion` with ``len(timesteps)`` steps and the same
+            ``alphas_cumprod`` at them.
+        """
+        kept = sorted(set(int(k) for k in timesteps))
+        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ValueError(f"timesteps must be non-empty and lie in [0, {self.num_timesteps}).")
         abar = self.alphas_cumprod[kept]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return GaussianDiffusion(
