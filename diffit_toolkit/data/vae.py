@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ def load_vae(
     from diffusers import AutoencoderKL
 
     name = str(name_or_path)
-    options = {"local_files_only": True, "low_cpu_mem_usage": False}
+    options = {"local_files_only": True, "low_cpu_mem_usage": False, "torch_dtype": dtype}
     if _looks_like_path(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
@@ -53,7 +54,9 @@ def load_vae(
     else:
         source = name
     try:
-        vae = AutoencoderKL.from_pretrained(source, **options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # huggingface_hub noise from diffusers
+            vae = AutoencoderKL.from_pretrained(source, **options)
     except (OSError, ValueError) as exc:
         if source is name:
             raise ValueError(
@@ -61,7 +64,7 @@ def load_vae(
                 f"internet run `huggingface-cli download {name} --local-dir VAE_DIR`, copy VAE_DIR here and pass --vae VAE_DIR"
             ) from exc
         raise ValueError(f"cannot load a diffusers AutoencoderKL from '{name}': {' '.join(str(exc).split())}") from exc
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def vae_latent_scale(vae: AutoencoderKL) -> float:

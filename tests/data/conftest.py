@@ -28,15 +28,25 @@ def png():
     return write_png
 
 
-@pytest.fixture
-def class_folder(tmp_path: Path) -> Path:
-    """``cats/`` (3 images) and ``dogs/`` (2 images, one in a nested folder) of 16x16 PNGs."""
-    root = tmp_path / "images"
+def make_class_folder(root: Path) -> Path:
+    """``cats/`` (3 images) and ``dogs/`` (2 images, one in a nested folder) of 16x16 PNGs under ``root``."""
     for i in range(3):
         write_png(root / "cats" / f"c{i}.png", seed=i)
     write_png(root / "dogs" / "d0.png", seed=10)
     write_png(root / "dogs" / "nested" / "d1.png", seed=11)
     return root
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """A fresh :func:`make_class_folder` per test."""
+    return make_class_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def shared_class_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One :func:`make_class_folder` for tests that only read it."""
+    return make_class_folder(tmp_path_factory.mktemp("shared") / "images")
 
 
 @pytest.fixture(scope="session")
