@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import socket
 
@@ -142,3 +143,10 @@ def test_uncached_hub_id_fails_fast_offline_with_a_download_hint(no_network, tmp
     with pytest.raises(ValueError, match=r"VAE 'stabilityai/sd-vae-ft-ema' is not in the local Hugging Face cache.*huggingface-cli download stabilityai/sd-vae-ft-ema") as info:
         load_vae("stabilityai/sd-vae-ft-ema")
     assert "\n" not in str(info.value)
+
+
+def test_dataset_pickles_for_dataloader_workers_after_use(cache):
+    data = LatentDataset(cache)
+    x0 = data[4][0]  # opens a shard's memory map
+    clone = pickle.loads(pickle.dumps(data))
+    assert clone._handles == {} and torch.equal(clone[4][0], x0)
