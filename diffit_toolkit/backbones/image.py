@@ -124,6 +124,8 @@ class ImageDiffiTConfig:
             raise ValueError("every stage needs at least one block and one channel")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.resample not in RESAMPLE_MODES:
             raise unknown_name_error("resample mode", self.resample, list(RESAMPLE_MODES))
         if self.skip not in SKIP_MODES:

@@ -108,6 +108,8 @@ class LatentDiffiTConfig:
             )
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.final_layer is None:
             # The one mechanism-dependent default: DiT pairs adaLN-Zero blocks with an adaLN output layer.
             self.final_layer = "adaln" if self.mechanism == "adaln_zero" else "plain"

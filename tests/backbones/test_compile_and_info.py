@@ -17,8 +17,11 @@ def test_builtin_mechanisms_are_registered():
     assert set(BUILTIN_MECHANISMS) <= set(conditioning.names())
 
 
-@pytest.mark.parametrize("window", [None, 2])
-@pytest.mark.parametrize("mechanism", BUILTIN_MECHANISMS)
+@pytest.mark.parametrize(
+    "mechanism,window",
+    # every mechanism with windows (the superset path), and the two released latent blocks global
+    [(m, 2) for m in BUILTIN_MECHANISMS] + [("tmsa", None), ("adaln_zero", None)],
+)
 def test_block_compiles_without_graph_breaks(mechanism, window):
     """``fullgraph=True`` raises on any graph break; the ``eager`` backend keeps it fast on CPU."""
     torch._dynamo.reset()

@@ -204,6 +204,8 @@ def test_one_line_errors():
         latent_diffit("S/4", input_size=30)
     with pytest.raises(ValueError, match=r"unknown latent backbone option\(s\) 'hiden_size'; did you mean 'hidden_size'"):
         latent_diffit("S/2", hiden_size=10)
+    with pytest.raises(ValueError, match=r"class_dropout_prob must be in \[0, 1\), got 1.5"):
+        tiny(class_dropout_prob=1.5)
     with pytest.raises(ValueError, match="unknown final layer"):
         tiny(final_layer="fancy")
     with pytest.raises(PluginBuildError, match="latent_diffit"):
