@@ -73,7 +73,7 @@ def convert_state_dict(state: Mapping[str, Tensor], layout: str) -> dict[str, Te
     return out
 
 
-def infer_options(state: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
+def infer_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """The latent backbone options that match the tensors of a released state dict."""
     absent = [k for k in _SHAPE_KEYS if k not in state]
     if absent:
@@ -140,7 +140,7 @@ def load_released(
     if layout not in LAYOUT_BACKBONES:
         raise ValueError(f"unknown checkpoint layout '{layout}' (valid: auto, {', '.join(LAYOUT_BACKBONES)})")
     backbone, defaults = LAYOUT_BACKBONES[layout]
-    options = {**defaults, **infer_options(state, layout), **overrides}
+    options = {**defaults, **infer_options(state), **overrides}
     if "num_heads" not in options:
         raise ValueError(f"{name}: the head count of a width-{options['hidden_size']} DiT is unknown: pass num_heads=")
     model = latent_config(None, **options).build(backbone)
