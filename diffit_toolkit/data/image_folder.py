@@ -90,12 +90,13 @@ class ImageFolderDataset(DiffusionDataset):
         self.skipped: list[str] = []
         self._skipped_set: set[str] = set()
         if conditional:
-            classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and list_images(d))
+            folders = {d.name: list_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+            classes = [name for name, files in folders.items() if files]  # sorted folder names
             if not classes:
                 raise ValueError(f"no class subfolders with images in '{root}' (use conditional=False for a flat folder)")
             self.class_names: list[str] | None = classes
             self.num_classes = len(classes)
-            candidates = [(p, y) for y, name in enumerate(classes) for p in list_images(root / name)]
+            candidates = [(p, y) for y, name in enumerate(classes) for p in folders[name]]
         else:
             self.class_names, self.num_classes = None, 0
             candidates = [(p, 0) for p in list_images(root)]
