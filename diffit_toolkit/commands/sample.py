@@ -1,0 +1,68 @@
+"""``diffit-toolkit sample``: images from a trained run as a PNG grid and/or an ADM ``.npz``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from diffit_toolkit.cli import app
+
+console = Console()
+
+
+def _classes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--classes takes comma-separated integers, got '{text}'") from None
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="Run folder (newest checkpoint) or a checkpoint folder."),
+    out: Path = typer.Option(None, help="PNG grid to write (default: <run>/samples/sample.png unless --npz is given)."),
+    npz: Path = typer.Option(None, help="Also write the images as an ADM-layout .npz (uint8 NHWC + labels)."),
+    num: int = typer.Option(64, min=1, help="Number of images."),
+    classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
+    sampler: str = typer.Option(None, help="Sampler (default: the recipe's), e.g. ddpm, ddim, dpm_solver++, heun."),
+    steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's)."),
+    guidance_scale: float = typer.Option(None, help="Classifier-free guidance scale (1: off)."),
+    guidance_schedule: str = typer.Option(None, help="constant or power_cosine."),
+    guided_channels: int = typer.Option(None, min=1, help="Guide only the first k output channels."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward batch."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    weights: str = typer.Option("ema", help="ema or model weights."),
+) -> None:
+    """Sample images from a trained model."""
+    from diffit_toolkit.generate import load_generator, save_npz, save_sample_grid
+    from diffit_toolkit.recipe import SampleSection
+    from diffit_toolkit.train.checkpoint import CheckpointError
+
+    try:
+        gen = load_generator(run, device=device, weights=weights)
+        overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                           guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
+                     if v is not None}
+        settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+        from diffit_toolkit.recipe import SAMPLERS
+
+        valid = SAMPLERS[gen.recipe.diffusion.process]
+        if settings.sampler not in valid and not settings.sampler.startswith("diffusers:"):
+            raise ValueError(f"sampler '{settings.sampler}' does not sample the {gen.recipe.diffusion.process} process (valid: {', '.join(valid)})")
+        images, labels = gen.sample(num, settings, classes=_classes(classes), batch_size=batch_size, seed=seed)
+    except (CheckpointError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {str(exc).splitlines()[0]}", highlight=False)
+        raise typer.Exit(2) from None
+    written = []
+    if npz is not None:
+        written.append(save_npz(images, labels, npz))
+    if out is not None or npz is None:
+        target = out or (run if run.is_dir() and (run / "checkpoints").is_dir() else run.parent.parent) / "samples" / "sample.png"
+        written.append(save_sample_grid(images, labels, target))
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)

@@ -1,0 +1,68 @@
+"""``diffit-toolkit train`` and ``diffit-toolkit recipe show|validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from diffit_toolkit.cli import app
+from diffit_toolkit.recipe import RecipeError, load_recipe
+
+console = Console()
+recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
+
+
+def _load(recipe: str, overrides: list[str] | None):
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
+                set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Print the resolved recipe (extends and overrides applied, defaults filled in)."""
+    console.print(Syntax(_load(recipe, set_).to_yaml(), "yaml"))
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipes: list[str] = typer.Argument(..., help="Recipe files or names."),
+                    set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Check recipes (types, unknown keys, and that the model builds); exit 2 on the first error."""
+    for recipe in recipes:
+        resolved = _load(recipe, set_)
+        console.print(f"[green]ok[/green] {recipe}: {resolved.name} "
+                      f"({resolved.model.get('backbone')}, {resolved.model.get('mechanism', 'default mechanism')})", highlight=False)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file (e.g. recipes/quickstart.yaml) or shipped recipe name."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    resume: Path = typer.Option(None, help="Checkpoint folder to resume from (default: the run folder's newest)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    output_dir: str = typer.Option(None, help="Run folder (default: the recipe's output_dir or runs/<name>)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
+) -> None:
+    """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
+    from diffit_toolkit.train import train as run
+
+    overrides = list(set_ or [])
+    if output_dir:
+        overrides.append(f"output_dir={output_dir}")
+    resolved = _load(recipe, overrides)
+    try:
+        result = run(resolved, resume=resume, device=device, progress=not no_progress)
+    except RecipeError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if result.grid is not None:
+        console.print(f"done: {result.step} steps in {result.seconds / 60:.1f} min; grid {result.grid}", highlight=False)

@@ -1,0 +1,371 @@
+"""Recipes: YAML files validated into typed objects.
+
+A recipe names a backbone preset plus overrides, a diffusion process, a dataset, training and
+sampling settings. ``extends:`` composes recipes (a path relative to the file, or a list of
+them; later files and the recipe itself override earlier ones, dictionaries merge key by key);
+``--set a.b=c`` overrides one value from the command line (the value is parsed as YAML).
+
+Every problem is a one-line :class:`RecipeError` with the key path and a hint, e.g.
+``recipe error at train.bach_size: unknown key; did you mean 'batch_size'?``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Where the shipped recipes live (``recipes/`` at the repository root).
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe problem, one line, with the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DiffusionSection(_Section):
+    """The diffusion process.
+
+    Attributes:
+        process: ``gaussian`` (ADM/DiT), ``edm`` (Karras et al.) or ``flow`` (linear-interpolant
+            flow matching).
+        schedule: Gaussian beta schedule, ``linear`` or ``cosine``.
+        num_timesteps: Gaussian training steps (1000).
+        prediction: Gaussian model output, ``eps``, ``x0`` or ``v``.
+        learn_sigma: Gaussian learned-range variance with the hybrid MSE + VLB loss (the model
+            then outputs 2C channels).
+        precond: EDM preconditioning, ``edm``, ``vp`` or ``ve``.
+        sigma_data: EDM data standard deviation.
+    """
+
+    process: Literal["gaussian", "edm", "flow"] = "gaussian"
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = Field(1000, gt=0)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    learn_sigma: bool = True
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    sigma_data: float = Field(0.5, gt=0)
+
+
+class TrainSection(_Section):
+    """Optimisation and bookkeeping.
+
+    Attributes:
+        batch_size: global batch size (split over processes).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warmup.
+        grad_clip: clip the global gradient norm (``null``: off).
+        ema_decay: EMA decay of the weights used for sampling.
+        max_steps: training steps.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (mixed precision applies on GPU).
+        tf32: allow TF32 matmuls on GPU.
+        compile: ``torch.compile`` the model.
+        seed: global seed.
+        num_workers: data-loader workers per process.
+        log_every: steps between metric lines.
+        sample_every: steps between EMA sample grids (0: only at the end).
+        ckpt_every: steps between checkpoints (0: only at the end).
+        keep_last: checkpoints kept.
+    """
+
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    max_steps: int = Field(400_000, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(50, gt=0)
+    sample_every: int = Field(0, ge=0)
+    ckpt_every: int = Field(0, ge=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class SampleSection(_Section):
+    """Sampling and guidance (used for the grids during training and by ``diffit-toolkit sample``).
+
+    Attributes:
+        sampler: ``ddpm``, ``ddim``, ``dpm_solver++`` (Gaussian), ``heun`` (EDM), ``euler`` /
+            ``heun`` (flow).
+        steps: sampling steps (Gaussian: respaced steps of the training schedule).
+        eta: DDIM stochasticity.
+        guidance_scale: classifier-free guidance scale (1: off).
+        guidance_schedule: ``constant`` or ``power_cosine`` (DiffiT at 256 px).
+        guidance_power: exponent ``p`` of the power-cosine schedule.
+        guided_channels: guide only the first k output channels (DiffiT/DiT: 3 of 4); ``null``: all.
+        guidance_interval: apply guidance only for t in [lo, hi] (fractions of the schedule).
+        num_images: images in a sample grid.
+        clip_denoised: clip the Gaussian samplers' x_0 estimate to [-1, 1] (pixel data; not latents).
+        seed: sampling seed.
+    """
+
+    sampler: str = "ddpm"
+    steps: int = Field(250, gt=0)
+    eta: float = Field(0.0, ge=0)
+    guidance_scale: float = Field(1.0, ge=0)
+    guidance_schedule: Literal["constant", "power_cosine"] = "constant"
+    guidance_power: float = 4.0
+    guided_channels: int | None = Field(None, gt=0)
+    guidance_interval: tuple[float, float] | None = None
+    num_images: int = Field(64, gt=0)
+    clip_denoised: bool = False
+    seed: int = 0
+
+
+class Recipe(_Section):
+    """A resolved, validated recipe.
+
+    Attributes:
+        name: run name (the run folder defaults to ``runs/<name>``).
+        description: free text.
+        output_dir: run folder.
+        model: ``backbone`` (registered name), ``preset``, and any option of that backbone
+            (``mechanism``, ``mechanism_options``, ``window``, ...); validated by building the model
+            on the meta device.
+        diffusion: :class:`DiffusionSection`.
+        data: options of the dataset (``kind``, ``path``, ...), validated against the data config.
+        train: :class:`TrainSection`.
+        sample: :class:`SampleSection`.
+    """
+
+    name: str = "run"
+    description: str = ""
+    output_dir: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSection = Field(default_factory=TrainSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-ready dict of the whole recipe."""
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist: check the path (shipped recipes are in {RECIPES_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"recipe {path}:{where}: YAML syntax error ({problem}); fix the YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``; nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe at ``path`` as a dict, with its ``extends:`` chain merged in (not validated)."""
+    path = resolve_recipe_path(path)
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise RecipeError(f"recipe extends itself in a cycle: {chain}; remove one 'extends'")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(f"recipe {path}: 'extends' must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = deep_merge(merged, load_raw(path.parent / parent, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A path as given, else the shipped recipe of that name (``quickstart`` or ``quickstart.yaml``)."""
+    path = Path(path)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (RECIPES_DIR / path.name, RECIPES_DIR / f"{path.name}.yaml"):
+        if not path.parent.parts and candidate.is_file():
+            return candidate.resolve()
+    return path
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML: ``train.lr=3e-4``, ``model.window=null``)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override '{item}' is not of the form key.path=value (e.g. train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node: dict[str, Any] = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise RecipeError(f"override '{item}': {path} is a value, not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_error(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    path = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        section_model = Recipe
+        for part in loc[:-1]:
+            field = section_model.model_fields.get(part)
+            annotation = getattr(field, "annotation", None)
+            section_model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if section_model is None:
+                break
+        valid = list(section_model.model_fields) if section_model else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else (f" (valid: {', '.join(valid)})" if valid else "")
+        return f"recipe error at {path}: unknown key{hint}"
+    value = error.get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return f"recipe error at {path}: {error['msg'][0].lower() + error['msg'][1:]} (got {shown})"
+
+
+def validate_recipe(data: Mapping[str, Any]) -> Recipe:
+    """Validate a raw recipe dict into a :class:`Recipe` (types, unknown keys, value ranges) and
+    check the combinations that only the built parts can (model shape vs data, windows, heads)."""
+    try:
+        recipe = Recipe.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        raise RecipeError(_format_error(exc.errors()[0], data)) from None
+    check_combinations(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, compose (``extends``), override (``--set``) and validate a recipe."""
+    return validate_recipe(apply_overrides(load_raw(path), overrides))
+
+
+# -- combinations ------------------------------------------------------------------------------
+
+
+def data_config(recipe: Recipe):
+    """The recipe's data section as the data package's typed config (unknown keys are errors)."""
+    from diffit_toolkit.data import DataConfig
+
+    valid = [f.name for f in dataclasses.fields(DataConfig)]
+    for key in recipe.data:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {', '.join(valid)})"
+            raise RecipeError(f"recipe error at data.{key}: unknown key{hint}")
+    try:
+        return pydantic.TypeAdapter(DataConfig).validate_python(dict(recipe.data))
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise RecipeError(_format_error({**err, "loc": ("data", *err["loc"])}, recipe.data)) from None
+
+
+def model_options(recipe: Recipe) -> tuple[str, str | None, dict[str, Any]]:
+    """``(backbone name, preset, options)`` from the model section."""
+    options = dict(recipe.model)
+    backbone = options.pop("backbone", "latent_diffit")
+    preset = options.pop("preset", None)
+    if recipe.diffusion.process == "gaussian":
+        options.setdefault("learn_sigma", recipe.diffusion.learn_sigma)
+    elif options.get("learn_sigma"):
+        raise RecipeError(
+            f"recipe error at model.learn_sigma: the {recipe.diffusion.process} process does not use a "
+            f"learned variance; set model.learn_sigma: false"
+        )
+    else:
+        options["learn_sigma"] = False
+    return backbone, preset, options
+
+
+def build_model(recipe: Recipe, device: Any = None):
+    """Build the recipe's backbone (on ``device``; ``"meta"`` to check shapes without memory)."""
+    import torch
+
+    from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
+
+    name, preset, options = model_options(recipe)
+    try:
+        with torch.device(device or "cpu"):
+            return backbones.build(name, preset, **options)
+    except (PluginError, ValueError, TypeError) as exc:
+        cause = exc.__cause__ if isinstance(exc, PluginBuildError) and exc.__cause__ is not None else exc
+        message = str(cause).split("\n")[0]
+        prefix = "" if message.startswith("recipe error") else "recipe error at model: "
+        raise RecipeError(f"{prefix}{message}") from None
+
+
+def check_combinations(recipe: Recipe) -> None:
+    """Cross-section checks: the model builds (on the meta device), the data section is valid,
+    and the sampler fits the process."""
+    if recipe.diffusion.learn_sigma and recipe.diffusion.prediction != "eps" and recipe.diffusion.process == "gaussian":
+        raise RecipeError(
+            "recipe error at diffusion.learn_sigma: the learned variance is trained with epsilon "
+            "prediction; set diffusion.prediction: eps or diffusion.learn_sigma: false"
+        )
+    valid_samplers = SAMPLERS[recipe.diffusion.process]
+    if recipe.sample.sampler not in valid_samplers and not recipe.sample.sampler.startswith("diffusers:"):
+        raise RecipeError(
+            f"recipe error at sample.sampler: '{recipe.sample.sampler}' does not sample the "
+            f"{recipe.diffusion.process} process (valid: {', '.join(valid_samplers)})"
+        )
+    if recipe.data:
+        data_config(recipe)
+    build_model(recipe, "meta")
+
+
+#: Samplers per diffusion process (``diffusers:<SchedulerClass>`` drives the Gaussian process too).
+SAMPLERS: dict[str, tuple[str, ...]] = {
+    "gaussian": ("ddpm", "ddim", "dpm_solver++"),
+    "edm": ("heun",),
+    "flow": ("euler", "heun"),
+}

@@ -1,0 +1,97 @@
+"""Run logging on rank 0: JSONL metrics, TensorBoard when installed, a progress bar with rates."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop metric lines beyond ``step`` (written by a run that stopped after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class RunLogger:
+    """Metrics to ``metrics.jsonl`` (one line per logged step), TensorBoard scalars when the
+    package is installed, and a progress bar with it/s, img/s, loss and ETA. Silent off rank 0."""
+
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, batch_size: int,
+                 show_progress: bool = True) -> None:
+        self.enabled = is_main
+        self.batch_size = batch_size
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self.last_log = (self.t0, start_step)
+        self.console = Console(stderr=True)
+        self.metrics = None
+        self.tb = None
+        self.progress = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        _truncate_after(path, start_step)
+        self.metrics = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # TensorBoard is optional
+            self.tb = None
+        if show_progress and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                TextColumn("{task.fields[rates]}  loss {task.fields[loss]}"), TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, rates="", loss="-")
+            self.progress.start()
+        self.total_steps = total_steps
+
+    def step(self, step: int, loss: float, log: bool, **extra: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        done = step - self.start_step
+        rate = done / max(now - self.t0, 1e-9)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}",
+                                 rates=f"{rate:.2f} it/s {rate * self.batch_size:.1f} img/s")
+        if not log:
+            return
+        t_prev, s_prev = self.last_log
+        window_rate = (step - s_prev) / max(now - t_prev, 1e-9)
+        self.last_log = (now, step)
+        eta = (self.total_steps - step) / max(rate, 1e-9)
+        record = {"step": step, "loss": loss, "it_per_s": window_rate, "img_per_s": window_rate * self.batch_size,
+                  "elapsed_s": now - self.t0, **{k: v for k, v in extra.items() if v is not None}}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+        if self.progress is None:
+            self.console.print(
+                f"step {step}/{self.total_steps}  loss {loss:.4f}  {window_rate:.2f} it/s  "
+                f"{window_rate * self.batch_size:.1f} img/s  eta {eta / 60:.1f} min", highlight=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.progress.console if self.progress else self.console).print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,66 @@
+"""Image grids and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+#: Grids upscale small images (8x8 digits) with nearest neighbours to at least this many pixels.
+MIN_GRID_CELL = 32
+
+
+def class_grid_labels(num_images: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """Labels for a grid with one row per class (``num_images // num_classes`` per row), and the
+    row count; unconditional models get ``None`` and a square-ish grid."""
+    if num_classes:
+        per_class = max(1, num_images // num_classes)
+        return torch.arange(num_classes, device=device).repeat_interleave(per_class), num_classes
+    return None, max(1, int(math.sqrt(num_images)))
+
+
+def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
+    """Save ``images`` (B, C, H, W) in [-1, 1] as a PNG grid with ``rows`` rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = images.detach().float().clamp(-1, 1).add(1).div(2).cpu()
+    if x.shape[-1] < MIN_GRID_CELL:
+        x = F.interpolate(x, scale_factor=math.ceil(MIN_GRID_CELL / x.shape[-1]), mode="nearest")
+    cols = math.ceil(x.shape[0] / rows)
+    save_image(x, str(path), nrow=cols, padding=2, pad_value=1.0)
+    return path
+
+
+def save_loss_curve(metrics: Path, path: Path) -> Path | None:
+    """Plot the loss (raw and smoothed) from ``metrics.jsonl`` to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    smooth, ema = [], losses[0]
+    for value in losses:
+        ema = 0.9 * ema + 0.1 * value
+        smooth.append(ema)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="smoothed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

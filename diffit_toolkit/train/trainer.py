@@ -1,0 +1,282 @@
+"""The training loop: recipe -> data, model, process -> AdamW steps with EMA -> checkpoints, grids.
+
+Runs unchanged in one process, under ``torchrun`` (DDP over NCCL, or gloo on the CPU) and under
+SLURM. Rank 0 alone logs and writes files. Everything a step depends on (weights, EMA,
+optimizer, scheduler, RNG states, the position in the data) is in the checkpoint, so a resumed
+run continues exactly where the stopped one was.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+
+from diffit_toolkit.process import build_process
+from diffit_toolkit.recipe import Recipe, RecipeError, data_config, model_options
+from diffit_toolkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffit_toolkit.train.data import ResumableSampler
+from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
+from diffit_toolkit.train.logging import RunLogger
+from diffit_toolkit.train.outputs import class_grid_labels, save_grid, save_loss_curve
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+    grid: Path | None = None
+    loss_curve: Path | None = None
+    seconds: float = 0.0
+
+
+def dataset_facts(dataset: Any) -> dict[str, Any]:
+    """What sampling needs to know about the training data (recorded in checkpoints)."""
+    return {
+        "num_classes": int(getattr(dataset, "num_classes", 0)),
+        "channels": int(dataset.channels),
+        "resolution": int(dataset.resolution),
+        "class_names": getattr(dataset, "class_names", None),
+        "latent_scale": getattr(dataset, "latent_scale", None),
+        "vae": getattr(dataset, "vae", None),
+    }
+
+
+def complete_model_options(options: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """Fill the model's data-shaped options from the dataset; a mismatch is a one-line error."""
+    out = dict(options)
+    for key, value in (("input_size", facts["resolution"]), ("in_channels", facts["channels"]),
+                       ("num_classes", facts["num_classes"])):
+        if key not in out:
+            out[key] = value
+        elif out[key] != value and not (key == "num_classes" and out[key] == 0):
+            raise RecipeError(
+                f"recipe error at model.{key}: the model has {out[key]} but the data has {value}; "
+                f"set model.{key}: {value} (or remove it to take it from the data)"
+            )
+    return out
+
+
+def build_model_for_data(recipe: Recipe, facts: dict[str, Any]) -> torch.nn.Module:
+    """The recipe's backbone, shaped for the data described by ``facts``."""
+    from diffit_toolkit.registry import backbones
+
+    name, preset, options = model_options(recipe)
+    return backbones.build(name, preset, **complete_model_options(options, facts))
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _autocast(env: DistEnv, precision: str):
+    if env.device.type != "cuda" or precision == "fp32":
+        return torch.autocast(env.device.type, enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device, path: Path) -> Path:
+    """Sample ``recipe.sample.num_images`` images with the EMA model and save a grid (one row per
+    class for class-conditional models)."""
+    num_classes = facts["num_classes"]
+    n = recipe.sample.num_images
+    y, rows = class_grid_labels(n, num_classes, device)
+    gen = torch.Generator(device=device).manual_seed(recipe.sample.seed)
+    noise = torch.randn((y.shape[0] if y is not None else n, facts["channels"], facts["resolution"], facts["resolution"]),
+                        generator=gen, device=device)
+    null_class = getattr(model, "null_class", None)
+    x = process.sample(model, noise, y, recipe.sample, gen, null_class=null_class)
+    if facts.get("latent_scale"):
+        from diffit_toolkit.data import decode_latents, load_vae
+
+        x = decode_latents(load_vae(facts["vae"], device=device), x, facts["latent_scale"])
+    return save_grid(x, path, rows=rows)
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: str | Path | None = None,
+    device: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``recipe``; resumes from ``resume`` or, when ``None``, from the run folder's newest
+    checkpoint if there is one.
+
+    Args:
+        recipe: a validated recipe.
+        resume: a checkpoint folder to continue from (default: the newest in the run folder).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+        stop_after: stop (with a checkpoint) after this many steps of this invocation.
+        progress: show the progress bar (rank 0, interactive terminals).
+    """
+    start_time = time.perf_counter()
+    env = setup_distributed(device)
+    cfg = recipe.train
+    run_dir = recipe.run_dir
+    try:
+        torch.manual_seed(cfg.seed + env.rank)
+        random.seed(cfg.seed + env.rank)
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+        dataset = data_config(recipe).build()
+        facts = dataset_facts(dataset)
+        model = build_model_for_data(recipe, facts).to(env.device)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+        ema.requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        warmup = cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.precision == "fp16")
+        process = build_process(recipe.diffusion)
+        generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
+
+        if cfg.batch_size % env.world_size:
+            raise RecipeError(
+                f"recipe error at train.batch_size: {cfg.batch_size} is not divisible by {env.world_size} "
+                f"processes; choose a multiple of the process count"
+            )
+        per_rank = cfg.batch_size // env.world_size
+        if len(dataset) < cfg.batch_size:
+            raise RecipeError(
+                f"recipe error at train.batch_size: {cfg.batch_size} is larger than the dataset ({len(dataset)} items)"
+            )
+        sampler = ResumableSampler(len(dataset), per_rank, env.rank, env.world_size, seed=cfg.seed)
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
+                            drop_last=True, pin_memory=env.device.type == "cuda",
+                            persistent_workers=False)
+
+        step = 0
+        checkpoint_path = Path(resume) if resume is not None else latest_checkpoint(run_dir)
+        if checkpoint_path is not None:
+            ckpt = load_checkpoint(checkpoint_path, map_location=env.device)
+            model.load_state_dict(ckpt["model"])
+            ema.module.load_state_dict(ckpt["ema"])
+            state = ckpt["state"]
+            ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            sampler.load_state_dict(state["data"])
+            _set_rng_state(state["rng"], generator)
+            step = int(state["step"])
+
+        train_model: torch.nn.Module = model
+        if env.distributed:
+            train_model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        if cfg.compile:
+            train_model = torch.compile(train_model)
+
+        config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts}
+        logger = RunLogger(run_dir, env.is_main, total_steps=cfg.max_steps, start_step=step,
+                           batch_size=cfg.batch_size, show_progress=progress)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            if checkpoint_path is not None:
+                logger.message(f"resumed from {checkpoint_path} at step {step}")
+
+        def checkpoint_now() -> Path | None:
+            path = None
+            if env.is_main:
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema_n_averaged": int(ema.n_averaged.item()),
+                    "data": sampler.state_dict(),
+                    "rng": _rng_state(generator),
+                }
+                path = save_checkpoint(run_dir, step, model.state_dict(), ema.module.state_dict(), state, config, cfg.keep_last)
+            barrier(env)
+            return path
+
+        losses: list[float] = []
+        last_checkpoint = None
+        steps_this_run = 0
+        batches = iter(loader)
+        model.train()
+        while step < cfg.max_steps and (stop_after is None or steps_this_run < stop_after):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                sampler.next_epoch()
+                batches = iter(loader)
+                x, y = next(batches)
+            sampler.advance()
+            x = x.to(env.device, non_blocking=True)
+            y = y.to(env.device, non_blocking=True) if facts["num_classes"] else None
+            with _autocast(env, cfg.precision):
+                loss = process.loss(train_model, x, y, generator).mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            grad_norm = None
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            ema.update_parameters(model)
+            step += 1
+            steps_this_run += 1
+
+            value = loss.detach()
+            if env.distributed:
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+            loss_value = float(value)
+            losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}: lower train.lr or enable train.grad_clip")
+            logger.step(step, loss_value, lr=scheduler.get_last_lr()[0],
+                        grad_norm=None if grad_norm is None else float(grad_norm), log=step % cfg.log_every == 0)
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                last_checkpoint = checkpoint_now()
+            if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+                sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples" / f"step_{step:07d}.png")
+
+        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:07d}"):
+            last_checkpoint = checkpoint_now()
+        result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint)
+        if env.is_main and step >= cfg.max_steps:
+            result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
+            result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
+        logger.close()
+        result.seconds = time.perf_counter() - start_time
+        return result
+    finally:
+        cleanup_distributed()
