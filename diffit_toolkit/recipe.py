@@ -69,6 +69,8 @@ class TrainSection(_Section):
         warmup_steps: linear learning-rate warmup.
         grad_clip: clip the global gradient norm (``null``: off).
         ema_decay: EMA decay of the weights used for sampling.
+        ema_warmup: ramp the decay as ``min(ema_decay, (1 + n) / (10 + n))`` after n updates, so
+            short runs average recent weights (DiT and the paper: off, a fixed 0.9999).
         max_steps: training steps.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast (mixed precision applies on GPU).
         tf32: allow TF32 matmuls on GPU.
@@ -88,6 +90,7 @@ class TrainSection(_Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float = Field(0.9999, ge=0, le=1)
+    ema_warmup: bool = False
     max_steps: int = Field(400_000, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True

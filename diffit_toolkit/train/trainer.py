@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from diffit_toolkit.process import build_process
@@ -41,6 +41,8 @@ class TrainResult:
     grid: Path | None = None
     loss_curve: Path | None = None
     seconds: float = 0.0
+    model: torch.nn.Module | None = None
+    ema: torch.nn.Module | None = None
 
 
 def dataset_facts(dataset: Any) -> dict[str, Any]:
@@ -76,6 +78,19 @@ def build_model_for_data(recipe: Recipe, facts: dict[str, Any]) -> torch.nn.Modu
 
     name, preset, options = model_options(recipe)
     return backbones.build(name, preset, **complete_model_options(options, facts))
+
+
+def ema_average_fn(decay: float, warmup: bool):
+    """``AveragedModel``'s multi-tensor update: ``ema <- d * ema + (1 - d) * param`` with
+    ``d = decay``, or ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates when warming up."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return update
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -154,7 +169,7 @@ def train(
         dataset = data_config(recipe).build()
         facts = dataset_facts(dataset)
         model = build_model_for_data(recipe, facts).to(env.device)
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+        ema = AveragedModel(model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
         ema.requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
         warmup = cfg.warmup_steps
@@ -176,7 +191,9 @@ def train(
         sampler = ResumableSampler(len(dataset), per_rank, env.rank, env.world_size, seed=cfg.seed)
         loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
                             drop_last=True, pin_memory=env.device.type == "cuda",
-                            persistent_workers=False)
+                            # its own generator: creating an iterator must not consume the global
+                            # RNG (label dropout draws from it), or a resume would diverge
+                            generator=torch.Generator().manual_seed(cfg.seed))
 
         step = 0
         checkpoint_path = Path(resume) if resume is not None else latest_checkpoint(run_dir)
@@ -270,7 +287,8 @@ def train(
 
         if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:07d}"):
             last_checkpoint = checkpoint_now()
-        result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint)
+        result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint,
+                             model=model, ema=ema.module)
         if env.is_main and step >= cfg.max_steps:
             result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
             result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")

@@ -1,0 +1,151 @@
+"""The trainer: exact resume, two-process DDP on CPU, checkpoints that survive a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffit_toolkit.generate import load_generator, save_npz
+from diffit_toolkit.recipe import load_recipe
+from diffit_toolkit.train import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, train
+
+TINY = {
+    "name": "tiny",
+    "model": {"backbone": "latent_diffit", "preset": None, "input_size": 8, "in_channels": 1, "patch_size": 2,
+              "hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10, "mechanism": "tmsa"},
+    "diffusion": {"process": "gaussian", "schedule": "cosine", "learn_sigma": False},
+    "data": {"kind": "digits"},
+    "train": {"batch_size": 256, "lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.9,
+              "max_steps": 8, "log_every": 1, "ckpt_every": 0, "keep_last": 2},
+    "sample": {"sampler": "ddim", "steps": 4, "num_images": 20, "guidance_scale": 2.0, "clip_denoised": True},
+}
+
+
+def write_recipe(tmp_path: Path, run: str, **train_overrides) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["output_dir"] = str(tmp_path / run)
+    data["train"].update(train_overrides)
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])  # 5 = exactly the end of an epoch (1437 // 256 = 5 batches)
+def test_resume_equals_training_straight_through(tmp_path, stop_at):
+    straight = train(load_recipe(write_recipe(tmp_path, "straight")), device="cpu", progress=False)
+    path = write_recipe(tmp_path, "resumed")
+    first = train(load_recipe(path), device="cpu", progress=False, stop_after=stop_at)
+    assert first.step == stop_at and first.grid is None
+    assert [c.name for c in list_checkpoints(tmp_path / "resumed")] == [f"step_{stop_at:07d}"]
+    second = train(load_recipe(path), device="cpu", progress=False)  # auto-resumes from the run folder
+    assert second.step == 8
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 8
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    for name, tensor in straight.ema.state_dict().items():
+        assert torch.equal(tensor, second.ema.state_dict()[name]), name
+    assert straight.grid is not None and straight.grid.is_file() and straight.loss_curve.is_file()
+
+
+def test_checkpoint_contents_load_without_pickled_code(tmp_path):
+    result = train(load_recipe(write_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt["state"]["step"] == 2 and ckpt["config"]["model"]["backbone"] == "latent_diffit"
+    assert ckpt["config"]["data"]["num_classes"] == 10
+    torch.load(result.checkpoint / "state.pt", weights_only=True)  # plain data only
+
+
+def test_sample_from_run_writes_grid_and_adm_npz(tmp_path):
+    train(load_recipe(write_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
+    gen = load_generator(tmp_path / "run", device="cpu")
+    images, labels = gen.sample(12, gen.recipe.sample, classes=[3, 7], batch_size=5, seed=1)
+    assert images.shape == (12, 1, 8, 8) and labels.tolist() == [3] * 6 + [7] * 6
+    again, _ = gen.sample(12, gen.recipe.sample, classes=[3, 7], batch_size=5, seed=1)
+    assert torch.equal(images, again)  # seeded
+    path = save_npz(images, labels, tmp_path / "s.npz")
+    import numpy as np
+
+    arrays = np.load(path)
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (12, 8, 8, 3)
+    assert arrays["arr_1"].tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="class 12 is not one of the model's 10 classes"):
+        gen.labels([12], 4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    recipe = write_recipe(tmp_path, "ddp", max_steps=4, batch_size=64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(Path(__file__).with_name("ddp_worker.py")), str(recipe), str(tmp_path / "ddp"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert len(digests) == 1  # identical weights on both ranks
+    # rank 0 alone wrote the run folder: one metrics line per step, one checkpoint
+    assert [s for s, _ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
+    assert [c.name for c in list_checkpoints(tmp_path / "ddp")] == ["step_0000004"]
+
+
+KILLER = """
+import sys, torch
+from diffit_toolkit.train.checkpoint import save_checkpoint
+big = {"w": torch.randn(4_000_000)}
+step = 1
+while True:
+    save_checkpoint(sys.argv[1], step, big, big, {"step": step}, {"step": step}, keep_last=2)
+    print(step, flush=True)
+    step += 1
+"""
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.55, 0.8])
+def test_kill_during_checkpoint_writing_leaves_the_previous_one_loadable(tmp_path, delay):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # at least one checkpoint is complete
+    assert first.strip() == "1"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = latest_checkpoint(tmp_path / "run")
+    ckpt = load_checkpoint(newest)
+    assert ckpt["state"]["step"] == ckpt["config"]["step"] == int(newest.name.split("_")[1])
+    assert ckpt["model"]["w"].shape == (4_000_000,)
+
+
+def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = {"w": torch.ones(3)}
+    save_checkpoint(tmp_path, 1, state, state, {"step": 1}, {}, keep_last=3)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("diffit_toolkit.train.checkpoint.save_file", full_disk)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(tmp_path, 2, state, state, {"step": 2}, {}, keep_last=3)
+    assert "No space left on device" in str(err.value) and "step_0000001 is intact" in str(err.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["model"]["w"], torch.ones(3))
