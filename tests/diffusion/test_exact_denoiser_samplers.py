@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffit_toolkit.diffusion import ExactEDMDenoiser, ExactFlowVelocity, ExactGaussianModel, GaussianDiffusion
+from diffit_toolkit.diffusion import (
+    ExactEDMDenoiser,
+    ExactFlowVelocity,
+    ExactGaussianModel,
+    GaussianDiffusion,
+    sample_errors,
+)
 from diffit_toolkit.sampling import (
     ddim_sample,
     ddpm_sample,
@@ -27,7 +33,6 @@ from diffit_toolkit.sampling.exact_report import (
     run_case,
     seeded_noise,
     two_point_mixture,
-    two_point_mixture as _mixture,
 )
 
 NUM = 8000
@@ -72,22 +77,20 @@ def test_too_few_steps_is_detected() -> None:
     data = correlated_gaussian()
     dif = GaussianDiffusion.from_schedule("linear", model_var_type="fixed_small").respace(10)
     samples = ddim_sample(dif, ExactGaussianModel(data, dif), seeded_noise(NUM, 3, 0))
-    from diffit_toolkit.diffusion import sample_errors
-
     assert sample_errors(samples, data).cov_rel_error > 0.2
 
 
 def _gauss_dif(steps: int | str) -> tuple[GaussianDiffusion, ExactGaussianModel]:
     dif = GaussianDiffusion.from_schedule("linear").respace(steps)
-    return dif, ExactGaussianModel(_mixture(), dif)
+    return dif, ExactGaussianModel(two_point_mixture(), dif)
 
 
 def test_ode_samplers_are_deterministic_given_noise() -> None:
     noise = seeded_noise(256, 3, 4)
     dif, model = _gauss_dif(20)
-    data = _mixture()
+    data = two_point_mixture()
     runs = {
-        "ddim": lambda: ddim_sample(dif, model, noise, eta=0.0, generator=torch.Generator().manual_seed(torch.randint(0, 1000, ()).item())),
+        "ddim": lambda: ddim_sample(dif, model, noise, eta=0.0),
         "dpm": lambda: dpm_solver_pp_2m_sample(dif, model, noise),
         "heun": lambda: edm_heun_sample(ExactEDMDenoiser(data), noise, num_steps=10),
         "flow_euler": lambda: flow_euler_sample(ExactFlowVelocity(data), noise, num_steps=10),
@@ -100,7 +103,7 @@ def test_ode_samplers_are_deterministic_given_noise() -> None:
 def test_same_seed_same_samples_and_different_seed_differs() -> None:
     noise = seeded_noise(256, 3, 4)
     dif, model = _gauss_dif(20)
-    data = _mixture()
+    data = two_point_mixture()
     stochastic = {
         "ddpm": lambda g: ddpm_sample(dif, model, noise, generator=g),
         "ddim_eta1": lambda g: ddim_sample(dif, model, noise, eta=1.0, generator=g),
@@ -125,7 +128,7 @@ class _Counter:
 
 @pytest.mark.parametrize(("steps", "evals"), [(18, 35), (40, 79)])
 def test_heun_evaluation_counts_match_edm(steps: int, evals: int) -> None:
-    counter = _Counter(ExactEDMDenoiser(_mixture()))
+    counter = _Counter(ExactEDMDenoiser(two_point_mixture()))
     edm_heun_sample(counter, seeded_noise(4, 3, 0), num_steps=steps)
     assert counter.calls == evals
 
@@ -137,7 +140,7 @@ def test_gaussian_and_flow_evaluation_counts() -> None:
         counter = _Counter(model)
         sampler(dif, counter, noise)
         assert counter.calls == expected, sampler.__name__
-    velocity = ExactFlowVelocity(_mixture())
+    velocity = ExactFlowVelocity(two_point_mixture())
     for sampler, expected in ((flow_euler_sample, 10), (flow_heun_sample, 20)):
         counter = _Counter(velocity)
         sampler(counter, noise, num_steps=10)

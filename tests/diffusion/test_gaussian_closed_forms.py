@@ -136,7 +136,8 @@ def test_respacing_keeps_alphas_cumprod(count: int, schedule: str) -> None:
     spaced = base.respace(count)
     kept = spaced.timestep_map
     assert spaced.num_timesteps == count == len(kept)
-    torch.testing.assert_close(spaced.alphas_cumprod, base.alphas_cumprod[kept], rtol=1e-10, atol=0)
+    # float64: 1 - beta of a near-1 beta is exact to ~1e-16 absolute (cosine ends at abar ~ 2e-9).
+    torch.testing.assert_close(spaced.alphas_cumprod, base.alphas_cumprod[kept], rtol=1e-10, atol=1e-15)
 
 
 def test_respacing_variants_and_model_sees_original_timesteps() -> None:
