@@ -8,7 +8,6 @@ Data is noised as ``x = y + sigma n`` (the sigma form; VP's scaling ``s(t)`` liv
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
