@@ -1,0 +1,304 @@
+"""The mechanism ablation runner: train each recipe with several seeds for one budget, sample,
+score with the offline digits metric, and write a table (markdown + CSV) and a plot (PNG).
+
+Layout of the output folder::
+
+    <out>/<recipe>/seed_<s>/         the training runs (checkpoints every ``eval_every`` steps)
+    <out>/curves.csv                 one row per recipe, seed and evaluated step
+    <out>/runs.csv                   one row per recipe and seed (the final step)
+    <out>/table.md, <out>/table.csv  mean +/- std per mechanism over the seeds
+    <out>/ablation.png               metric vs training steps, one line per mechanism
+    <out>/classifier.pt              the digits classifier used for scoring
+
+Finished (recipe, seed) pairs are read back from ``curves.csv``, so an interrupted ablation
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+#: Images in the sample grid each training run writes at its end (the metric uses ``num_images``).
+GRID_IMAGES = 20
+CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor", "num_images", "train_seconds", "loss")
+
+
+@dataclass
+class AblationSuite:
+    """What an ablation runs (also readable from a suite YAML, see :func:`load_suite`).
+
+    Attributes:
+        recipes: recipe files (one per mechanism, same backbone and budget).
+        seeds: training seeds; every recipe is trained once per seed.
+        overrides: ``--set`` style overrides applied to every recipe (e.g. ``train.max_steps=500``).
+        eval_every: evaluate every this many training steps (0: only the final step).
+        num_images: samples per evaluation (classes cycled 0..9).
+        sample_steps: sampling steps (default: each recipe's).
+        guidance_scale: classifier-free guidance scale (default: each recipe's).
+        out: output folder.
+    """
+
+    recipes: list[Path]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = field(default_factory=list)
+    eval_every: int = 0
+    num_images: int = 200
+    sample_steps: int | None = None
+    guidance_scale: float | None = None
+    out: Path = Path("runs/ablation")
+
+
+def load_suite(path: str | Path) -> AblationSuite:
+    """Read a suite YAML: ``recipes`` (paths relative to the file), ``seeds``, ``set``, ``eval``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read ablation suite {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not raw.get("recipes"):
+        raise ValueError(f"ablation suite {path} needs a non-empty 'recipes' list")
+    ev = raw.get("eval") or {}
+    unknown = set(raw) - {"recipes", "seeds", "set", "eval", "out", "description"}
+    if unknown:
+        raise ValueError(f"ablation suite {path}: unknown key '{sorted(unknown)[0]}'")
+    return AblationSuite(
+        recipes=[(path.parent / r) for r in raw["recipes"]],
+        seeds=[int(s) for s in raw.get("seeds", [0, 1, 2])],
+        overrides=[str(o) for o in raw.get("set", [])],
+        eval_every=int(ev.get("every", 0)),
+        num_images=int(ev.get("num_images", 200)),
+        sample_steps=ev.get("steps"),
+        guidance_scale=ev.get("guidance_scale"),
+        out=Path(raw.get("out", "runs/ablation")),
+    )
+
+
+def is_suite_file(path: str | Path) -> bool:
+    """True when ``path`` is a YAML with a top-level ``recipes`` list (a suite, not a recipe)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "recipes" in raw
+
+
+def _read_curves(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("seed", "step", "num_images"):
+            row[key] = int(row[key])
+        for key in ("accuracy", "fd", "floor", "train_seconds", "loss"):
+            row[key] = float(row[key]) if row[key] not in ("", "nan") else float("nan")
+    return rows
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def _loss_at(run_dir: Path, step: int) -> float:
+    """The last logged training loss at or before ``step`` (``nan`` when none)."""
+    losses = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec and "step" in rec and rec["step"] <= step:
+                losses.append(float(rec["loss"]))
+    return losses[-1] if losses else float("nan")
+
+
+def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Run ``suite`` and write its table, CSVs and plot; returns the written files by kind."""
+    import torch
+
+    from diffit_toolkit.eval.digits import DigitsMetric
+    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.recipe import SampleSection, load_recipe
+    from diffit_toolkit.train import list_checkpoints, train
+
+    out = Path(suite.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves_path = out / "curves.csv"
+    rows = _read_curves(curves_path)
+    done = {(r["recipe"], r["seed"]) for r in rows}
+    metric = DigitsMetric(seed=0, cache=out / "classifier.pt")
+    log(f"digits classifier: held-out accuracy {100 * metric.test_accuracy():.1f}%")
+    recipes = [load_recipe(p, suite.overrides) for p in suite.recipes]  # validate all before training any
+    names = [Path(p).stem for p in suite.recipes]
+    if len(set(names)) != len(names):
+        raise ValueError("two recipes of the ablation share a file name; rename one")
+    # seed-major order: an interrupted ablation has every mechanism at the seeds it finished
+    for seed in suite.seeds:
+        for path, name, recipe in zip(suite.recipes, names, recipes):
+            mechanism = str(recipe.model.get("mechanism", name))
+            if (name, seed) in done:
+                log(f"{name} seed {seed}: already evaluated, skipped")
+                continue
+            run_dir = out / name / f"seed_{seed}"
+            every = suite.eval_every or recipe.train.max_steps
+            overrides = [*suite.overrides, f"train.seed={seed}", f"output_dir={run_dir}",
+                         f"train.ckpt_every={every}", f"train.keep_last={recipe.train.max_steps // every + 2}",
+                         f"sample.num_images={GRID_IMAGES}"]
+            if suite.sample_steps is not None:
+                overrides.append(f"sample.steps={int(suite.sample_steps)}")
+            run_recipe = load_recipe(path, overrides)
+            started = time.perf_counter()
+            result = train(run_recipe, device=device, progress=False)
+            train_seconds = time.perf_counter() - started
+            settings = run_recipe.sample.model_dump()
+            if suite.sample_steps is not None:
+                settings["steps"] = int(suite.sample_steps)
+            if suite.guidance_scale is not None:
+                settings["guidance_scale"] = float(suite.guidance_scale)
+            sample = SampleSection.model_validate(settings)
+            new_rows = []
+            for ckpt in list_checkpoints(result.run_dir):
+                step = int(ckpt.name.split("_")[-1])
+                gen = load_generator(ckpt, device=device)
+                images, labels = gen.sample(suite.num_images, sample, batch_size=256, seed=seed)
+                score = metric.score(images, labels)
+                new_rows.append(dict(recipe=name, mechanism=mechanism, seed=seed, step=step, accuracy=score.accuracy,
+                                     fd=score.fd, floor=score.floor, num_images=score.num_images,
+                                     train_seconds=train_seconds, loss=_loss_at(result.run_dir, step)))
+                del gen
+            final = new_rows[-1]
+            log(f"{name} seed {seed}: step {final['step']}  accuracy {100 * final['accuracy']:.1f}%  "
+                f"FD {final['fd']:.2f} (floor {final['floor']:.2f})  train {train_seconds:.0f}s")
+            rows.extend(new_rows)
+            write_reports(rows, out, order=names)  # partial reports after every run
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    keep = {(n, s) for n in names for s in suite.seeds}
+    rows = [r for r in rows if (r["recipe"], r["seed"]) in keep]
+    return write_reports(rows, out, order=names)
+
+
+def final_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last evaluated step of every (recipe, seed)."""
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["recipe"], row["seed"])
+        if key not in last or row["step"] > last[key]["step"]:
+            last[key] = row
+    return list(last.values())
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarize(rows: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per recipe of the final-step accuracy, FD and loss."""
+    finals = final_rows(rows)
+    names = list(order) if order else sorted({r["recipe"] for r in finals})
+    table = []
+    for name in names:
+        group = [r for r in finals if r["recipe"] == name]
+        if not group:
+            continue
+        acc, acc_sd = _mean_std([r["accuracy"] for r in group])
+        fd, fd_sd = _mean_std([r["fd"] for r in group])
+        loss, loss_sd = _mean_std([r["loss"] for r in group])
+        table.append(dict(recipe=name, mechanism=group[0]["mechanism"], seeds=len(group), step=group[0]["step"],
+                          accuracy_mean=acc, accuracy_std=acc_sd, fd_mean=fd, fd_std=fd_sd,
+                          loss_mean=loss, loss_std=loss_sd, floor=float(np.mean([r["floor"] for r in group])),
+                          train_seconds_mean=float(np.mean([r["train_seconds"] for r in group]))))
+    return table
+
+
+def markdown_table(table: Sequence[dict[str, Any]]) -> str:
+    """The summary as a markdown table (best FD in bold)."""
+    best = min((r["fd_mean"] for r in table), default=math.nan)
+    lines = ["| mechanism | seeds | steps | class accuracy (%) | digits FD (lower is better) | real-vs-real floor | final loss | train s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        fd = f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}"
+        if r["fd_mean"] == best:
+            fd = f"**{fd}**"
+        lines.append(f"| {r['mechanism']} | {r['seeds']} | {r['step']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
+                     f"| {fd} | {r['floor']:.2f} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {r['train_seconds_mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str] | None = None) -> Path:
+    """PNG of FD and accuracy vs training steps: one line per mechanism (mean over seeds, band: std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(order) if order else sorted({r["recipe"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    floor = None
+    for name in names:
+        group = [r for r in rows if r["recipe"] == name]
+        if not group:
+            continue
+        steps = sorted({r["step"] for r in group})
+        for ax, key, scale in ((axes[0], "fd", 1.0), (axes[1], "accuracy", 100.0)):
+            means, stds = [], []
+            for s in steps:
+                m, sd = _mean_std([scale * r[key] for r in group if r["step"] == s])
+                means.append(m)
+                stds.append(sd)
+            means, stds = np.array(means), np.array(stds)
+            ax.plot(steps, means, marker="o", label=group[0]["mechanism"])
+            ax.fill_between(steps, means - stds, means + stds, alpha=0.15)
+        floor = float(np.mean([r["floor"] for r in group]))
+    if floor is not None:
+        axes[0].axhline(floor, color="gray", linestyle="--", label="real-vs-real floor")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("digits FD (log scale, lower is better)")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("class accuracy of samples (%)")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Mechanism ablation on the embedded digits (mean ± std over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(rows: Sequence[dict[str, Any]], out: Path, order: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write ``runs.csv``, ``table.csv``, ``table.md`` and ``ablation.png`` from the curve rows."""
+    if not rows:
+        raise ValueError("the ablation produced no evaluations")
+    out = Path(out)
+    table = summarize(rows, order)
+    files = {"curves": out / "curves.csv", "runs": out / "runs.csv", "table_csv": out / "table.csv",
+             "table_md": out / "table.md", "plot": out / "ablation.png"}
+    _write_csv(files["curves"], rows, CURVE_FIELDS)
+    finals = final_rows(rows)
+    if order:
+        finals.sort(key=lambda r: (list(order).index(r["recipe"]), r["seed"]))
+    _write_csv(files["runs"], finals, CURVE_FIELDS)
+    _write_csv(files["table_csv"], table, list(table[0]))
+    files["table_md"].write_text(markdown_table(table))
+    plot_curves(rows, files["plot"], order)
+    return files

@@ -1,0 +1,65 @@
+"""The ablation runner on a tiny budget writes one row per recipe and seed, a table and a plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from diffit_toolkit.cli import app
+from diffit_toolkit.eval.ablation import load_suite, markdown_table, summarize
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "ablation"
+
+
+def test_shipped_suite_lists_the_five_mechanisms_with_three_seeds():
+    suite = load_suite(RECIPES / "suite.yaml")
+    assert [p.stem for p in suite.recipes] == ["tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero"]
+    assert len(suite.seeds) >= 3 and all(p.is_file() for p in suite.recipes)
+
+
+def test_ablation_runner_tiny_budget(tmp_path):
+    suite = {
+        "recipes": [str(RECIPES / "tmsa.yaml"), str(RECIPES / "adaln_zero.yaml")],
+        "seeds": [0, 1],
+        "set": ["train.max_steps=4", "train.batch_size=8", "train.warmup_steps=0", "model.hidden_size=16",
+                "model.depth=1", "model.num_heads=2"],
+        "eval": {"every": 2, "num_images": 10, "steps": 2},
+        "out": str(tmp_path / "abl"),
+    }
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    result = CliRunner().invoke(app, ["ablate", str(tmp_path / "suite.yaml")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "abl"
+    for name in ("table.md", "table.csv", "runs.csv", "curves.csv", "ablation.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert sorted((r["recipe"], r["seed"]) for r in runs) == [("adaln_zero", "0"), ("adaln_zero", "1"), ("tmsa", "0"), ("tmsa", "1")]
+    assert {r["step"] for r in runs} == {"4"}
+    curves = list(csv.DictReader((out / "curves.csv").open()))
+    assert len(curves) == 8  # steps 2 and 4 of every run
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["mechanism"] for r in table] == ["tmsa", "adaln_zero"]
+    md = (out / "table.md").read_text()
+    assert md.count("\n") == 4 and "±" in md
+    # a second call finds every (recipe, seed) done and only rewrites the reports
+    again = CliRunner().invoke(app, ["ablate", str(tmp_path / "suite.yaml")])
+    assert again.exit_code == 0 and again.output.count("already evaluated") == 4
+
+
+def test_summary_mean_and_std():
+    rows = [dict(recipe="a", mechanism="a", seed=s, step=10, accuracy=acc, fd=fd, floor=1.0, num_images=10,
+                 train_seconds=1.0, loss=0.5) for s, (acc, fd) in enumerate([(0.5, 2.0), (0.7, 4.0)])]
+    (row,) = summarize(rows)
+    assert row["accuracy_mean"] == 0.6 and row["fd_mean"] == 3.0 and abs(row["fd_std"] - 2**0.5) < 1e-12
+    assert "3.00 ± 1.41" in markdown_table([row])
+
+
+def test_bad_suite_and_missing_recipe_are_one_line_errors(tmp_path):
+    (tmp_path / "s.yaml").write_text("recipes: []\n")
+    result = CliRunner().invoke(app, ["ablate", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 2 and "recipes" in result.output
+    result = CliRunner().invoke(app, ["ablate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml" in result.output
