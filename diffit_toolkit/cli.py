@@ -67,5 +67,8 @@ for _module in _COMMAND_MODULES:
     importlib.import_module(f"diffit_toolkit.commands.{_module}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m diffit_toolkit.cli` (e.g. under torchrun)
+    # Run the imported module's app: the command modules register on it, not on this __main__ copy.
+    from diffit_toolkit.cli import main as _main
+
+    _main()

@@ -115,7 +115,9 @@ class Process:
                     _diffusers_scheduler(name.split(":", 1)[1], self.config), guided, noise, y,
                     num_inference_steps=sample.steps, generator=generator,
                 )
-            respaced = self.gaussian.respace(sample.steps)
+            # DPM-Solver++ needs steps evenly spaced in log-SNR to be accurate at 10-25 steps
+            # (docs/diffusion.md); the other samplers use ADM's even respacing.
+            respaced = self.gaussian.respace(f"logsnr{sample.steps}" if name == "dpm_solver++" else sample.steps)
             clip = sample.clip_denoised
             if name == "ddpm":
                 return ddpm_sample(respaced, guided, noise, y, generator=generator, clip_denoised=clip)

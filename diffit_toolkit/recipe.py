@@ -81,6 +81,8 @@ class TrainSection(_Section):
         sample_every: steps between EMA sample grids (0: only at the end).
         ckpt_every: steps between checkpoints (0: only at the end).
         keep_last: checkpoints kept.
+        max_bad_steps: consecutive steps with a NaN/inf loss or gradient that are skipped before
+            the run stops (with a message naming the step and the last good checkpoint).
     """
 
     batch_size: int = Field(256, gt=0)
@@ -101,6 +103,7 @@ class TrainSection(_Section):
     sample_every: int = Field(0, ge=0)
     ckpt_every: int = Field(0, ge=0)
     keep_last: int = Field(3, gt=0)
+    max_bad_steps: int = Field(10, gt=0)
 
 
 class SampleSection(_Section):
@@ -307,10 +310,18 @@ def data_config(recipe: Recipe):
             hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {', '.join(valid)})"
             raise RecipeError(f"recipe error at data.{key}: unknown key{hint}")
     try:
-        return pydantic.TypeAdapter(DataConfig).validate_python(dict(recipe.data))
+        config = pydantic.TypeAdapter(DataConfig).validate_python(dict(recipe.data))
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         raise RecipeError(_format_error({**err, "loc": ("data", *err["loc"])}, recipe.data)) from None
+    try:
+        # A data path that does not exist yet (a recipe validated on a laptop before the data
+        # are copied to the cluster) is checked when training builds the dataset.
+        if config.path is None or Path(config.path).expanduser().exists():
+            config.validate()
+    except ValueError as exc:
+        raise RecipeError(f"recipe error at data: {str(exc).strip().splitlines()[0]}") from None
+    return config
 
 
 def model_options(recipe: Recipe) -> tuple[str, str | None, dict[str, Any]]:
@@ -340,9 +351,11 @@ def build_model(recipe: Recipe, device: Any = None):
     try:
         with torch.device(device or "cpu"):
             return backbones.build(name, preset, **options)
-    except (PluginError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a recipe value must never surface as a traceback from deep inside torch
         cause = exc.__cause__ if isinstance(exc, PluginBuildError) and exc.__cause__ is not None else exc
-        message = str(cause).split("\n")[0]
+        message = str(cause).strip().split("\n")[0] or type(cause).__name__
+        if not isinstance(cause, (PluginError, ValueError, TypeError)):
+            message = f"{type(cause).__name__}: {message}"
         prefix = "" if message.startswith("recipe error") else "recipe error at model: "
         raise RecipeError(f"{prefix}{message}") from None
 

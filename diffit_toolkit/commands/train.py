@@ -53,6 +53,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
+    from diffit_toolkit.train import CheckpointError, TrainingError
     from diffit_toolkit.train import train as run
 
     overrides = list(set_ or [])
@@ -64,5 +65,11 @@ def train(
     except RecipeError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    if result.grid is not None:
+    except (TrainingError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if result.stopped_by:
+        console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
+                      f"run the same command to resume", highlight=False)
+    elif result.grid is not None:
         console.print(f"done: {result.step} steps in {result.seconds / 60:.1f} min; grid {result.grid}", highlight=False)

@@ -2,12 +2,13 @@
 
 from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffit_toolkit.train.distributed import DistEnv, setup_distributed
-from diffit_toolkit.train.trainer import TrainResult, train
+from diffit_toolkit.train.trainer import TrainingError, TrainResult, train
 
 __all__ = [
     "CheckpointError",
     "DistEnv",
     "TrainResult",
+    "TrainingError",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

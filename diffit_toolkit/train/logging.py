@@ -20,7 +20,8 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 class RunLogger:
-    """Metrics to ``metrics.jsonl`` (one line per logged step), TensorBoard scalars when the
+    """Metrics to ``metrics.jsonl`` (one line per logged step; ``loss`` is the mean since the
+    previous line), TensorBoard scalars when the
     package is installed, and a progress bar with it/s, img/s, loss and ETA. Silent off rank 0."""
 
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, batch_size: int,
@@ -30,6 +31,7 @@ class RunLogger:
         self.start_step = start_step
         self.t0 = time.perf_counter()
         self.last_log = (self.t0, start_step)
+        self.window: list[float] = []
         self.console = Console(stderr=True)
         self.metrics = None
         self.tb = None
@@ -62,11 +64,14 @@ class RunLogger:
         now = time.perf_counter()
         done = step - self.start_step
         rate = done / max(now - self.t0, 1e-9)
+        self.window.append(loss)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}",
                                  rates=f"{rate:.2f} it/s {rate * self.batch_size:.1f} img/s")
         if not log:
             return
+        loss = sum(self.window) / len(self.window)  # mean over the steps since the last line
+        self.window.clear()
         t_prev, s_prev = self.last_log
         window_rate = (step - s_prev) / max(now - t_prev, 1e-9)
         self.last_log = (now, step)

@@ -35,7 +35,7 @@ def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
 
 
 def save_loss_curve(metrics: Path, path: Path) -> Path | None:
-    """Plot the loss (raw and smoothed) from ``metrics.jsonl`` to a PNG."""
+    """Plot the logged loss from ``metrics.jsonl`` to a PNG (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +48,13 @@ def save_loss_curve(metrics: Path, path: Path) -> Path | None:
         return None
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    smooth, ema = [], losses[0]
-    for value in losses:
-        ema = 0.9 * ema + 0.1 * value
-        smooth.append(ema)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="smoothed")
+    ax.plot(steps, losses, color="tab:blue", alpha=0.4 if len(rows) > 100 else 1.0, linewidth=1.5,
+            label="loss (mean per logging window)")
+    if len(rows) > 100:  # many lines: add a centred moving average
+        k = len(rows) // 50
+        smooth = [sum(losses[max(0, i - k) : i + k + 1]) / len(losses[max(0, i - k) : i + k + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"moving average ({2 * k + 1} lines)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

@@ -8,8 +8,11 @@ run continues exactly where the stopped one was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +26,40 @@ from torch.utils.data import DataLoader
 
 from diffit_toolkit.process import build_process
 from diffit_toolkit.recipe import Recipe, RecipeError, data_config, model_options
-from diffit_toolkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffit_toolkit.interop.checkpoints import check_state_dict
+from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffit_toolkit.train.data import ResumableSampler
 from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
 from diffit_toolkit.train.logging import RunLogger
 from diffit_toolkit.train.outputs import class_grid_labels, save_grid, save_loss_curve
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, out of memory, ...); one line with what to change."""
+
+
+#: Signals that ask a run to checkpoint and stop (cluster preemption: SLURM sends SIGTERM, or
+#: SIGUSR1 with ``--signal``; ``kill`` sends SIGTERM).
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGTERM/SIGUSR1 into a flag the loop checks after each step (main thread only)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -43,6 +75,8 @@ class TrainResult:
     seconds: float = 0.0
     model: torch.nn.Module | None = None
     ema: torch.nn.Module | None = None
+    stopped_by: str | None = None
+    skipped_steps: int = 0
 
 
 def dataset_facts(dataset: Any) -> dict[str, Any]:
@@ -112,6 +146,15 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _agreed_stop(local: str | None, env: DistEnv) -> str | None:
+    """A stop request seen by any rank stops every rank at the same step."""
+    if not env.distributed:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (local or "SIGTERM") if flag.item() else None
+
+
 def _autocast(env: DistEnv, precision: str):
     if env.device.type != "cuda" or precision == "fp32":
         return torch.autocast(env.device.type, enabled=False)
@@ -166,7 +209,10 @@ def train(
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
 
-        dataset = data_config(recipe).build()
+        try:
+            dataset = data_config(recipe).build()
+        except (ValueError, OSError) as exc:
+            raise RecipeError(f"recipe error at data: {str(exc).strip().splitlines()[0]}") from None
         facts = dataset_facts(dataset)
         model = build_model_for_data(recipe, facts).to(env.device)
         ema = AveragedModel(model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
@@ -199,6 +245,10 @@ def train(
         checkpoint_path = Path(resume) if resume is not None else latest_checkpoint(run_dir)
         if checkpoint_path is not None:
             ckpt = load_checkpoint(checkpoint_path, map_location=env.device)
+            try:
+                check_state_dict(model, ckpt["model"], f"checkpoint {checkpoint_path}")
+            except ValueError as exc:
+                raise CheckpointError(f"{exc}; it was written by another model: use another output_dir or the matching recipe") from None
             model.load_state_dict(ckpt["model"])
             ema.module.load_state_dict(ckpt["ema"])
             state = ckpt["state"]
@@ -227,6 +277,9 @@ def train(
 
         def checkpoint_now() -> Path | None:
             path = None
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise TrainingError(f"weights are not finite at step {step}; not checkpointing them. "
+                                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}")
             if env.is_main:
                 state = {
                     "step": step,
@@ -244,51 +297,81 @@ def train(
         losses: list[float] = []
         last_checkpoint = None
         steps_this_run = 0
+        skipped = consecutive_bad = 0
+        stopped_by = None
         batches = iter(loader)
         model.train()
-        while step < cfg.max_steps and (stop_after is None or steps_this_run < stop_after):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                sampler.next_epoch()
-                batches = iter(loader)
-                x, y = next(batches)
-            sampler.advance()
-            x = x.to(env.device, non_blocking=True)
-            y = y.to(env.device, non_blocking=True) if facts["num_classes"] else None
-            with _autocast(env, cfg.precision):
-                loss = process.loss(train_model, x, y, generator).mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            grad_norm = None
-            if cfg.grad_clip is not None:
+        with stop_requests() as stop:
+            while step < cfg.max_steps and (stop_after is None or steps_this_run < stop_after):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    sampler.next_epoch()
+                    batches = iter(loader)
+                    x, y = next(batches)
+                sampler.advance()
+                x = x.to(env.device, non_blocking=True)
+                y = y.to(env.device, non_blocking=True) if facts["num_classes"] else None
+                try:
+                    with _autocast(env, cfg.precision):
+                        loss = process.loss(train_model, x, y, generator).mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                except torch.OutOfMemoryError:
+                    raise TrainingError(
+                        f"out of {env.device.type.upper()} memory at step {step + 1} with {per_rank} images per "
+                        f"process: lower train.batch_size, set model.grad_checkpointing: true, or use "
+                        f"train.precision: bf16"
+                    ) from None
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            ema.update_parameters(model)
-            step += 1
-            steps_this_run += 1
-
-            value = loss.detach()
-            if env.distributed:
-                dist.all_reduce(value, op=dist.ReduceOp.AVG)
-            loss_value = float(value)
-            losses.append(loss_value)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}: lower train.lr or enable train.grad_clip")
-            logger.step(step, loss_value, lr=scheduler.get_last_lr()[0],
-                        grad_norm=None if grad_norm is None else float(grad_norm), log=step % cfg.log_every == 0)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                last_checkpoint = checkpoint_now()
-            if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-                sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples" / f"step_{step:07d}.png")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                value = loss.detach().float()
+                if env.distributed:  # every rank sees the same mean loss and so agrees on a skip
+                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
+                loss_value = float(value)
+                # fp16's gradient scaler skips overflowing steps itself; any other non-finite
+                # loss or gradient skips the update here, so weights never become NaN.
+                bad = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm)))
+                step += 1
+                steps_this_run += 1
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler.is_enabled():
+                        scaler.update()
+                    skipped += 1
+                    consecutive_bad += 1
+                    logger.message(f"step {step}: non-finite loss or gradient ({loss_value}); step skipped ({skipped} so far)")
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        good = latest_checkpoint(run_dir)
+                        raise TrainingError(
+                            f"{consecutive_bad} consecutive steps up to step {step} had a non-finite loss or "
+                            f"gradient; stopping. Last good checkpoint: {good or 'none yet'}. Lower train.lr, "
+                            f"set train.grad_clip, or use bf16 instead of fp16"
+                        )
+                else:
+                    consecutive_bad = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    ema.update_parameters(model)
+                    losses.append(loss_value)
+                    logger.step(step, loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                                skipped=skipped or None, log=step % cfg.log_every == 0)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                    last_checkpoint = checkpoint_now()
+                if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+                    sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples" / f"step_{step:07d}.png")
+                    model.train()
+                requested = _agreed_stop(stop["signal"], env)
+                if requested:
+                    stopped_by = requested
+                    logger.message(f"{requested} received: checkpointing at step {step} and stopping")
+                    break
 
         if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:07d}"):
             last_checkpoint = checkpoint_now()
         result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint,
-                             model=model, ema=ema.module)
+                             model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
         if env.is_main and step >= cfg.max_steps:
             result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
             result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")

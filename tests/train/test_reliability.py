@@ -1,0 +1,272 @@
+"""Faults and bad input: nothing lost, nothing executed, every error one readable line.
+
+Each test fails if its protection is removed (see the comment on each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from diffit_toolkit.cli import app
+from diffit_toolkit.process import Process
+from diffit_toolkit.recipe import RecipeError, load_recipe, validate_recipe
+from diffit_toolkit.train import CheckpointError, TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, train
+
+TINY = {
+    "name": "tiny",
+    "model": {"backbone": "latent_diffit", "preset": None, "input_size": 8, "in_channels": 1, "patch_size": 2,
+              "hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10, "mechanism": "tmsa"},
+    "diffusion": {"process": "gaussian", "schedule": "cosine", "learn_sigma": False},
+    "data": {"kind": "digits"},
+    "train": {"batch_size": 64, "lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.9, "max_steps": 12,
+              "log_every": 1, "ckpt_every": 0, "keep_last": 50},
+    "sample": {"sampler": "ddim", "steps": 2, "num_images": 10},
+}
+
+
+def recipe_file(tmp_path: Path, run: str, **train) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["output_dir"] = str(tmp_path / run)
+    data["train"].update(train)
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def start_training(recipe: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "diffit_toolkit.cli", "train", str(recipe), "--device", "cpu", "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("training did not progress")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The reference: 60 steps without interruption (weights after the last step)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    return weights(train(load_recipe(recipe_file(tmp, "run", max_steps=60)), device="cpu", progress=False))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, straight):
+    # protection: trainer.stop_requests + the checkpoint on stop
+    recipe = recipe_file(tmp_path, "run", max_steps=60)
+    proc = start_training(recipe)
+    wait_for_steps(tmp_path / "run", 3, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    logged = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest is not None and int(newest.name.split("_")[1]) in (logged, logged + 1)  # within one step
+    assert f"stopped by {signal.Signals(sig).name}" in out
+    resumed = train(load_recipe(recipe), device="cpu", progress=False)
+    assert resumed.step == 60
+    assert_same_weights(weights(resumed), straight)
+
+
+@pytest.mark.parametrize("after_steps", [2, 5, 9])
+def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, straight):
+    # protection: atomic checkpoint folders (a kill mid-write leaves only a .tmp-* folder)
+    recipe = recipe_file(tmp_path, "run", max_steps=60, ckpt_every=1, keep_last=3)
+    proc = start_training(recipe)
+    wait_for_steps(tmp_path / "run", after_steps, proc)
+    time.sleep(0.013 * after_steps)  # land at different points of a step / a checkpoint write
+    proc.kill()
+    proc.wait()
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest is not None
+    load_checkpoint(newest)  # complete and readable
+    resumed = train(load_recipe(recipe), device="cpu", progress=False)
+    assert resumed.step == 60
+    assert_same_weights(weights(resumed), straight)
+
+
+def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
+    original = Process.loss
+    calls = {"n": 0}
+
+    def loss(self, model, x0, y, generator):
+        calls["n"] += 1
+        out = original(self, model, x0, y, generator)
+        return out * float("nan") if calls["n"] in bad_steps else out
+
+    monkeypatch.setattr(Process, "loss", loss)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    # protection: the non-finite check before the optimizer step
+    _nan_at(monkeypatch, {3, 4, 9})
+    result = train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
+    assert result.step == 12 and result.skipped_steps == 3
+    for ckpt in list_checkpoints(tmp_path / "run"):
+        for tensor in load_checkpoint(ckpt)["model"].values():
+            assert torch.isfinite(tensor).all()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 3 not in steps and 4 not in steps and 12 in steps
+
+
+def test_too_many_bad_steps_stop_with_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(6, 100)))
+    with pytest.raises(TrainingError) as err:
+        train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4, max_bad_steps=3)), device="cpu", progress=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "3 consecutive steps up to step 8" in message and "step_0000004" in message
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_0000004"]  # no NaN checkpoint
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch):
+    # protection: the OutOfMemoryError handler in the step
+    def oom(self, model, x0, y, generator):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(Process, "loss", oom)
+    result = CliRunner().invoke(app, ["train", str(recipe_file(tmp_path, "run")), "--device", "cpu", "--no-progress"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    assert "out of CPU memory at step 1 with 64 images per process: lower train.batch_size" in result.output
+    assert "model.grad_checkpointing" in result.output and "Traceback" not in result.output
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # protection: save_checkpoint writes to a temporary folder and cleans it up on error
+    from diffit_toolkit.train import checkpoint as ckpt_module
+
+    original, calls = ckpt_module.save_file, {"n": 0}
+
+    def fill_disk_on_second_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # model + ema of the first checkpoint succeed
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module, "save_file", fill_disk_on_second_checkpoint)
+    with pytest.raises(CheckpointError, match="No space left on device.*step_0000004 is intact"):
+        train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_0000004"]
+    load_checkpoint(latest_checkpoint(tmp_path / "run"))
+
+
+def test_checkpoint_of_another_architecture_lists_the_mismatched_keys(tmp_path):
+    recipe = recipe_file(tmp_path, "run", max_steps=2)
+    train(load_recipe(recipe), device="cpu", progress=False)
+    with pytest.raises(CheckpointError) as err:
+        train(load_recipe(recipe, ["model.hidden_size=48"]), device="cpu", progress=False)
+    assert "\n" not in str(err.value)
+    assert "mis-shaped" in str(err.value) and "in file vs" in str(err.value)
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
+    # protection: torch.load(weights_only=True) in load_checkpoint
+    result = train(load_recipe(recipe_file(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
+    marker = tmp_path / "pwned.txt"
+    with open(result.checkpoint / "state.pt", "wb") as f:
+        pickle.dump({"step": 1, "payload": _Exploit(marker)}, f)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        load_checkpoint(result.checkpoint)
+    assert not marker.exists()
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
+    # protection: yaml.safe_load
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(RecipeError, match="YAML syntax error"):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+def test_training_writes_only_inside_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_file(tmp_path, "run", max_steps=2)
+    before = {p for p in tmp_path.rglob("*")}
+    train(load_recipe(recipe), device="cpu", progress=False)
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(tmp_path / "run" in p.parents or p == tmp_path / "run" for p in created)
+
+
+# -- recipe fuzzing: only RecipeError, never a traceback -----------------------------------------
+
+SECTIONS = ["model", "diffusion", "data", "train", "sample", "name", "output_dir", "description", "extends", "bogus"]
+KEYS = ["backbone", "preset", "mechanism", "hidden_size", "depth", "num_heads", "patch_size", "input_size",
+        "window", "rel_pos_bias", "num_classes", "in_channels", "mechanism_options", "process", "schedule",
+        "prediction", "learn_sigma", "precond", "kind", "path", "split", "resolution", "channels", "batch_size",
+        "lr", "max_steps", "precision", "betas", "sampler", "steps", "guidance_scale", "guided_channels",
+        "guidance_interval", "channels_", "xyz", "grad_clip", "ema_decay", "mlp_ratio", "final_layer"]
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["tmsa", "adaln_zero", "latent_diffit", "image_diffit", "dit", "S/2", "cifar10", "XL/8",
+                     "digits", "gaussian", "edm", "ddim", "heun", "1e-4", "", "nope", "relative_bias", "fp16"]),
+    st.text(max_size=6),
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+                      max_leaves=8)
+RECIPES = st.dictionaries(st.sampled_from(SECTIONS), st.one_of(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), VALUES),
+                          max_size=6)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(RECIPES)
+def test_fuzzed_recipes_give_only_recipe_errors(data):
+    try:
+        validate_recipe(data)
+    except RecipeError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("recipe")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=80))
+def test_fuzzed_yaml_text_gives_only_recipe_errors(text):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(text)
+        try:
+            load_recipe(path)
+        except RecipeError as exc:
+            assert "\n" not in str(exc)
