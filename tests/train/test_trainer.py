@@ -149,3 +149,26 @@ def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["model"]["w"], torch.ones(3))
+
+
+def test_sample_and_recipe_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+
+    runner = CliRunner()
+    recipe = write_recipe(tmp_path, "run", max_steps=1)
+    shown = runner.invoke(app, ["recipe", "show", str(recipe), "--set", "train.lr=0.5"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "lr: 0.5" in shown.output
+    bad = runner.invoke(app, ["recipe", "validate", str(recipe), "--set", "train.lrr=1"], env={"COLUMNS": "300"})
+    assert bad.exit_code == 2 and "recipe error at train.lrr: unknown key; did you mean 'lr'?" in bad.output
+    assert runner.invoke(app, ["train", str(recipe), "--device", "cpu", "--no-progress"]).exit_code == 0
+    out = runner.invoke(app, ["sample", str(tmp_path / "run"), "--num", "6", "--classes", "1,2", "--steps", "2",
+                              "--npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "g.png").is_file()
+    import numpy as np
+
+    assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [1, 1, 1, 2, 2, 2]
+    missing = runner.invoke(app, ["sample", str(tmp_path / "run"), "--classes", "12", "--device", "cpu"], env={"COLUMNS": "300"})
+    assert missing.exit_code == 2 and "class 12 is not one of the model's 10 classes" in missing.output
