@@ -15,4 +15,5 @@ from diffit_plugins import (  # noqa: F401  (imported for their registrations)
     separate_token,
     time_embeddings,
     tmsa,
+    triton_attention,
 )
