@@ -62,7 +62,7 @@ def main() -> None:
 
 # Feature areas add their commands to ``app`` when imported; this stays at the bottom of the
 # module because each of them imports ``app`` from here.
-_COMMAND_MODULES: tuple[str, ...] = ("models", "data", "train", "sample", "eval")
+_COMMAND_MODULES: tuple[str, ...] = ("models", "data", "train", "sample", "eval", "bench")
 for _module in _COMMAND_MODULES:
     importlib.import_module(f"diffit_toolkit.commands.{_module}")
 
