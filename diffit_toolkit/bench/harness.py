@@ -393,16 +393,32 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     spec, diffusion, sample = _model_specs(config)
     dtype = _DTYPES[config.precision] if device.type == "cuda" else torch.float32
     probe = _build(spec, torch.device("meta"), None, config.seed)
-    head_dim = probe.cfg.hidden_size // probe.cfg.num_heads if hasattr(probe, "cfg") else 64
+    cfg = getattr(probe, "cfg", None)
+    head_dim = cfg.hidden_size // cfg.num_heads if cfg is not None and hasattr(cfg, "hidden_size") else 64
+    has_bias = bool(getattr(cfg, "rel_pos_bias", True))
     backends = config.backends if config.backends is not None else ["auto", *usable_backends(device, dtype, head_dim)]
     from diffit_toolkit.registry import attention_backends
 
+    skipped: list[dict[str, str]] = []
+    trainable = []
     for name in backends:  # unknown names fail here with the registry's one-line error
-        if name != "auto":
-            attention_backends.get(name)
+        if name == "auto":
+            trainable.append(name)
+            continue
+        entry = attention_backends.get(name)
+        reason = entry.unavailable_reason()
+        if reason is None and not entry.supports(device.type, dtype, has_bias, head_dim, True):
+            reason = f"cannot train on {device.type} {str(dtype).replace('torch.', '')} at head dim {head_dim}"
+        if reason is None:
+            trainable.append(name)
+        else:  # it would silently fall back to another backend: skip instead of mislabelling a row
+            say(f"skip training with '{name}': {reason}")
+            skipped.append({"backend": name, "reason": reason})
+    if not trainable:
+        raise ValueError(f"no requested attention backend can train on {device.type}: {skipped[0]['reason']}")
 
     train: list[dict[str, Any]] = []
-    for backend in backends:
+    for backend in trainable:
         for compiled in config.compile_modes:
             say(f"train {spec.label} backend={backend} compile={compiled}")
             train.append(train_step_bench(spec, diffusion, config, device, backend, compiled, peak))
@@ -446,5 +462,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "peak_tflops": peak,
         "model": {"label": spec.label, "backbone": spec.backbone, "preset": spec.preset, "options": spec.options},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "skipped_backends": skipped,
     }
     return {"meta": meta, "train": train, "attention": attention, "sampling": sampling, "comparison": comparison}

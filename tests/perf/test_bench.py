@@ -32,7 +32,7 @@ def _numbers(value, path="report"):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = CliRunner().invoke(app, ["bench", *TINY, "--backend", "math", "--backend", "sdpa",
+    result = CliRunner().invoke(app, ["bench", *TINY, "--backend", "math", "--backend", "sdpa", "--backend", "flex",
                                       "--attention-shape", "1,2,16,32", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "training step" in result.output and "DiffiT / DiT" in result.output
@@ -49,6 +49,8 @@ def test_report_structure(report: dict) -> None:
     assert [r["mechanism"] for r in report["sampling"]] == ["tmsa", "adaln_zero"]
     assert all(r["guided"] and r["steps"] == 2 for r in report["sampling"])
     assert report["meta"]["device"] == "cpu" and report["meta"]["peak_tflops"] is None
+    # flex has no CPU backward: skipped with its reason instead of a row that silently ran sdpa
+    assert [s["backend"] for s in report["meta"]["skipped_backends"]] == ["flex"]
     assert all(r["mfu"] is None for r in report["train"])  # CPU: no peak, MFU n/a
     assert all(r["peak_memory_kind"] == "process_rss_high_water" for r in report["train"])
 
