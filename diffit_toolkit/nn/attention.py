@@ -171,6 +171,14 @@ def relative_position_index(window: tuple[int, int]) -> Tensor:
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
 
 
+def bias_table_rows(window: tuple[int, int] | None) -> int:
+    """Rows of a Swin relative bias table over a ``wh x ww`` window, ``(2wh-1)(2ww-1)``; 0 for none."""
+    if window is None:
+        return 0
+    wh, ww = window
+    return (2 * wh - 1) * (2 * ww - 1)
+
+
 def check_window(grid: tuple[int, int], window: tuple[int, int]) -> None:
     """One-line error when ``window`` does not tile ``grid``."""
     if grid[0] % window[0] or grid[1] % window[1]:
@@ -232,8 +240,7 @@ class Attention(nn.Module):
             if self.grid is None:
                 raise ValueError("a relative position bias needs the token grid: pass grid=(H, W)")
             self.bias_window = self.window or self.grid
-            wh, ww = self.bias_window
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(bias_table_rows(self.bias_window), num_heads))
             self.register_buffer("relative_position_index", relative_position_index(self.bias_window))
         self.backend = resolve_backend(backend)
         self.reset_parameters()
@@ -250,10 +257,7 @@ class Attention(nn.Module):
     @property
     def bias_table_size(self) -> int:
         """Number of rows of the relative bias table (0 without a bias)."""
-        if self.bias_window is None:
-            return 0
-        wh, ww = self.bias_window
-        return (2 * wh - 1) * (2 * ww - 1)
+        return bias_table_rows(self.bias_window)
 
     def relative_bias(self, table_offset: Tensor | None = None) -> Tensor:
         """The dense bias ``(1 or B, heads, n, n)`` gathered from the table (plus a per-sample

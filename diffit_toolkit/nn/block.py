@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from diffit_toolkit.nn.attention import Attention, as_pair, check_window
+from diffit_toolkit.nn.attention import Attention, as_pair, bias_table_rows, check_window
 from diffit_toolkit.registry import PluginError, conditioning
 
 
@@ -96,10 +96,7 @@ class BlockSpec:
     @property
     def bias_table_size(self) -> int:
         """Rows of the relative bias table, ``(2h-1)(2w-1)`` (0 without a bias)."""
-        if self.bias_window is None:
-            return 0
-        h, w = self.bias_window
-        return (2 * h - 1) * (2 * w - 1)
+        return bias_table_rows(self.bias_window)
 
 
 @dataclass

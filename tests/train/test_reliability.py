@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -24,27 +23,6 @@ from diffit_toolkit.cli import app
 from diffit_toolkit.process import Process
 from diffit_toolkit.recipe import RecipeError, load_recipe, validate_recipe
 from diffit_toolkit.train import CheckpointError, TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, train
-
-TINY = {
-    "name": "tiny",
-    "model": {"backbone": "latent_diffit", "preset": None, "input_size": 8, "in_channels": 1, "patch_size": 2,
-              "hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10, "mechanism": "tmsa"},
-    "diffusion": {"process": "gaussian", "schedule": "cosine", "learn_sigma": False},
-    "data": {"kind": "digits"},
-    "train": {"batch_size": 64, "lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.9, "max_steps": 12,
-              "log_every": 1, "ckpt_every": 0, "keep_last": 50},
-    "sample": {"sampler": "ddim", "steps": 2, "num_images": 10},
-}
-
-
-def recipe_file(tmp_path: Path, run: str, **train) -> Path:
-    data = json.loads(json.dumps(TINY))
-    data["output_dir"] = str(tmp_path / run)
-    data["train"].update(train)
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
 
 def weights(result) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in result.model.state_dict().items()}
@@ -74,16 +52,16 @@ def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, tiny_recipe):
     """The reference: 60 steps without interruption (weights after the last step)."""
     tmp = tmp_path_factory.mktemp("straight")
-    return weights(train(load_recipe(recipe_file(tmp, "run", max_steps=60)), device="cpu", progress=False))
+    return weights(train(load_recipe(tiny_recipe(tmp, "run", max_steps=60)), device="cpu", progress=False))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, straight):
+def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, straight, tiny_recipe):
     # protection: trainer.stop_requests + the checkpoint on stop
-    recipe = recipe_file(tmp_path, "run", max_steps=60)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=60)
     proc = start_training(recipe)
     wait_for_steps(tmp_path / "run", 3, proc)
     proc.send_signal(sig)
@@ -99,9 +77,9 @@ def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_pat
 
 
 @pytest.mark.parametrize("after_steps", [2, 5, 9])
-def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, straight):
+def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, straight, tiny_recipe):
     # protection: atomic checkpoint folders (a kill mid-write leaves only a .tmp-* folder)
-    recipe = recipe_file(tmp_path, "run", max_steps=60, ckpt_every=1, keep_last=3)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=60, ckpt_every=1, keep_last=3)
     proc = start_training(recipe)
     wait_for_steps(tmp_path / "run", after_steps, proc)
     time.sleep(0.013 * after_steps)  # land at different points of a step / a checkpoint write
@@ -127,10 +105,10 @@ def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
     monkeypatch.setattr(Process, "loss", loss)
 
 
-def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, tiny_recipe):
     # protection: the non-finite check before the optimizer step
     _nan_at(monkeypatch, {3, 4, 9})
-    result = train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
+    result = train(load_recipe(tiny_recipe(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
     assert result.step == 12 and result.skipped_steps == 3
     for ckpt in list_checkpoints(tmp_path / "run"):
         for tensor in load_checkpoint(ckpt)["model"].values():
@@ -139,30 +117,30 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert 3 not in steps and 4 not in steps and 12 in steps
 
 
-def test_too_many_bad_steps_stop_with_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+def test_too_many_bad_steps_stop_with_the_step_and_last_good_checkpoint(tmp_path, monkeypatch, tiny_recipe):
     _nan_at(monkeypatch, set(range(6, 100)))
     with pytest.raises(TrainingError) as err:
-        train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4, max_bad_steps=3)), device="cpu", progress=False)
+        train(load_recipe(tiny_recipe(tmp_path, "run", ckpt_every=4, max_bad_steps=3)), device="cpu", progress=False)
     message = str(err.value)
     assert "\n" not in message
     assert "3 consecutive steps up to step 8" in message and "step_0000004" in message
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_0000004"]  # no NaN checkpoint
 
 
-def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch):
+def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, tiny_recipe):
     # protection: the OutOfMemoryError handler in the step
     def oom(self, model, x0, y, generator):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
 
     monkeypatch.setattr(Process, "loss", oom)
-    result = CliRunner().invoke(app, ["train", str(recipe_file(tmp_path, "run")), "--device", "cpu", "--no-progress"],
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe(tmp_path, "run")), "--device", "cpu", "--no-progress"],
                                 env={"COLUMNS": "300"})
     assert result.exit_code == 1
     assert "out of CPU memory at step 1 with 64 images per process: lower train.batch_size" in result.output
     assert "model.grad_checkpointing" in result.output and "Traceback" not in result.output
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_recipe):
     # protection: save_checkpoint writes to a temporary folder and cleans it up on error
     from diffit_toolkit.train import checkpoint as ckpt_module
 
@@ -176,13 +154,13 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(ckpt_module, "save_file", fill_disk_on_second_checkpoint)
     with pytest.raises(CheckpointError, match="No space left on device.*step_0000004 is intact"):
-        train(load_recipe(recipe_file(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
+        train(load_recipe(tiny_recipe(tmp_path, "run", ckpt_every=4)), device="cpu", progress=False)
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_0000004"]
     load_checkpoint(latest_checkpoint(tmp_path / "run"))
 
 
-def test_checkpoint_of_another_architecture_lists_the_mismatched_keys(tmp_path):
-    recipe = recipe_file(tmp_path, "run", max_steps=2)
+def test_checkpoint_of_another_architecture_lists_the_mismatched_keys(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, "run", max_steps=2)
     train(load_recipe(recipe), device="cpu", progress=False)
     with pytest.raises(CheckpointError) as err:
         train(load_recipe(recipe, ["model.hidden_size=48"]), device="cpu", progress=False)
@@ -198,9 +176,9 @@ class _Exploit:
         return (Path.write_text, (self.marker, "pwned"))
 
 
-def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
+def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, tiny_recipe):
     # protection: torch.load(weights_only=True) in load_checkpoint
-    result = train(load_recipe(recipe_file(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
+    result = train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
     marker = tmp_path / "pwned.txt"
     with open(result.checkpoint / "state.pt", "wb") as f:
         pickle.dump({"step": 1, "payload": _Exploit(marker)}, f)
@@ -219,9 +197,9 @@ def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_training_writes_only_inside_the_run_folder(tmp_path, monkeypatch):
+def test_training_writes_only_inside_the_run_folder(tmp_path, monkeypatch, tiny_recipe):
     monkeypatch.chdir(tmp_path)
-    recipe = recipe_file(tmp_path, "run", max_steps=2)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=2)
     before = {p for p in tmp_path.rglob("*")}
     train(load_recipe(recipe), device="cpu", progress=False)
     created = {p for p in tmp_path.rglob("*")} - before

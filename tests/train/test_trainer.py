@@ -13,41 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from diffit_toolkit.generate import load_generator, save_npz
 from diffit_toolkit.recipe import load_recipe
 from diffit_toolkit.train import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, train
-
-TINY = {
-    "name": "tiny",
-    "model": {"backbone": "latent_diffit", "preset": None, "input_size": 8, "in_channels": 1, "patch_size": 2,
-              "hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10, "mechanism": "tmsa"},
-    "diffusion": {"process": "gaussian", "schedule": "cosine", "learn_sigma": False},
-    "data": {"kind": "digits"},
-    "train": {"batch_size": 256, "lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.9,
-              "max_steps": 8, "log_every": 1, "ckpt_every": 0, "keep_last": 2},
-    "sample": {"sampler": "ddim", "steps": 4, "num_images": 20, "guidance_scale": 2.0, "clip_denoised": True},
-}
-
-
-def write_recipe(tmp_path: Path, run: str, **train_overrides) -> Path:
-    data = json.loads(json.dumps(TINY))
-    data["output_dir"] = str(tmp_path / run)
-    data["train"].update(train_overrides)
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # 5 = exactly the end of an epoch (1437 // 256 = 5 batches)
-def test_resume_equals_training_straight_through(tmp_path, stop_at):
-    straight = train(load_recipe(write_recipe(tmp_path, "straight")), device="cpu", progress=False)
-    path = write_recipe(tmp_path, "resumed")
+def test_resume_equals_training_straight_through(tmp_path, stop_at, tiny_recipe):
+    straight = train(load_recipe(tiny_recipe(tmp_path, "straight", batch_size=256, max_steps=8)), device="cpu", progress=False)
+    path = tiny_recipe(tmp_path, "resumed", batch_size=256, max_steps=8)
     first = train(load_recipe(path), device="cpu", progress=False, stop_after=stop_at)
     assert first.step == stop_at and first.grid is None
     assert [c.name for c in list_checkpoints(tmp_path / "resumed")] == [f"step_{stop_at:07d}"]
@@ -62,16 +40,16 @@ def test_resume_equals_training_straight_through(tmp_path, stop_at):
     assert straight.grid is not None and straight.grid.is_file() and straight.loss_curve.is_file()
 
 
-def test_checkpoint_contents_load_without_pickled_code(tmp_path):
-    result = train(load_recipe(write_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
+def test_checkpoint_contents_load_without_pickled_code(tmp_path, tiny_recipe):
+    result = train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt["state"]["step"] == 2 and ckpt["config"]["model"]["backbone"] == "latent_diffit"
     assert ckpt["config"]["data"]["num_classes"] == 10
     torch.load(result.checkpoint / "state.pt", weights_only=True)  # plain data only
 
 
-def test_sample_from_run_writes_grid_and_adm_npz(tmp_path):
-    train(load_recipe(write_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
+def test_sample_from_run_writes_grid_and_adm_npz(tmp_path, tiny_recipe):
+    train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
     gen = load_generator(tmp_path / "run", device="cpu")
     images, labels = gen.sample(12, gen.recipe.sample, classes=[3, 7], batch_size=5, seed=1)
     assert images.shape == (12, 1, 8, 8) and labels.tolist() == [3] * 6 + [7] * 6
@@ -93,8 +71,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
-    recipe = write_recipe(tmp_path, "ddp", max_steps=4, batch_size=64)
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tmp_path, "ddp", max_steps=4, batch_size=64)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(Path(__file__).with_name("ddp_worker.py")), str(recipe), str(tmp_path / "ddp"), str(tmp_path)]
@@ -151,13 +129,13 @@ def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["model"]["w"], torch.ones(3))
 
 
-def test_sample_and_recipe_commands(tmp_path):
+def test_sample_and_recipe_commands(tmp_path, tiny_recipe):
     from typer.testing import CliRunner
 
     from diffit_toolkit.cli import app
 
     runner = CliRunner()
-    recipe = write_recipe(tmp_path, "run", max_steps=1)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=1)
     shown = runner.invoke(app, ["recipe", "show", str(recipe), "--set", "train.lr=0.5"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "lr: 0.5" in shown.output
     bad = runner.invoke(app, ["recipe", "validate", str(recipe), "--set", "train.lrr=1"], env={"COLUMNS": "300"})
