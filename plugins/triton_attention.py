@@ -504,9 +504,19 @@ def relative_bias_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, inde
     return _GatheredBiasAttention.apply(q, k, v, table, index.to(torch.int32).contiguous(), float(scale))
 
 
+# Forward-compatible hook for the fused-gather route through ``Attention`` (docs/performance.md):
+# once ``AttentionBackend`` has a ``gathered_fn`` field, the module can hand this backend the
+# table and index instead of a dense bias. Until then the backend takes the dense bias only.
+_GATHERED = (
+    {"gathered_fn": relative_bias_attention}
+    if "gathered_fn" in getattr(AttentionBackend, "__dataclass_fields__", {})
+    else {}
+)
+
 register_attention_backend(
     "triton",
     AttentionBackend(
+        **_GATHERED,
         name="triton",
         fn=attention_triton,
         devices=frozenset({"cuda"}),

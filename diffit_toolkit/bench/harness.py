@@ -30,7 +30,7 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 
 #: Model options that define the architecture's size (kept when building the DiT counterpart).
 _SIZE_KEYS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
-              "num_classes", "learn_sigma", "time_features", "frequency_dim")
+              "num_classes", "class_dropout_prob", "learn_sigma", "time_features", "frequency_dim")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
