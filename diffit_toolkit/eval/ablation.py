@@ -270,6 +270,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str]
         floor = float(np.mean([r["floor"] for r in group]))
     if floor is not None:
         axes[0].axhline(floor, color="gray", linestyle="--", label="real-vs-real floor")
+    axes[1].axhline(10.0, color="gray", linestyle=":", label="chance (10 classes)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("training step")
     axes[0].set_ylabel("digits FD (log scale, lower is better)")

@@ -6,7 +6,6 @@ classifier's features and the small stand-in extractors of the tests.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,30 +28,28 @@ class GaussianStats:
         return cls(f.mean(axis=0), np.cov(f, rowvar=False))
 
 
-def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> float:
+def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """Frechet distance ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` between two Gaussians.
+
+    ``tr (S_a S_b)^(1/2)`` is computed as ``sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))`` with two symmetric
+    eigendecompositions: exact for any PSD pair (singular ones included) and seconds instead of a
+    minute for 2048-d Inception statistics (a general ``sqrtm`` of ``S_a S_b``).
 
     Args:
         a: First statistics.
         b: Second statistics.
-        eps: Diagonal offset added when the product of covariances is singular.
     """
     mu1, mu2 = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
     s1, s2 = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # singular products are handled just below
-        covmean = linalg.sqrtm(s1.dot(s2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    value = float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    w, v = linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ s2 @ root1
+    ev = linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    value = float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
     return max(value, 0.0)
 
 
@@ -63,7 +60,11 @@ def fd_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
     """The KID kernel ``(x.y / d + coef0) ** degree``."""
-    return (x @ y.T / x.shape[1] + coef0) ** degree
+    base = x @ y.T / x.shape[1] + coef0
+    out = base.copy()
+    for _ in range(degree - 1):  # repeated products: much faster than a float power
+        out *= base
+    return out
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
