@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -15,6 +16,15 @@ from diffit_toolkit.registry import all_registries, get_registry, plugin_failure
 
 app = typer.Typer(help="DiffiT / DiT diffusion transformers: train, sample, evaluate, extend.", no_args_is_help=True)
 console = Console()
+
+
+def exit_with_error(message: object, code: int = 1) -> NoReturn:
+    """Print ``error: <first line of message>`` unwrapped (one line whatever the terminal width)
+    and exit with ``code``: how every command reports a failure."""
+    text = str(message).strip()
+    first = text.splitlines()[0] if text else "failed"
+    console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
 
 
 def _availability(obj: object) -> str:
@@ -46,7 +56,7 @@ def plugins(kind: str = typer.Option(None, help="Only this kind (conditioning, a
             table.add_row("(none)", "", *([""] if is_backend else []), "")
         console.print(table)
     for failure in failures:
-        console.print(f"[red]error:[/red] {failure.message()}")
+        console.print(f"[red]error:[/red] {escape(failure.message())}", soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -10,7 +10,12 @@ import yaml
 from diffit_toolkit.backbones import IMAGE_PRESETS
 from diffit_toolkit.recipe import RECIPES_DIR, RecipeError, apply_overrides, build_model, load_raw, load_recipe, validate_recipe
 
-SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
+def _is_recipe(path: Path) -> bool:
+    """Recipes, not the ablation suite files (which list recipes under ``recipes:``)."""
+    return "recipes" not in (yaml.safe_load(path.read_text()) or {})
+
+
+SHIPPED = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if _is_recipe(p))
 TINY_MODEL = {"backbone": "latent_diffit", "preset": None, "input_size": 8, "in_channels": 1, "patch_size": 1,
               "hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
 DIGITS = {"kind": "digits"}
@@ -32,7 +37,7 @@ def test_ablation_recipes_differ_from_their_base_only_in_the_mechanism():
     base = load_raw(RECIPES_DIR / "ablation" / "base.yaml")
     mechanisms = set()
     for path in sorted((RECIPES_DIR / "ablation").glob("*.yaml")):
-        if path.name == "base.yaml":
+        if path.name == "base.yaml" or not _is_recipe(path):
             continue
         raw = load_raw(path)
         mechanisms.add(raw["model"]["mechanism"])

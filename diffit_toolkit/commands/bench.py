@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffit_toolkit.cli import app
+from diffit_toolkit.cli import app, exit_with_error
 
 console = Console()
 
@@ -144,8 +144,7 @@ def bench(
         )
         report = run_bench(config, progress=lambda message: console.print(f"[dim]{message}[/dim]", highlight=False))
     except (PluginError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {str(exc).strip().splitlines()[0]}", highlight=False)
-        raise typer.Exit(2) from None
+        exit_with_error(exc, 2)
     print_report(report)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from diffit_toolkit.cli import app, console
+from diffit_toolkit.cli import app, console, exit_with_error
 from diffit_toolkit.data.cache import cache_latents as _cache_latents
 from diffit_toolkit.data.image_folder import BadImageError
 from diffit_toolkit.data.vae import DEFAULT_VAE
 
 
 def _error(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, never wrapped
-    raise typer.Exit(code=1)
+    exit_with_error(message, 1)
 
 
 @app.command("cache-latents")

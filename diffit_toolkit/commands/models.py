@@ -7,13 +7,12 @@ from typing import Any
 
 import typer
 import yaml
-from rich.markup import escape
 from rich.table import Table
 
 from diffit_toolkit.backbones.image import IMAGE_PRESETS
 from diffit_toolkit.backbones.info import model_facts
 from diffit_toolkit.backbones.latent import LATENT_PRESETS
-from diffit_toolkit.cli import app, console
+from diffit_toolkit.cli import app, console, exit_with_error
 
 #: Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown.
 _LISTED: dict[str, tuple[str, list[str]]] = {
@@ -35,8 +34,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _error(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, never wrapped
-    raise typer.Exit(code=1)
+    exit_with_error(message, 1)
 
 
 @app.command("model-info")

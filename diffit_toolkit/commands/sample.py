@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.cli import app
+from diffit_toolkit.cli import app, exit_with_error
 
 console = Console()
 
@@ -56,8 +56,7 @@ def sample(
             raise ValueError(f"sampler '{settings.sampler}' does not sample the {gen.recipe.diffusion.process} process (valid: {', '.join(valid)})")
         images, labels = gen.sample(num, settings, classes=_classes(classes), batch_size=batch_size, seed=seed)
     except (CheckpointError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {str(exc).splitlines()[0]}", highlight=False)
-        raise typer.Exit(2) from None
+        exit_with_error(exc, 2)
     written = []
     if npz is not None:
         written.append(save_npz(images, labels, npz))

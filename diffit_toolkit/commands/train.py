@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from diffit_toolkit.cli import app
+from diffit_toolkit.cli import app, exit_with_error
 from diffit_toolkit.recipe import RecipeError, load_recipe
 
 console = Console()
@@ -22,8 +22,7 @@ def _load(recipe: str, overrides: list[str] | None):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        exit_with_error(exc, 2)
 
 
 @recipe_app.command("show")
@@ -63,11 +62,9 @@ def train(
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
     except RecipeError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        exit_with_error(exc, 2)
     except (TrainingError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        exit_with_error(exc, 1)
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)
