@@ -34,6 +34,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import pluggy
@@ -120,10 +121,22 @@ def _packages_to_distributions() -> dict[str, list[str]]:
 
 
 def _source_of_module(module_name: str) -> str:
-    """The distribution that provides ``module_name`` (or the module name itself)."""
+    """The installed distribution whose files hold ``module_name``, else the module name itself.
+
+    A top-level name alone is not proof (some wheels ship a stray top-level ``tests`` package),
+    so the module's file must lie inside the distribution's install location.
+    """
     top = module_name.split(".")[0]
-    dists = _packages_to_distributions().get(top)
-    return dists[0] if dists else module_name
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    for dist_name in _packages_to_distributions().get(top, []):
+        try:
+            root = Path(md.distribution(dist_name).locate_file(top)).resolve()
+        except md.PackageNotFoundError:
+            continue
+        if path is not None and root in Path(path).resolve().parents:
+            return dist_name
+    return module_name
 
 
 _loading_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -53,15 +53,15 @@ def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_recipe):
-    """The reference: 60 steps without interruption (weights after the last step)."""
+    """The reference: 30 steps without interruption (weights after the last step)."""
     tmp = tmp_path_factory.mktemp("straight")
-    return weights(train(load_recipe(tiny_recipe(tmp, "run", max_steps=60)), device="cpu", progress=False))
+    return weights(train(load_recipe(tiny_recipe(tmp, "run", max_steps=30, batch_size=32)), device="cpu", progress=False))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, straight, tiny_recipe):
     # protection: trainer.stop_requests + the checkpoint on stop
-    recipe = tiny_recipe(tmp_path, "run", max_steps=60)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32)
     proc = start_training(recipe)
     wait_for_steps(tmp_path / "run", 3, proc)
     proc.send_signal(sig)
@@ -72,14 +72,14 @@ def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_pat
     assert newest is not None and int(newest.name.split("_")[1]) in (logged, logged + 1)  # within one step
     assert f"stopped by {signal.Signals(sig).name}" in out
     resumed = train(load_recipe(recipe), device="cpu", progress=False)
-    assert resumed.step == 60
+    assert resumed.step == 30
     assert_same_weights(weights(resumed), straight)
 
 
 @pytest.mark.parametrize("after_steps", [2, 5, 9])
 def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, straight, tiny_recipe):
     # protection: atomic checkpoint folders (a kill mid-write leaves only a .tmp-* folder)
-    recipe = tiny_recipe(tmp_path, "run", max_steps=60, ckpt_every=1, keep_last=3)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32, ckpt_every=1, keep_last=3)
     proc = start_training(recipe)
     wait_for_steps(tmp_path / "run", after_steps, proc)
     time.sleep(0.013 * after_steps)  # land at different points of a step / a checkpoint write
@@ -89,7 +89,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, st
     assert newest is not None
     load_checkpoint(newest)  # complete and readable
     resumed = train(load_recipe(recipe), device="cpu", progress=False)
-    assert resumed.step == 60
+    assert resumed.step == 30
     assert_same_weights(weights(resumed), straight)
 
 
