@@ -7,14 +7,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.cli import app
+from diffit_toolkit.cli import app, exit_with_error
 
 console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message.splitlines()[0] if message else 'failed'}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    exit_with_error(message, 2)
 
 
 def _seeds(text: str | None) -> list[int] | None:
