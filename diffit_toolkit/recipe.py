@@ -260,7 +260,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _format_error(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+def _format_error(error: Mapping[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     path = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -286,7 +286,7 @@ def validate_recipe(data: Mapping[str, Any]) -> Recipe:
     try:
         recipe = Recipe.model_validate(dict(data))
     except pydantic.ValidationError as exc:
-        raise RecipeError(_format_error(exc.errors()[0], data)) from None
+        raise RecipeError(_format_error(exc.errors()[0])) from None
     check_combinations(recipe)
     return recipe
 
@@ -313,7 +313,7 @@ def data_config(recipe: Recipe):
         config = pydantic.TypeAdapter(DataConfig).validate_python(dict(recipe.data))
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        raise RecipeError(_format_error({**err, "loc": ("data", *err["loc"])}, recipe.data)) from None
+        raise RecipeError(_format_error({**err, "loc": ("data", *err["loc"])})) from None
     try:
         # A data path that does not exist yet (a recipe validated on a laptop before the data
         # are copied to the cluster) is checked when training builds the dataset.

@@ -14,15 +14,6 @@ from torchvision.utils import save_image
 MIN_GRID_CELL = 32
 
 
-def class_grid_labels(num_images: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
-    """Labels for a grid with one row per class (``num_images // num_classes`` per row), and the
-    row count; unconditional models get ``None`` and a square-ish grid."""
-    if num_classes:
-        per_class = max(1, num_images // num_classes)
-        return torch.arange(num_classes, device=device).repeat_interleave(per_class), num_classes
-    return None, max(1, int(math.sqrt(num_images)))
-
-
 def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
     """Save ``images`` (B, C, H, W) in [-1, 1] as a PNG grid with ``rows`` rows."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, 
 from diffit_toolkit.train.data import ResumableSampler
 from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
 from diffit_toolkit.train.logging import RunLogger
-from diffit_toolkit.train.outputs import class_grid_labels, save_grid, save_loss_curve
+from diffit_toolkit.train.outputs import save_loss_curve
 
 
 class TrainingError(RuntimeError):
@@ -164,20 +164,12 @@ def _autocast(env: DistEnv, precision: str):
 @torch.no_grad()
 def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device, path: Path) -> Path:
     """Sample ``recipe.sample.num_images`` images with the EMA model and save a grid (one row per
-    class for class-conditional models)."""
-    num_classes = facts["num_classes"]
-    n = recipe.sample.num_images
-    y, rows = class_grid_labels(n, num_classes, device)
-    gen = torch.Generator(device=device).manual_seed(recipe.sample.seed)
-    noise = torch.randn((y.shape[0] if y is not None else n, facts["channels"], facts["resolution"], facts["resolution"]),
-                        generator=gen, device=device)
-    null_class = getattr(model, "null_class", None)
-    x = process.sample(model, noise, y, recipe.sample, gen, null_class=null_class)
-    if facts.get("latent_scale"):
-        from diffit_toolkit.data import decode_latents, load_vae
+    class for class-conditional models), through the same path as ``diffit-toolkit sample``."""
+    from diffit_toolkit.generate import Generator, save_sample_grid  # generate imports train: import here
 
-        x = decode_latents(load_vae(facts["vae"], device=device), x, facts["latent_scale"])
-    return save_grid(x, path, rows=rows)
+    n = recipe.sample.num_images
+    images, labels = Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
+    return save_sample_grid(images, labels, path)
 
 
 def train(
