@@ -30,6 +30,7 @@ from diffit_toolkit.interop.checkpoints import check_state_dict
 from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffit_toolkit.train.data import ResumableSampler
 from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
+from diffit_toolkit.train.environment import describe_environment, exactness_differences, record_environment
 from diffit_toolkit.train.logging import RunLogger
 from diffit_toolkit.train.outputs import save_loss_curve
 
@@ -234,6 +235,8 @@ def train(
                             generator=torch.Generator().manual_seed(cfg.seed))
 
         step = 0
+        environment = describe_environment(env.device, env.world_size)
+        resumed_on_other_setup: list[str] = []
         checkpoint_path = Path(resume) if resume is not None else latest_checkpoint(run_dir)
         if checkpoint_path is not None:
             ckpt = load_checkpoint(checkpoint_path, map_location=env.device)
@@ -251,6 +254,7 @@ def train(
             sampler.load_state_dict(state["data"])
             _set_rng_state(state["rng"], generator)
             step = int(state["step"])
+            resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
 
         train_model: torch.nn.Module = model
         if env.distributed:
@@ -258,14 +262,20 @@ def train(
         if cfg.compile:
             train_model = torch.compile(train_model)
 
-        config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts}
+        config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts, "environment": environment}
         logger = RunLogger(run_dir, env.is_main, total_steps=cfg.max_steps, start_step=step,
                            batch_size=cfg.batch_size, show_progress=progress)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            record_environment(run_dir, environment, step)
             if checkpoint_path is not None:
                 logger.message(f"resumed from {checkpoint_path} at step {step}")
+            if resumed_on_other_setup:
+                logger.message(
+                    f"resuming on a different setup ({', '.join(resumed_on_other_setup)}): the run continues "
+                    f"correctly but is equal to an uninterrupted one only to float rounding, not bit for bit"
+                )
 
         def checkpoint_now() -> Path | None:
             path = None

@@ -24,20 +24,33 @@ from diffit_toolkit.process import Process
 from diffit_toolkit.recipe import RecipeError, load_recipe, validate_recipe
 from diffit_toolkit.train import CheckpointError, TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, train
 
-def weights(result) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in result.model.state_dict().items()}
-
-
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def start_training(recipe: Path) -> subprocess.Popen:
+# Every run a resume-exactness test compares (the uninterrupted reference, the interrupted run and
+# its resumption) is a subprocess with the same environment and thread count: float reductions
+# depend on the thread count and the CPU's code path, so only runs on one setup are bit-identical.
+def training_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def start_training(recipe: Path, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "diffit_toolkit.cli", "train", str(recipe), "--device", "cpu", "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=training_env(threads))
+
+
+def train_to_the_end(recipe: Path, threads: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Train (or resume) ``recipe`` in a subprocess until max_steps; the final model and EMA weights."""
+    proc = start_training(recipe, threads)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    final = load_checkpoint(latest_checkpoint(load_recipe(recipe).run_dir))
+    assert final["state"]["step"] == 30
+    assert final["config"]["environment"]["threads"] == threads
+    return {"model": final["model"], "ema": final["ema"]}
 
 
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -53,16 +66,30 @@ def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_recipe):
-    """The reference: 30 steps without interruption (weights after the last step)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    return weights(train(load_recipe(tiny_recipe(tmp, "run", max_steps=30, batch_size=32)), device="cpu", progress=False))
+    """``straight(threads)``: the reference, 30 steps without interruption, run once per thread count."""
+    done: dict[int, dict] = {}
+
+    def run(threads: int) -> dict[str, dict[str, torch.Tensor]]:
+        if threads not in done:
+            tmp = tmp_path_factory.mktemp(f"straight{threads}")
+            done[threads] = train_to_the_end(tiny_recipe(tmp, "run", max_steps=30, batch_size=32), threads)
+        return done[threads]
+
+    return run
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, straight, tiny_recipe):
+def assert_resumed_equals_straight(resumed: dict, straight: dict) -> None:
+    assert_same_weights(resumed["model"], straight["model"])
+    assert_same_weights(resumed["ema"], straight["ema"])
+
+
+# Thread counts 1 and 2 are both exercised: each interrupted run is compared with the reference
+# that ran with its own thread count.
+@pytest.mark.parametrize(("sig", "threads"), [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
+def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, threads, straight, tiny_recipe):
     # protection: trainer.stop_requests + the checkpoint on stop
     recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32)
-    proc = start_training(recipe)
+    proc = start_training(recipe, threads)
     wait_for_steps(tmp_path / "run", 3, proc)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
@@ -70,17 +97,16 @@ def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_pat
     logged = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     newest = latest_checkpoint(tmp_path / "run")
     assert newest is not None and int(newest.name.split("_")[1]) in (logged, logged + 1)  # within one step
+    assert int(newest.name.split("_")[1]) < 30  # really interrupted
     assert f"stopped by {signal.Signals(sig).name}" in out
-    resumed = train(load_recipe(recipe), device="cpu", progress=False)
-    assert resumed.step == 30
-    assert_same_weights(weights(resumed), straight)
+    assert_resumed_equals_straight(train_to_the_end(recipe, threads), straight(threads))
 
 
-@pytest.mark.parametrize("after_steps", [2, 5, 9])
-def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, straight, tiny_recipe):
+@pytest.mark.parametrize(("after_steps", "threads"), [(2, 1), (5, 2), (9, 1)])
+def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, threads, straight, tiny_recipe):
     # protection: atomic checkpoint folders (a kill mid-write leaves only a .tmp-* folder)
     recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32, ckpt_every=1, keep_last=3)
-    proc = start_training(recipe)
+    proc = start_training(recipe, threads)
     wait_for_steps(tmp_path / "run", after_steps, proc)
     time.sleep(0.013 * after_steps)  # land at different points of a step / a checkpoint write
     proc.kill()
@@ -88,9 +114,22 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, st
     newest = latest_checkpoint(tmp_path / "run")
     assert newest is not None
     load_checkpoint(newest)  # complete and readable
-    resumed = train(load_recipe(recipe), device="cpu", progress=False)
-    assert resumed.step == 30
-    assert_same_weights(weights(resumed), straight)
+    assert_resumed_equals_straight(train_to_the_end(recipe, threads), straight(threads))
+
+
+def test_the_run_folder_records_the_setup_and_a_resume_on_another_says_so(tmp_path, tiny_recipe):
+    # protection: environment.json and the exactness check on resume
+    recipe = tiny_recipe(tmp_path, "run", max_steps=4)
+    proc = start_training(recipe, 1)
+    assert proc.wait(timeout=120) == 0
+    first = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["environment"]
+    assert first["threads"] == 1 and first["device"].startswith("cpu: ") and first["torch"] == torch.__version__
+    proc = start_training(tiny_recipe(tmp_path, "run", max_steps=6), 2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "resuming on a different setup (threads 1 -> 2)" in " ".join(out.split())
+    starts = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert [(s["start_step"], s["threads"]) for s in starts] == [(0, 1), (4, 2)]
 
 
 def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
