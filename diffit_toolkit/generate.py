@@ -1,4 +1,6 @@
-"""Sampling from a trained run: checkpoint -> model + process -> images (PNG grid, ADM ``.npz``)."""
+"""Sampling from a trained model: checkpoint -> model + process -> images (PNG grid, ADM ``.npz``).
+
+Used by ``diffit-toolkit sample`` and by the trainer for its sample grids."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import numpy as np
 import torch
 
 from diffit_toolkit.backbones import build_backbone
-from diffit_toolkit.process import Process, build_process
-from diffit_toolkit.recipe import Recipe, SampleSection, validate_recipe
-from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from diffit_toolkit.train.outputs import save_grid
+from diffit_toolkit.build import build_process
+from diffit_toolkit.process import Process
+from diffit_toolkit.recipe import Recipe, SampleSection, parse_recipe
+from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint, save_grid
 
 
 @dataclass
@@ -86,8 +88,8 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     model = build_backbone(config["model"]).to(dev)
     model.load_state_dict(ckpt[weights])
     model.eval()
-    recipe = validate_recipe({**config["recipe"], "data": {}})
-    return Generator(model, build_process(recipe.diffusion), recipe, config["data"], dev)
+    recipe = parse_recipe({**config["recipe"], "data": {}})
+    return Generator(model, build_process(recipe), recipe, config["data"], dev)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

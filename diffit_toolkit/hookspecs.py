@@ -1,9 +1,19 @@
 """The pluggy hook specifications of diffit-toolkit (all hooks in one place, prefixed ``diffit_``).
 
-Every registered plugin (a conditioning mechanism, a backbone, an attention backend, ...) is held
-by pluggy as a small plugin object that implements :func:`diffit_plugin_entry`. Pluggy is used to
-*discover and hold* plugins; nothing calls a hook per training step: a recipe resolves a name to a
-plain class at build time, so ``torch.compile`` never sees a hook call.
+A *plugin module* (the built-ins in ``diffit_plugins``, an installed package named in the
+``diffit_toolkit.plugins`` entry-point group, or a module passed with ``diffit-toolkit -p``)
+implements these hooks with :data:`hookimpl`, the way a pytest plugin implements ``pytest_*``
+hooks::
+
+    from diffit_toolkit.hookspecs import hookimpl
+
+    @hookimpl
+    def diffit_register(registrar):
+        registrar.add("conditioning", "my_mechanism", MyMechanism)
+
+Hooks run when a plugin system loads (once per process, and once per isolated system in tests);
+nothing calls a hook per training step: a recipe resolves a name to a plain class at build time,
+so ``torch.compile`` never sees a hook call.
 """
 
 from __future__ import annotations
@@ -18,13 +28,14 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffit_toolkit.registry import Entry
+    from diffit_toolkit.registry import Registrar
 
 
 @hookspec
-def diffit_plugin_entry(kind: str) -> Entry | None:
-    """Return this plugin's registry entry if it is of ``kind``, else ``None``.
+def diffit_register(registrar: Registrar) -> None:
+    """Register this plugin module's entries with ``registrar.add(kind, name, obj)``.
 
-    Implemented by the registry's own entry objects; listing a kind collects the non-``None``
-    results of all plugins.
+    ``kind`` is one of the registry kinds (``conditioning``, ``backbone``, ``attention``,
+    ``time_embedding``, ``process``, ``sampler``, ``dataset``); the entries are recorded with the
+    package the module came from.
     """

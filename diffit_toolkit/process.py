@@ -1,146 +1,143 @@
-"""A recipe's diffusion process as two calls: the training loss and the sampler.
+"""Diffusion processes and samplers as plugins: the training loss, the samplers, and the map from
+a process's time variable to what guidance needs.
 
-The trainer and ``diffit-toolkit sample`` talk only to :class:`Process`; the formulas live in
-:mod:`diffit_toolkit.diffusion` and :mod:`diffit_toolkit.sampling`. A model is any callable
-``model(x, t, y)`` (``t``: the Gaussian process's original step index, EDM's ``c_noise``, or
-the flow time).
+A process (``gaussian``, ``edm``, ``flow``, or a user's) is a :class:`Process` subclass
+registered under its recipe name; a sampler is a function registered under
+``"<process>.<name>"`` (``gaussian.ddim``, ``edm.heun``, ``flow.heun``). The trainer and
+``diffit-toolkit sample`` talk only to :class:`Process`; the formulas live in
+:mod:`diffit_toolkit.diffusion` and :mod:`diffit_toolkit.sampling`, the built-in processes and
+samplers in ``diffit_plugins.processes``. A model is any callable ``model(x, t, y)`` with ``t``
+in the process's own time variable (the Gaussian step index, EDM's ``c_noise``, the flow time).
+
+Guidance works the same for every process: each one maps its ``t`` to a *noise level* in
+[0, 1] (1 at the start of sampling, pure noise; 0 at the data), and the guidance schedule and
+interval are evaluated on that level.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-from diffit_toolkit.diffusion import (
-    EDMDenoiser,
-    EDMLoss,
-    EDMPrecond,
-    GaussianDiffusion,
-    LinearFlow,
-    VELoss,
-    VEPrecond,
-    VPLoss,
-    VPPrecond,
-    create_gaussian_diffusion,
-)
-from diffit_toolkit.recipe import DiffusionSection, SampleSection
-from diffit_toolkit.sampling import (
-    ClassifierFreeGuidance,
-    GuidanceConfig,
-    ddim_sample,
-    ddpm_sample,
-    diffusers_sample,
-    dpm_solver_pp_2m_sample,
-    edm_heun_sample,
-    flow_euler_sample,
-    flow_heun_sample,
-)
+from diffit_toolkit.registry import PluginError, UnknownPluginError, processes, samplers
+from diffit_toolkit.sampling.guidance import ClassifierFreeGuidance, GuidanceConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffit_toolkit.recipe import DiffusionSection, SampleSection
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
-_MEAN_TYPES = {"eps": "epsilon", "x0": "x0", "v": "v"}
-_EDM = {"edm": (EDMPrecond, EDMLoss), "vp": (VPPrecond, VPLoss), "ve": (VEPrecond, VELoss)}
+#: ``sample.sampler: diffusers:<SchedulerClass>`` resolves to the process's ``diffusers`` sampler.
+DIFFUSERS_PREFIX = "diffusers"
 
 
-@dataclass
+class Sampler(Protocol):
+    """A registered sampler: ``sampler(process, model, noise, y, settings, generator) -> x_0``.
+
+    ``model`` is already guided; ``settings`` is the recipe's sample section (steps, eta,
+    clipping, the sampler string itself)."""
+
+    def __call__(self, process: Process, model: Model, noise: Tensor, y: Tensor | None,
+                 settings: SampleSection, generator: torch.Generator) -> Tensor: ...
+
+
 class Process:
-    """The loss and the sampler of one diffusion process (built by :func:`build_process`)."""
+    """Base class of a diffusion process plugin (built from a recipe's ``diffusion`` section).
 
-    config: DiffusionSection
+    Subclasses set :attr:`learned_variance` and implement :meth:`loss` and :meth:`noise_level`;
+    they may override :meth:`check` for option combinations only they know about.
+    """
 
-    def __post_init__(self) -> None:
-        cfg = self.config
-        if cfg.process == "gaussian":
-            self.gaussian: GaussianDiffusion = create_gaussian_diffusion(
-                noise_schedule=cfg.schedule,
-                num_timesteps=cfg.num_timesteps,
-                model_mean_type=_MEAN_TYPES[cfg.prediction],
-                learn_sigma=cfg.learn_sigma,
-            )
-        elif cfg.process == "edm":
-            precond_cls, loss_cls = _EDM[cfg.precond]
-            self.precond = precond_cls(sigma_data=cfg.sigma_data) if cfg.precond == "edm" else precond_cls()
-            self.edm_loss = loss_cls(sigma_data=cfg.sigma_data) if cfg.precond == "edm" else loss_cls()
-        else:
-            self.flow = LinearFlow()
+    #: Whether the model may output a learned variance (``model.learn_sigma``) for this process.
+    learned_variance: ClassVar[bool] = False
+
+    def __init__(self, config: DiffusionSection) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.process
+
+    @classmethod
+    def check(cls, config: DiffusionSection) -> None:
+        """Raise a one-line ``ValueError`` ("at <key>: ...; <fix>") for an invalid combination."""
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, model: Model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         """Per-sample training loss ``(B,)`` with all randomness drawn from ``generator``."""
-        process = self.config.process
-        if process == "gaussian":
-            t = self.gaussian.sample_timesteps(x0.shape[0], generator, x0.device)
-            return self.gaussian.training_losses(model, x0, t, y, generator=generator)["loss"]
-        if process == "edm":
-            return self.edm_loss(EDMDenoiser(model, self.precond), x0, y, generator=generator)
-        return self.flow.training_loss(model, x0, y, generator=generator)
+        raise NotImplementedError
 
-    # -- sampling ------------------------------------------------------------------------------
+    # -- guidance ------------------------------------------------------------------------------
+    def noise_level(self, t: Tensor) -> Tensor:
+        """The model's time input ``t`` -> noise level in [0, 1] (1: pure noise), float64."""
+        raise NotImplementedError
+
     def guided(self, model: Model, sample: SampleSection, null_class: int | None) -> Model:
         """``model`` with classifier-free guidance when the scale is not 1 and labels exist."""
         if sample.guidance_scale == 1.0 or null_class is None:
             return model
-        interval = None
-        if sample.guidance_interval is not None and self.config.process == "gaussian":
-            lo, hi = sample.guidance_interval
-            interval = (lo * self.config.num_timesteps, hi * self.config.num_timesteps)
         config = GuidanceConfig(
             scale=sample.guidance_scale,
             schedule=sample.guidance_schedule,
             power=sample.guidance_power,
-            num_timesteps=self.config.num_timesteps,
-            interval=interval,
+            interval=sample.guidance_interval,
             guided_channels=sample.guided_channels,
+            noise_level=self.noise_level,
         )
         return ClassifierFreeGuidance(model, config, null_class=null_class)
 
-    def sample(
-        self,
-        model: Model,
-        noise: Tensor,
-        y: Tensor | None,
-        sample: SampleSection,
-        generator: torch.Generator,
-        null_class: int | None = None,
-    ) -> Tensor:
+    # -- sampling ------------------------------------------------------------------------------
+    def sampler_names(self) -> list[str]:
+        """The samplers registered for this process, as recipes name them."""
+        return sampler_names(self.name)
+
+    def sample(self, model: Model, noise: Tensor, y: Tensor | None, sample: SampleSection,
+               generator: torch.Generator, null_class: int | None = None) -> Tensor:
         """Draw ``x_0`` from ``noise`` (B, C, H, W) with the recipe's sampler and guidance."""
+        sampler = resolve_sampler(self.name, sample.sampler)
         guided = self.guided(model, sample, null_class if y is not None else None)
-        process, name = self.config.process, sample.sampler
-        if process == "gaussian":
-            if name.startswith("diffusers:"):
-                return diffusers_sample(
-                    _diffusers_scheduler(name.split(":", 1)[1], self.config), guided, noise, y,
-                    num_inference_steps=sample.steps, generator=generator,
-                )
-            # DPM-Solver++ needs steps evenly spaced in log-SNR to be accurate at 10-25 steps
-            # (docs/diffusion.md); the other samplers use ADM's even respacing.
-            respaced = self.gaussian.respace(f"logsnr{sample.steps}" if name == "dpm_solver++" else sample.steps)
-            clip = sample.clip_denoised
-            if name == "ddpm":
-                return ddpm_sample(respaced, guided, noise, y, generator=generator, clip_denoised=clip)
-            if name == "ddim":
-                return ddim_sample(respaced, guided, noise, y, eta=sample.eta, generator=generator, clip_denoised=clip)
-            return dpm_solver_pp_2m_sample(respaced, guided, noise, y, clip_denoised=clip)
-        if process == "edm":
-            return edm_heun_sample(EDMDenoiser(guided, self.precond), noise, y, num_steps=sample.steps, generator=generator)
-        sampler = flow_euler_sample if name == "euler" else flow_heun_sample
-        return sampler(guided, noise, y, num_steps=sample.steps)
+        return sampler(self, guided, noise, y, sample, generator)
 
 
-def _diffusers_scheduler(class_name: str, config: DiffusionSection) -> Any:
-    import diffusers
+def sampler_names(process: str) -> list[str]:
+    """Sampler names valid for ``process`` (``diffusers:<SchedulerClass>`` for a diffusers bridge)."""
+    prefix = f"{process}."
+    names = [n[len(prefix):] for n in samplers.names() if n.startswith(prefix)]
+    return [f"{DIFFUSERS_PREFIX}:<SchedulerClass>" if n == DIFFUSERS_PREFIX else n for n in names]
 
-    cls = getattr(diffusers, class_name, None)
-    if cls is None or not hasattr(cls, "set_timesteps"):
-        raise ValueError(f"sampler 'diffusers:{class_name}': diffusers has no scheduler of that name (e.g. diffusers:DPMSolverMultistepScheduler)")
-    schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.schedule]
-    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[config.prediction]
-    return cls(num_train_timesteps=config.num_timesteps, beta_schedule=schedule, prediction_type=prediction)
+
+def resolve_sampler(process: str, sampler: str) -> Sampler:
+    """The sampler registered as ``"<process>.<sampler>"`` (``diffusers:X`` -> ``<process>.diffusers``).
+
+    Raises:
+        PluginError: one line listing the samplers of ``process``.
+    """
+    base = sampler.split(":", 1)[0] if sampler.startswith(f"{DIFFUSERS_PREFIX}:") else sampler
+    try:
+        return samplers.get(f"{process}.{base}")
+    except UnknownPluginError:
+        valid = ", ".join(sampler_names(process)) or "none registered"
+        raise PluginError(f"sampler '{sampler}' does not sample the {process} process (valid: {valid})") from None
+
+
+def process_class(name: str) -> type[Process]:
+    """The registered process class ``name`` (one-line error with "did you mean" otherwise)."""
+    return processes.get(name)
 
 
 def build_process(config: DiffusionSection) -> Process:
     """The process of a recipe's ``diffusion`` section."""
-    return Process(config)
+    return processes.build(config.process, config)
+
+
+def check_process(config: DiffusionSection, sample: SampleSection | None = None) -> type[Process]:
+    """Check a diffusion section (and the sampler that will draw from it) without building."""
+    cls = process_class(config.process)
+    cls.check(config)
+    if sample is not None:
+        resolve_sampler(config.process, sample.sampler)
+    return cls
+

@@ -11,8 +11,6 @@ Every problem is a one-line :class:`RecipeError` with the key path and a hint, e
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any, Literal
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from diffit_toolkit.errors import did_you_mean
 
 #: Where the shipped recipes live (``recipes/`` at the repository root).
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -38,8 +38,8 @@ class DiffusionSection(_Section):
     """The diffusion process.
 
     Attributes:
-        process: ``gaussian`` (ADM/DiT), ``edm`` (Karras et al.) or ``flow`` (linear-interpolant
-            flow matching).
+        process: a registered diffusion process: ``gaussian`` (ADM/DiT), ``edm`` (Karras et al.)
+            or ``flow`` (linear-interpolant flow matching); see ``diffit-toolkit plugins``.
         schedule: Gaussian beta schedule, ``linear`` or ``cosine``.
         num_timesteps: Gaussian training steps (1000).
         prediction: Gaussian model output, ``eps``, ``x0`` or ``v``.
@@ -49,7 +49,7 @@ class DiffusionSection(_Section):
         sigma_data: EDM data standard deviation.
     """
 
-    process: Literal["gaussian", "edm", "flow"] = "gaussian"
+    process: str = "gaussian"
     schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = Field(1000, gt=0)
     prediction: Literal["eps", "x0", "v"] = "eps"
@@ -110,15 +110,16 @@ class SampleSection(_Section):
     """Sampling and guidance (used for the grids during training and by ``diffit-toolkit sample``).
 
     Attributes:
-        sampler: ``ddpm``, ``ddim``, ``dpm_solver++`` (Gaussian), ``heun`` (EDM), ``euler`` /
-            ``heun`` (flow).
+        sampler: a sampler registered for the process: ``ddpm``, ``ddim``, ``dpm_solver++``,
+            ``diffusers:<SchedulerClass>`` (Gaussian), ``heun`` (EDM), ``euler`` / ``heun`` (flow).
         steps: sampling steps (Gaussian: respaced steps of the training schedule).
         eta: DDIM stochasticity.
         guidance_scale: classifier-free guidance scale (1: off).
         guidance_schedule: ``constant`` or ``power_cosine`` (DiffiT at 256 px).
         guidance_power: exponent ``p`` of the power-cosine schedule.
         guided_channels: guide only the first k output channels (DiffiT/DiT: 3 of 4); ``null``: all.
-        guidance_interval: apply guidance only for t in [lo, hi] (fractions of the schedule).
+        guidance_interval: guide only at noise levels in [lo, hi] (1: pure noise, 0: data; for
+            every process, about that fraction of the sampling steps).
         num_images: images in a sample grid.
         clip_denoised: clip the Gaussian samplers' x_0 estimate to [-1, 1] (pixel data; not latents).
         seed: sampling seed.
@@ -260,7 +261,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _format_error(error: Mapping[str, Any]) -> str:
+def format_validation_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``recipe error at <key path>: <message>``."""
     loc = [str(p) for p in error["loc"]]
     path = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -272,116 +274,25 @@ def _format_error(error: Mapping[str, Any]) -> str:
             if section_model is None:
                 break
         valid = list(section_model.model_fields) if section_model else []
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else (f" (valid: {', '.join(valid)})" if valid else "")
+        hint = did_you_mean(loc[-1], valid) or (f" (valid: {', '.join(valid)})" if valid else "")
         return f"recipe error at {path}: unknown key{hint}"
     value = error.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
     return f"recipe error at {path}: {error['msg'][0].lower() + error['msg'][1:]} (got {shown})"
 
 
-def validate_recipe(data: Mapping[str, Any]) -> Recipe:
-    """Validate a raw recipe dict into a :class:`Recipe` (types, unknown keys, value ranges) and
-    check the combinations that only the built parts can (model shape vs data, windows, heads)."""
+def parse_recipe(data: Mapping[str, Any]) -> Recipe:
+    """Type-check a raw recipe dict into a :class:`Recipe` (types, unknown keys, value ranges).
+
+    What only the built parts can check (model shapes, process and sampler, data) is
+    :func:`diffit_toolkit.build.check_recipe`; ``diffit_toolkit.build.load_recipe`` does both.
+    """
     try:
-        recipe = Recipe.model_validate(dict(data))
+        return Recipe.model_validate(dict(data))
     except pydantic.ValidationError as exc:
-        raise RecipeError(_format_error(exc.errors()[0])) from None
-    check_combinations(recipe)
-    return recipe
+        raise RecipeError(format_validation_error(exc.errors()[0])) from None
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load, compose (``extends``), override (``--set``) and validate a recipe."""
-    return validate_recipe(apply_overrides(load_raw(path), overrides))
-
-
-# -- combinations ------------------------------------------------------------------------------
-
-
-def data_config(recipe: Recipe):
-    """The recipe's data section as the data package's typed config (unknown keys are errors)."""
-    from diffit_toolkit.data import DataConfig
-
-    valid = [f.name for f in dataclasses.fields(DataConfig)]
-    for key in recipe.data:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {', '.join(valid)})"
-            raise RecipeError(f"recipe error at data.{key}: unknown key{hint}")
-    try:
-        config = pydantic.TypeAdapter(DataConfig).validate_python(dict(recipe.data))
-    except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        raise RecipeError(_format_error({**err, "loc": ("data", *err["loc"])})) from None
-    try:
-        # A data path that does not exist yet (a recipe validated on a laptop before the data
-        # are copied to the cluster) is checked when training builds the dataset.
-        if config.path is None or Path(config.path).expanduser().exists():
-            config.validate()
-    except ValueError as exc:
-        raise RecipeError(f"recipe error at data: {str(exc).strip().splitlines()[0]}") from None
-    return config
-
-
-def model_options(recipe: Recipe) -> tuple[str, str | None, dict[str, Any]]:
-    """``(backbone name, preset, options)`` from the model section."""
-    options = dict(recipe.model)
-    backbone = options.pop("backbone", "latent_diffit")
-    preset = options.pop("preset", None)
-    if recipe.diffusion.process == "gaussian":
-        options.setdefault("learn_sigma", recipe.diffusion.learn_sigma)
-    elif options.get("learn_sigma"):
-        raise RecipeError(
-            f"recipe error at model.learn_sigma: the {recipe.diffusion.process} process does not use a "
-            f"learned variance; set model.learn_sigma: false"
-        )
-    else:
-        options["learn_sigma"] = False
-    return backbone, preset, options
-
-
-def build_model(recipe: Recipe, device: Any = None):
-    """Build the recipe's backbone (on ``device``; ``"meta"`` to check shapes without memory)."""
-    import torch
-
-    from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
-
-    name, preset, options = model_options(recipe)
-    try:
-        with torch.device(device or "cpu"):
-            return backbones.build(name, preset, **options)
-    except Exception as exc:  # a recipe value must never surface as a traceback from deep inside torch
-        cause = exc.__cause__ if isinstance(exc, PluginBuildError) and exc.__cause__ is not None else exc
-        message = str(cause).strip().split("\n")[0] or type(cause).__name__
-        if not isinstance(cause, (PluginError, ValueError, TypeError)):
-            message = f"{type(cause).__name__}: {message}"
-        prefix = "" if message.startswith("recipe error") else "recipe error at model: "
-        raise RecipeError(f"{prefix}{message}") from None
-
-
-def check_combinations(recipe: Recipe) -> None:
-    """Cross-section checks: the model builds (on the meta device), the data section is valid,
-    and the sampler fits the process."""
-    if recipe.diffusion.learn_sigma and recipe.diffusion.prediction != "eps" and recipe.diffusion.process == "gaussian":
-        raise RecipeError(
-            "recipe error at diffusion.learn_sigma: the learned variance is trained with epsilon "
-            "prediction; set diffusion.prediction: eps or diffusion.learn_sigma: false"
-        )
-    valid_samplers = SAMPLERS[recipe.diffusion.process]
-    if recipe.sample.sampler not in valid_samplers and not recipe.sample.sampler.startswith("diffusers:"):
-        raise RecipeError(
-            f"recipe error at sample.sampler: '{recipe.sample.sampler}' does not sample the "
-            f"{recipe.diffusion.process} process (valid: {', '.join(valid_samplers)})"
-        )
-    if recipe.data:
-        data_config(recipe)
-    build_model(recipe, "meta")
-
-
-#: Samplers per diffusion process (``diffusers:<SchedulerClass>`` drives the Gaussian process too).
-SAMPLERS: dict[str, tuple[str, ...]] = {
-    "gaussian": ("ddpm", "ddim", "dpm_solver++"),
-    "edm": ("heun",),
-    "flow": ("euler", "heun"),
-}
+def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, compose (``extends``), override (``--set``) and type-check a recipe file."""
+    return parse_recipe(apply_overrides(load_raw(path), overrides))

@@ -1,19 +1,22 @@
-"""One string-keyed registry per plugin kind, held by pluggy, filled through a public decorator.
+"""One string-keyed registry per plugin kind: plain dicts, filled by pluggy hooks and decorators.
 
 A *plugin* is anything a recipe can name: a conditioning mechanism, a backbone, an attention
-backend, a time embedding (more kinds come with later features; :class:`Registry` is generic).
-Built-in plugins live in the top-level ``plugins/`` folder (installed as ``diffit_plugins``) and
-reach the registry exactly like a third party's: through the ``diffit_toolkit.plugins``
-entry-point group, whose modules call the public ``register_*`` functions when imported.
+backend, a time embedding, a diffusion process, a sampler, a dataset kind. Plugins reach the
+registries in two ways, both public:
 
-User code registers the same way, with a decorator or a plain call::
+* **plugin modules** implement the :func:`~diffit_toolkit.hookspecs.diffit_register` hook. The
+  built-ins (``plugins/``, installed as ``diffit_plugins``) and installed packages are found
+  through the ``diffit_toolkit.plugins`` entry-point group (pluggy's
+  ``load_setuptools_entrypoints``, as pytest finds its plugins); a module named with
+  ``diffit-toolkit -p MODULE`` or in ``DIFFIT_TOOLKIT_PLUGINS`` is loaded the same way.
+* **decorators** (``register_conditioning`` and friends) for scripts and notebooks::
 
-    from diffit_toolkit import register_conditioning
+      from diffit_toolkit import register_conditioning
 
-    @register_conditioning("my_mechanism")
-    class MyMechanism(ConditioningMechanism): ...
+      @register_conditioning("my_mechanism")
+      class MyMechanism(ConditioningMechanism): ...
 
-    register_conditioning("other_name", MyMechanism)   # plain call
+      register_conditioning("other_name", MyMechanism)   # plain call
 
 Every error is one line that names the plugin: a duplicate name, an unknown name (with a
 "did you mean"), an installed plugin whose import raises (recorded, warned once; the rest keep
@@ -24,34 +27,43 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
 import functools
 import importlib
 import importlib.metadata as md
+import importlib.util
 import inspect
+import os
 import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar, overload
 
 import pluggy
 
 from diffit_toolkit import hookspecs
-from diffit_toolkit.hookspecs import PROJECT, hookimpl
+from diffit_toolkit.errors import did_you_mean, one_line
+from diffit_toolkit.hookspecs import PROJECT
 
 ENTRY_POINT_GROUP = "diffit_toolkit.plugins"
 DISTRIBUTION = "diffit-toolkit"
 BUILTIN_MODULE = "diffit_plugins"
+#: Comma-separated plugin modules (names or ``.py`` paths) loaded into every plugin system,
+#: like pytest's ``PYTEST_PLUGINS``; ``diffit-toolkit -p`` sets it for the processes it starts.
+PLUGINS_ENV = "DIFFIT_TOOLKIT_PLUGINS"
 
-#: Human-readable label of each known kind, used in messages ("unknown attention backend ...").
+#: Human-readable label of each kind, used in messages ("unknown attention backend ...").
 KIND_LABELS: dict[str, str] = {
     "conditioning": "conditioning mechanism",
     "backbone": "backbone",
     "attention": "attention backend",
     "time_embedding": "time embedding",
+    "process": "diffusion process",
+    "sampler": "sampler",
+    "dataset": "dataset kind",
 }
 
 T = TypeVar("T")
@@ -90,10 +102,6 @@ class Entry:
         match = re.search(r"\.\s+(?=[A-Z])", paragraph)
         return paragraph[: match.start() + 1] if match else paragraph
 
-    @hookimpl
-    def diffit_plugin_entry(self, kind: str) -> Entry | None:
-        return self if kind == self.kind else None
-
 
 @dataclass(frozen=True)
 class PluginFailure:
@@ -110,9 +118,18 @@ class PluginFailure:
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+class Registrar:
+    """What a :func:`~diffit_toolkit.hookspecs.diffit_register` hook receives: ``add`` records
+    entries in one plugin system, attributed to the package the hook's module came from."""
+
+    def __init__(self, system: PluginSystem, source: str) -> None:
+        self._system = system
+        self.source = source
+
+    def add(self, kind: str, name: str, obj: Any) -> Any:
+        """Register ``obj`` as the ``kind`` plugin ``name``; returns ``obj``."""
+        self._system.add(Entry(kind, name, obj, self.source))
+        return obj
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,36 +156,34 @@ def _source_of_module(module_name: str) -> str:
     return module_name
 
 
-_loading_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "diffit_loading_source", default=None
-)
+#: The package whose plugin module is being imported (decorators called during that import
+#: are attributed to it).
+_loading_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffit_loading_source", default=None)
 
 
-def _caller_module() -> str:
-    """Name of the first module on the stack outside this one (the registering code)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None and frame.f_globals.get("__name__") == __name__:
-            frame = frame.f_back
-        return frame.f_globals.get("__name__", "__main__") if frame else "__main__"
-    finally:
-        del frame
-
-
-def _caller_source() -> str:
-    """Source package of the code that called a ``register`` function."""
-    during_load = _loading_source.get()
-    return during_load if during_load is not None else _source_of_module(_caller_module())
-
-
-#: Every registration made by a module, by module name. A module runs its registrations once
-#: (on first import); a plugin system created later replays them when it loads that module's
-#: entry point, so every system sees the same plugins.
-_registrations_by_module: dict[str, list[Entry]] = {}
+def _import_user_module(target: str) -> ModuleType:
+    """Import a module by dotted name, or a ``.py`` file by path (as module ``<stem>``)."""
+    path = Path(target)
+    if target.endswith(".py"):
+        if not path.is_file():
+            raise PluginError(f"plugin file '{target}' does not exist: check the path")
+        name = path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a spec
+            raise PluginError(f"plugin file '{target}' cannot be imported")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    return importlib.import_module(target)
 
 
 class PluginSystem:
-    """The pluggy plugin manager and the discovery state behind every :class:`Registry`.
+    """The pluggy plugin manager and the registries' tables.
 
     The process uses one (``current_system()``); tests swap in a fresh one with
     :func:`use_plugin_system` to stay isolated from each other.
@@ -177,6 +192,7 @@ class PluginSystem:
     def __init__(self, *, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.tables: dict[str, dict[str, Entry]] = {}
         self.failures: list[PluginFailure] = []
         self._load_entry_points = load_entry_points
         self._loaded = False
@@ -184,49 +200,71 @@ class PluginSystem:
 
     # -- discovery ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
-        """Import every module of the entry-point group once (lazily, on first use)."""
+        """Load the built-ins, every installed entry point and ``DIFFIT_TOOLKIT_PLUGINS`` once
+        (lazily, on first use)."""
         if self._loaded or self._loading or not self._load_entry_points:
             return
         self._loading = True
         try:
             eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
-            own = [ep for ep in eps if ep.dist is not None and ep.dist.name == DISTRIBUTION]
-            if not own:  # running from a source tree without installation
-                self._import_plugin_module(BUILTIN_MODULE, "builtin", DISTRIBUTION)
+            if not any(ep.dist is not None and ep.dist.name == DISTRIBUTION for ep in eps):
+                self.load_module(BUILTIN_MODULE, source=DISTRIBUTION)  # a source tree, not installed
             for ep in eps:
-                source = ep.dist.name if ep.dist is not None else ep.value
-                self._import_plugin_module(ep.value, ep.name, source)
+                self._load_entry_point(ep)
+            for target in filter(None, (t.strip() for t in os.environ.get(PLUGINS_ENV, "").split(","))):
+                self.load_module(target)
         finally:
             self._loading = False
             self._loaded = True
 
-    def _import_plugin_module(self, target: str, ep_name: str, source: str) -> None:
-        module_name, _, attr = target.partition(":")
+    def _load_entry_point(self, ep: md.EntryPoint) -> None:
+        source = ep.dist.name if ep.dist is not None else ep.value
         token = _loading_source.set(source)
         try:
-            if module_name in sys.modules:  # imported before: replay what it registered
-                for logged_module, entries in list(_registrations_by_module.items()):
-                    if logged_module == module_name or logged_module.startswith(module_name + "."):
-                        for entry in entries:
-                            self.add(Entry(entry.kind, entry.name, entry.obj, source))
-            module = importlib.import_module(module_name)
-            if attr:
-                functools.reduce(getattr, attr.split("."), module)
+            self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            failure = PluginFailure(ep_name, source, _one_line(exc))
+            failure = PluginFailure(ep.name, source, one_line(exc))
             self.failures.append(failure)
-            warnings.warn(failure.message(), RuntimeWarning, stacklevel=2)
+            warnings.warn(failure.message(), RuntimeWarning, stacklevel=3)
+            return
         finally:
             _loading_source.reset(token)
+        plugin = self.pm.get_plugin(ep.name)
+        if plugin is not None:
+            self._call_register(plugin, source)
+
+    def load_module(self, target: str, source: str | None = None) -> ModuleType:
+        """Import a plugin module (dotted name or ``.py`` path), register it with pluggy and run
+        its ``diffit_register`` hook; decorators it calls while importing register too.
+
+        Raises:
+            PluginError: one line naming the module when it cannot be imported.
+        """
+        token = _loading_source.set(source or (Path(target).stem if target.endswith(".py") else target))
+        try:
+            module = _import_user_module(target)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin module '{target}' failed to import ({one_line(exc)}); fix it or drop it from -p / {PLUGINS_ENV}") from None
+        finally:
+            _loading_source.reset(token)
+        if self.pm.is_registered(module):
+            return module
+        self.pm.register(module, name=module.__name__)
+        self._call_register(module, source or _source_of_module(module.__name__))
+        return module
+
+    def _call_register(self, plugin: object, source: str) -> None:
+        registrar = Registrar(self, source)
+        for impl in self.pm.hook.diffit_register.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(registrar=registrar)
 
     # -- entries -------------------------------------------------------------------------------
-    @staticmethod
-    def _key(kind: str, name: str) -> str:
-        return f"{kind}:{name}"
-
     def add(self, entry: Entry) -> None:
-        key = self._key(entry.kind, entry.name)
-        existing = self.pm.get_plugin(key)
+        table = self.tables.setdefault(entry.kind, {})
+        existing = table.get(entry.name)
         if existing is not None:
             if existing.obj is entry.obj:  # the same module imported twice: nothing to do
                 return
@@ -235,21 +273,18 @@ class PluginSystem:
                 f"{label} '{entry.name}' from '{entry.source}' is already registered by "
                 f"'{existing.source}'; register it under another name"
             )
-        self.pm.register(entry, name=key)
+        table[entry.name] = entry
 
     def remove(self, kind: str, name: str) -> None:
-        plugin = self.pm.get_plugin(self._key(kind, name))
-        if plugin is not None:
-            self.pm.unregister(plugin)
+        self.tables.get(kind, {}).pop(name, None)
 
     def entries(self, kind: str) -> list[Entry]:
         self.ensure_loaded()
-        found = self.pm.hook.diffit_plugin_entry(kind=kind)
-        return sorted(found, key=lambda e: e.name)
+        return sorted(self.tables.get(kind, {}).values(), key=lambda e: e.name)
 
     def lookup(self, kind: str, name: str) -> Entry | None:
         self.ensure_loaded()
-        return self.pm.get_plugin(self._key(kind, name))
+        return self.tables.get(kind, {}).get(name)
 
 
 _current = PluginSystem()
@@ -269,6 +304,18 @@ def use_plugin_system(system: PluginSystem) -> Iterator[PluginSystem]:
         yield system
     finally:
         _current = previous
+
+
+def load_plugin_modules(targets: list[str]) -> None:
+    """Load user plugin modules (dotted names or ``.py`` paths) into the current system and into
+    every process this one starts (through ``DIFFIT_TOOLKIT_PLUGINS``)."""
+    system = current_system()
+    system.ensure_loaded()
+    for target in targets:
+        system.load_module(target)
+    if targets:
+        known = [t for t in os.environ.get(PLUGINS_ENV, "").split(",") if t.strip()]
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([*known, *targets]))
 
 
 class Registry:
@@ -294,20 +341,18 @@ class Registry:
         """Register ``obj`` under ``name``; without ``obj`` return a decorator.
 
         ``name`` defaults to the object's ``name`` attribute or its ``__name__``. The source
-        package is recorded: the distribution whose entry point is being loaded, else the
-        package of the calling module.
+        package is recorded: the package whose plugin module is being loaded, else the
+        distribution (or module) that defines ``obj``.
         """
-        src = source or _caller_source()
 
         def _do(target: T) -> T:
             key = name or getattr(target, "name", None) or getattr(target, "__name__", None)
             if not isinstance(key, str) or not key:
                 raise PluginError(f"cannot register {target!r} as a {self.label}: give it a name")
+            src = source or _loading_source.get() or _source_of_module(getattr(target, "__module__", "__main__"))
             system = current_system()
             system.ensure_loaded()  # built-ins first, so a clash names the user's plugin
-            entry = Entry(self.kind, key, target, src)
-            system.add(entry)
-            _registrations_by_module.setdefault(_caller_module(), []).append(entry)
+            system.add(Entry(self.kind, key, target, src))
             return target
 
         if obj is not None:
@@ -336,13 +381,9 @@ class Registry:
         if found is not None:
             return found
         names = self.names()
-        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
         listing = ", ".join(names) if names else "none registered"
         broken = "".join(f"; note: {f.message()}" for f in system.failures)
-        raise UnknownPluginError(
-            f"unknown {self.label} '{name}'{hint} (available: {listing}){broken}"
-        )
+        raise UnknownPluginError(f"unknown {self.label} '{name}'{did_you_mean(name, names)} (available: {listing}){broken}")
 
     def get(self, name: str) -> Any:
         """The registered object for ``name``."""
@@ -357,23 +398,24 @@ class Registry:
         except PluginError:
             raise
         except Exception as exc:
-            raise PluginBuildError(
-                f"building {self.label} '{name}' (from '{entry.source}') failed: {_one_line(exc)}"
-            ) from exc
+            raise PluginBuildError(f"building {self.label} '{name}' (from '{entry.source}') failed: {one_line(exc)}") from exc
 
 
 conditioning = Registry("conditioning")
 backbones = Registry("backbone")
 attention_backends = Registry("attention")
 time_embeddings = Registry("time_embedding")
+processes = Registry("process")
+samplers = Registry("sampler")
+datasets = Registry("dataset")
 
 _REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (conditioning, backbones, attention_backends, time_embeddings)
+    r.kind: r for r in (conditioning, backbones, attention_backends, time_embeddings, processes, samplers, datasets)
 }
 
 
 def get_registry(kind: str) -> Registry:
-    """The registry of ``kind``, created on first use for kinds added by later features."""
+    """The registry of ``kind``, created on first use for kinds added by plugins."""
     if kind not in _REGISTRIES:
         _REGISTRIES[kind] = Registry(kind)
     return _REGISTRIES[kind]
@@ -390,23 +432,20 @@ def plugin_failures() -> list[PluginFailure]:
     return list(current_system().failures)
 
 
-def register_conditioning(name: str | None = None, obj: Any = None):
-    """Register a conditioning mechanism (a :class:`~diffit_toolkit.nn.mechanism.ConditioningMechanism`
-    subclass); works as ``@register_conditioning("name")`` and as ``register_conditioning("name", cls)``."""
-    return conditioning.register(name, obj, source=_caller_source())
+def _decorator(registry: Registry, doc: str):
+    def register(name: str | None = None, obj: Any = None):
+        return registry.register(name, obj)
+
+    register.__doc__ = doc
+    return register
 
 
-def register_backbone(name: str | None = None, obj: Any = None):
-    """Register a backbone factory (decorator or plain call)."""
-    return backbones.register(name, obj, source=_caller_source())
-
-
-def register_attention_backend(name: str | None = None, obj: Any = None):
-    """Register an :class:`~diffit_toolkit.nn.attention.AttentionBackend` (decorator or plain call)."""
-    return attention_backends.register(name, obj, source=_caller_source())
-
-
-def register_time_embedding(name: str | None = None, obj: Any = None):
-    """Register a time-embedding module class (decorator or plain call)."""
-    return time_embeddings.register(name, obj, source=_caller_source())
-
+register_conditioning = _decorator(conditioning, """Register a conditioning mechanism (a
+:class:`~diffit_toolkit.nn.block.ConditioningMechanism` subclass); works as
+``@register_conditioning("name")`` and as ``register_conditioning("name", cls)``.""")
+register_backbone = _decorator(backbones, "Register a backbone factory ``(preset, **options) -> nn.Module`` (decorator or plain call).")
+register_attention_backend = _decorator(attention_backends, "Register an :class:`~diffit_toolkit.nn.attention.AttentionBackend` (decorator or plain call).")
+register_time_embedding = _decorator(time_embeddings, "Register a time-embedding module class (decorator or plain call).")
+register_process = _decorator(processes, "Register a diffusion process class (a :class:`~diffit_toolkit.process.Process` subclass).")
+register_sampler = _decorator(samplers, "Register a sampler (a :class:`~diffit_toolkit.process.Sampler`) under ``'<process>.<name>'``.")
+register_dataset = _decorator(datasets, "Register a dataset kind (a :class:`~diffit_toolkit.data.config.DatasetKind`).")

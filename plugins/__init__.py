@@ -1,19 +1,31 @@
 """The built-in plugins of diffit-toolkit, registered exactly like a third party's.
 
 This package (installed as ``diffit_plugins``) is the target of the ``builtin`` entry point in
-the ``diffit_toolkit.plugins`` group; importing it registers every built-in mechanism,
-attention backend and time embedding through the public ``register_*`` functions.
+the ``diffit_toolkit.plugins`` group. Each module implements the ``diffit_register`` hook; the
+package's hook runs them all.
 """
 
-from diffit_plugins import (  # noqa: F401  (imported for their registrations)
-    additive,
+from diffit_plugins import (
     adaln_zero,
+    additive,
     attention_backends,
     backbones,
+    datasets,
     mlp,
+    processes,
     relative_bias,
     separate_token,
     time_embeddings,
     tmsa,
     triton_attention,
 )
+from diffit_toolkit.hookspecs import hookimpl
+
+MODULES = (adaln_zero, additive, attention_backends, backbones, datasets, mlp, processes, relative_bias,
+           separate_token, time_embeddings, tmsa, triton_attention)
+
+
+@hookimpl
+def diffit_register(registrar):
+    for module in MODULES:
+        module.diffit_register(registrar)

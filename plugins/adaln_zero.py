@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("adaln_zero")
 class AdaLNZero(ConditioningMechanism):
     """adaLN-Zero (DiT, Peebles & Xie 2023, Sec. 3.2): ``SiLU -> Linear(cond_dim, 6 dim)`` regresses
     shift, scale and gate for the attention and the MLP branch; ``LN(x) * (1 + scale) + shift``
@@ -34,3 +33,8 @@ class AdaLNZero(ConditioningMechanism):
             scale_mlp=scale_m,
             gate_mlp=gate_m,
         )
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "adaln_zero", AdaLNZero)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("additive")
 class Additive(ConditioningMechanism):
     """Projected, scaled and added to the tokens (DiffiT Table 4, configs A-C: "the projected
     temporal component is adaptively scaled and simply added to the spatial component").
@@ -28,3 +27,8 @@ class Additive(ConditioningMechanism):
 
     def forward(self, c: Tensor) -> Injection:
         return Injection(tokens=(self.gamma * self.add_temb(c))[:, None])  # (B, 1, D)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "additive", Additive)

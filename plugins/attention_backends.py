@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffit_toolkit import register_attention_backend
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.attention import MATH_BACKEND, AttentionBackend
-
-register_attention_backend("math", MATH_BACKEND)
 
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -26,15 +24,12 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-register_attention_backend(
-    "sdpa",
-    AttentionBackend(
-        name="sdpa",
-        fn=attention_sdpa,
-        devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
-        auto_priority=10,
-        description="torch scaled_dot_product_attention (flash/cuDNN without bias, memory-efficient with).",
-    ),
+SDPA_BACKEND = AttentionBackend(
+    name="sdpa",
+    fn=attention_sdpa,
+    devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+    auto_priority=10,
+    description="torch scaled_dot_product_attention (flash/cuDNN without bias, memory-efficient with).",
 )
 
 
@@ -76,15 +71,12 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: 
     return kernel(q, k, v, score_mod=score_mod, scale=scale)
 
 
-register_attention_backend(
-    "flex",
-    AttentionBackend(
-        name="flex",
-        fn=attention_flex,
-        availability=_flex_unavailable,
-        backward_devices=frozenset({"cuda"}),  # torch has no FlexAttention backward on CPU
-        description="torch FlexAttention, bias in a score_mod (compiled on CUDA, eager elsewhere).",
-    ),
+FLEX_BACKEND = AttentionBackend(
+    name="flex",
+    fn=attention_flex,
+    availability=_flex_unavailable,
+    backward_devices=frozenset({"cuda"}),  # torch has no FlexAttention backward on CPU
+    description="torch FlexAttention, bias in a score_mod (compiled on CUDA, eager elsewhere).",
 )
 
 
@@ -122,14 +114,19 @@ def attention_xformers(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sca
     return out.transpose(1, 2)
 
 
-register_attention_backend(
-    "xformers",
-    AttentionBackend(
-        name="xformers",
-        fn=attention_xformers,
-        devices=frozenset({"cuda"}),
-        availability=_xformers_unavailable,
-        auto_priority=5,
-        description="xformers memory_efficient_attention (optional extra; CUDA only).",
-    ),
+XFORMERS_BACKEND = AttentionBackend(
+    name="xformers",
+    fn=attention_xformers,
+    devices=frozenset({"cuda"}),
+    availability=_xformers_unavailable,
+    auto_priority=5,
+    description="xformers memory_efficient_attention (optional extra; CUDA only).",
 )
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("attention", "math", MATH_BACKEND)
+    registrar.add("attention", "sdpa", SDPA_BACKEND)
+    registrar.add("attention", "flex", FLEX_BACKEND)
+    registrar.add("attention", "xformers", XFORMERS_BACKEND)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("mlp")
 class MLPInjection(ConditioningMechanism):
     """Time token added to the MLP input only (DiffiT Table 6, config G: FID 3.81).
 
@@ -25,3 +24,8 @@ class MLPInjection(ConditioningMechanism):
 
     def forward(self, c: Tensor) -> Injection:
         return Injection(mlp_in=self.mlp_temb(c)[:, None])  # (B, 1, D)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "mlp", MLPInjection)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("relative_bias")
 class RelativeBias(ConditioningMechanism):
     """Time token in the relative position bias only (DiffiT Table 6, config F: FID 3.97).
 
@@ -33,3 +32,8 @@ class RelativeBias(ConditioningMechanism):
     def forward(self, c: Tensor) -> Injection:
         offset = self.bias_temb(c).view(c.shape[0], self.table_size, self.spec.num_heads)  # (B, T, H)
         return Injection(bias_table=offset)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "relative_bias", RelativeBias)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("separate_token")
 class SeparateToken(ConditioningMechanism):
     """Time token as a separate token in self-attention (DiffiT Table 7 "Separate": CIFAR-10 2.28,
     FFHQ-64 2.59, vs 1.95 / 2.22 for TMSA's mixed q/k/v).
@@ -27,3 +26,8 @@ class SeparateToken(ConditioningMechanism):
 
     def forward(self, c: Tensor) -> Injection:
         return Injection(extra_tokens=self.token_temb(c)[:, None])  # (B, 1, D)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "separate_token", SeparateToken)

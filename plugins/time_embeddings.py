@@ -1,7 +1,11 @@
 """Built-in time-embedding feature maps."""
 
-from diffit_toolkit import register_time_embedding
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.embeddings import FourierFeatures, PositionalFeatures
 
-register_time_embedding("positional", PositionalFeatures)
-register_time_embedding("fourier", FourierFeatures)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("time_embedding", "positional", PositionalFeatures)
+    registrar.add("time_embedding", "fourier", FourierFeatures)

@@ -6,11 +6,10 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from diffit_toolkit import register_conditioning
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, Injection
 
 
-@register_conditioning("tmsa")
 class TMSA(ConditioningMechanism):
     """Time-dependent multi-head self-attention (DiffiT, Hatamizadeh et al. 2024, eq. 3-6).
 
@@ -32,7 +31,6 @@ class TMSA(ConditioningMechanism):
         return Injection(qkv=self.qkv_temb(c)[:, None])  # (B, 1, 3D)
 
 
-@register_conditioning("window_tmsa")
 class WindowTMSA(TMSA):
     """TMSA inside non-overlapping ``w x w`` windows (DiffiT image-space model, Sec. 3.2.2).
 
@@ -53,3 +51,9 @@ class WindowTMSA(TMSA):
             raise ValueError("window_tmsa needs the token grid: build the block with grid=(H, W)")
         size = window or spec.window or min(cls.DEFAULT_WINDOW, *spec.grid)
         return replace(spec, window=size)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "tmsa", TMSA)
+    registrar.add("conditioning", "window_tmsa", WindowTMSA)

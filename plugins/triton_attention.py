@@ -32,7 +32,7 @@ import os
 import torch
 from torch import Tensor
 
-from diffit_toolkit import register_attention_backend
+from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.attention import AttentionBackend
 
 try:  # triton is optional: on machines without it the backend reports itself unavailable
@@ -513,21 +513,23 @@ _GATHERED = (
     else {}
 )
 
-register_attention_backend(
-    "triton",
-    AttentionBackend(
-        **_GATHERED,
-        name="triton",
-        fn=attention_triton,
-        devices=frozenset({"cuda"}),
-        dtypes=frozenset(_DTYPES),
-        supports_bias=True,
-        auto_priority=None,
-        availability=_triton_unavailable,
-        max_head_dim=MAX_HEAD_DIM,
-        description=(
-            "Triton fused attention with dense or in-kernel gathered bias (CUDA; opt-in by name: "
-            "not yet validated on a GPU, so not in auto)."
-        ),
+TRITON_BACKEND = AttentionBackend(
+    **_GATHERED,
+    name="triton",
+    fn=attention_triton,
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset(_DTYPES),
+    supports_bias=True,
+    auto_priority=None,
+    availability=_triton_unavailable,
+    max_head_dim=MAX_HEAD_DIM,
+    description=(
+        "Triton fused attention with dense or in-kernel gathered bias (CUDA; opt-in by name: "
+        "not yet validated on a GPU, so not in auto)."
     ),
 )
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("attention", "triton", TRITON_BACKEND)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from diffit_toolkit.backbones import IMAGE_PRESETS
-from diffit_toolkit.recipe import RECIPES_DIR, RecipeError, apply_overrides, build_model, load_raw, load_recipe, validate_recipe
+from diffit_toolkit.build import build_model, load_recipe, validate_recipe
+from diffit_toolkit.recipe import RECIPES_DIR, RecipeError, apply_overrides, load_raw
 
 def _is_recipe(path: Path) -> bool:
     """Recipes, not the ablation suite files (which list recipes under ``recipes:``)."""
@@ -73,8 +74,9 @@ BAD = [
     ({"train": {"lr": "fast"}}, "recipe error at train.lr: input should be a valid number"),
     ({"train": {"batch_size": 0}}, "recipe error at train.batch_size: input should be greater than 0"),
     ({"train": {"precision": "fp8"}}, "recipe error at train.precision: input should be 'fp32', 'bf16' or 'fp16'"),
-    ({"diffusion": {"process": "ddpm"}}, "recipe error at diffusion.process: input should be 'gaussian', 'edm' or 'flow'"),
-    ({"sample": {"sampler": "heun"}}, "recipe error at sample.sampler: 'heun' does not sample the gaussian process"),
+    ({"diffusion": {"process": "ddpm"}}, "recipe error at diffusion.process: unknown diffusion process 'ddpm' (available: edm, flow, gaussian)"),
+    ({"diffusion": {"process": "edn"}}, "unknown diffusion process 'edn'; did you mean 'edm'?"),
+    ({"sample": {"sampler": "heun"}}, "recipe error at sample.sampler: sampler 'heun' does not sample the gaussian process (valid: ddim, ddpm"),
     ({"model": {**TINY_MODEL, "hidden_size": 30, "num_heads": 4}}, "width 30 is not divisible by 4 heads"),
     ({"model": {**TINY_MODEL, "window": 3}}, "token grid 8x8 is not divisible by window 3x3"),
     ({"model": {**TINY_MODEL, "mechanism": "tmas"}}, "unknown conditioning mechanism 'tmas'; did you mean 'tmsa'?"),

@@ -165,7 +165,59 @@ def test_plugin_whose_import_raises_is_named_and_the_rest_keep_working(tmp_path,
             conditioning.get("from_the_broken_one")
 
 
-def test_pluggy_holds_every_entry(plugin_system):
+HOOK_PLUGIN = """
+    from torch import nn
+    from diffit_toolkit import ConditioningMechanism, Injection
+    from diffit_toolkit.hookspecs import hookimpl
+
+    class HookGate(ConditioningMechanism):
+        '''Gates the MLP branch with a projection of the token.'''
+
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.gate = nn.Linear(spec.cond_dim, spec.dim)
+
+        def forward(self, c):
+            return Injection(gate_mlp=self.gate(c)[:, None])
+
+    @hookimpl
+    def diffit_register(registrar):
+        registrar.add("conditioning", "hook_gate", HookGate)
+"""
+
+
+def test_a_hook_plugin_registers_in_every_fresh_system(tmp_path, monkeypatch):
+    # an installed package implementing the hook: loaded through pluggy, registered anew per system
+    _fake_distribution(tmp_path, "hook-diffit-plugin", "hook_diffit_plugin", HOOK_PLUGIN, "hooked")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hook_diffit_plugin", raising=False)
+    for _ in range(2):  # the module is imported once; each system still gets its entries
+        with use_plugin_system(PluginSystem()) as system:
+            assert conditioning.entry("hook_gate").source == "hook-diffit-plugin"
+            assert system.pm.get_plugin("hooked") is sys.modules["hook_diffit_plugin"]
+            assert "tmsa" in conditioning
+            system.pm.check_pending()  # every hook implementation matches a spec
+
+
+def test_a_user_module_by_path_and_by_environment(tmp_path, monkeypatch):
+    from diffit_toolkit.registry import PLUGINS_ENV, PluginError
+
+    path = tmp_path / "my_gates.py"
+    path.write_text(textwrap.dedent(HOOK_PLUGIN))
+    monkeypatch.delitem(sys.modules, "my_gates", raising=False)
+    with use_plugin_system(PluginSystem()) as system:
+        system.load_module(str(path))
+        assert conditioning.entry("hook_gate").source == "my_gates"
+    monkeypatch.setenv(PLUGINS_ENV, str(path))
+    with use_plugin_system(PluginSystem()):
+        assert "hook_gate" in conditioning
+    monkeypatch.setenv(PLUGINS_ENV, "no_such_module_here")
+    with use_plugin_system(PluginSystem()):
+        with pytest.raises(PluginError, match="plugin module 'no_such_module_here' failed to import"):
+            conditioning.names()
+
+
+def test_decorated_plugins_land_in_plain_tables(plugin_system):
     register_conditioning("held", _Scale)
-    assert plugin_system.pm.get_plugin("conditioning:held").obj is _Scale
-    plugin_system.pm.check_pending()  # every hook implementation matches a spec
+    assert plugin_system.tables["conditioning"]["held"].obj is _Scale
+    plugin_system.pm.check_pending()

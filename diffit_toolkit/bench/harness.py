@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from diffit_toolkit.build import build_model, build_process, load_recipe
+from diffit_toolkit.recipe import Recipe, parse_recipe
+
 #: Dense peak TFLOP/s by device-name substring: (bf16/fp16, tf32). H100 SXM and H200 share the
 #: same tensor cores; an H100 PCIe is lower (756 bf16), so pass ``peak_tflops`` for it.
 PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -166,61 +169,46 @@ def usable_backends(device: torch.device, dtype: torch.dtype, head_dim: int, has
 @dataclass
 class _ModelSpec:
     label: str
-    backbone: str
-    preset: str | None
-    options: dict[str, Any]
+    recipe: Recipe
+
+    @property
+    def backbone(self) -> str:
+        return self.recipe.model.get("backbone", "latent_diffit")
 
 
 def _model_specs(config: BenchConfig) -> tuple[_ModelSpec, Any, Any]:
-    """The model to measure, its diffusion section and its sample section."""
-    from diffit_toolkit.recipe import DiffusionSection, SampleSection, load_recipe, model_options
-    from diffit_toolkit.train.trainer import complete_model_options
-
+    """The model to measure (as a recipe), its diffusion section and its sample section."""
     if config.recipe is not None:
-        recipe = load_recipe(config.recipe)
-        backbone, preset, options = model_options(recipe)
-        options.update(config.model_options)
-        facts = {"resolution": options.get("input_size", 32), "channels": options.get("in_channels", 4),
-                 "num_classes": options.get("num_classes", 1000)}
-        options = complete_model_options(options, facts)
-        diffusion, sample = recipe.diffusion, recipe.sample
-        label = recipe.name
+        base = load_recipe(config.recipe)
+        model = {**base.model, **config.model_options}
+        diffusion, sample, label = base.diffusion.model_dump(), base.sample.model_dump(), base.name
     else:
-        options = dict(config.model_options)
-        if config.mechanism is not None:
-            options["mechanism"] = config.mechanism
-        diffusion = DiffusionSection(learn_sigma=bool(options.get("learn_sigma", True)))
-        sample = SampleSection()
-        backbone, preset = config.backbone, config.preset
-        label = f"{backbone}:{preset}" if preset else backbone
+        model = {"backbone": config.backbone, "preset": config.preset, **config.model_options}
+        diffusion = {"learn_sigma": bool(config.model_options.get("learn_sigma", True))}
+        sample = {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.0}
+        label = f"{config.backbone}:{config.preset}" if config.preset else config.backbone
     if config.mechanism is not None:
-        options["mechanism"] = config.mechanism
-    if diffusion.process == "gaussian":
-        options.setdefault("learn_sigma", diffusion.learn_sigma)
+        model["mechanism"] = config.mechanism
     overrides = {k: v for k, v in dict(sampler=config.sampler, steps=config.sample_steps,
                                         guidance_scale=config.guidance_scale).items() if v is not None}
-    if config.recipe is None:
-        overrides = {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.0, **overrides}
-    sample = SampleSection.model_validate({**sample.model_dump(), **overrides})
-    return _ModelSpec(label, backbone, preset, options), diffusion, sample
+    recipe = parse_recipe({"name": label, "model": model, "diffusion": diffusion, "sample": {**sample, **overrides}})
+    return _ModelSpec(label, recipe), recipe.diffusion, recipe.sample
 
 
 def _dit_spec(spec: _ModelSpec) -> _ModelSpec:
     """The same-size DiT: the ``dit`` backbone with the size options of ``spec``."""
-    options = {k: v for k, v in spec.options.items() if k in _SIZE_KEYS}
-    preset = spec.preset if spec.backbone in ("latent_diffit", "dit") else None
-    return _ModelSpec(f"dit:{preset}" if preset else "dit", "dit", preset, options)
+    preset = spec.recipe.model.get("preset") if spec.backbone in ("latent_diffit", "dit") else None
+    model = {"backbone": "dit", "preset": preset, **{k: v for k, v in spec.recipe.model.items() if k in _SIZE_KEYS}}
+    label = f"dit:{preset}" if preset else "dit"
+    return _ModelSpec(label, spec.recipe.model_copy(update={"name": label, "model": model}))
 
 
 def _build(spec: _ModelSpec, device: torch.device, backend: str | None, seed: int) -> torch.nn.Module:
-    from diffit_toolkit.registry import backbones
-
-    options = dict(spec.options)
+    model = dict(spec.recipe.model)
     if backend is not None:
-        options["attention_backend"] = backend
+        model["attention_backend"] = backend
     torch.manual_seed(seed)
-    with torch.device(device):
-        return backbones.build(spec.backbone, spec.preset, **options)
+    return build_model(spec.recipe.model_copy(update={"model": model}), device=device)
 
 
 def _inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: int):
@@ -237,7 +225,6 @@ def train_step_bench(spec: _ModelSpec, diffusion, config: BenchConfig, device: t
                      compiled: bool, peak: float | None) -> dict[str, Any]:
     """img/s, step time, achieved TFLOP/s, MFU and peak memory of one training configuration."""
     from diffit_toolkit.backbones.info import count_flops, count_parameters
-    from diffit_toolkit.process import build_process
 
     model = _build(spec, device, backend, config.seed)
     flops_fwd = count_flops(model, batch_size=1)
@@ -245,7 +232,7 @@ def train_step_bench(spec: _ModelSpec, diffusion, config: BenchConfig, device: t
     model.train()
     runner = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    process = build_process(diffusion)
+    process = build_process(spec.recipe)
     x0, y = _inputs(model, config.batch_size, device, config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
@@ -328,11 +315,12 @@ def attention_microbench(shape: tuple[int, int, int, int], device: torch.device,
         if backend.unavailable_reason() is not None or not backend.supports(device.type, dtype, True, d, True):
             continue
         rows.append({"backend": name, "bias": "dense", "ms": 1e3 * timed(lambda b=backend: b.fn(q, k, v, dense_bias(), scale))})
-    if device.type == "cuda" and attention_backends.get("triton").unavailable_reason() is None:
-        from diffit_plugins.triton_attention import relative_bias_attention
-
-        rows.append({"backend": "triton", "bias": "gathered",
-                     "ms": 1e3 * timed(lambda: relative_bias_attention(q, k, v, table, index, scale))})
+    for entry in attention_backends.entries():  # backends that gather the bias from the table in-kernel
+        gathered = getattr(entry.obj, "gathered_fn", None)
+        if gathered is not None and (backends is None or entry.name in backends) and entry.obj.unavailable_reason() is None \
+                and entry.obj.supports(device.type, dtype, True, d, True):
+            rows.append({"backend": entry.name, "bias": "gathered",
+                         "ms": 1e3 * timed(lambda fn=gathered: fn(q, k, v, table, index, scale))})
     sdpa = attention_backends.get("sdpa").fn
     reference = 1e3 * timed(lambda: sdpa(q, k, v, None, scale))
     rows.append({"backend": "sdpa", "bias": "none", "ms": reference})
@@ -344,10 +332,8 @@ def attention_microbench(shape: tuple[int, int, int, int], device: torch.device,
 def sampling_bench(spec: _ModelSpec, diffusion, sample, config: BenchConfig, device: torch.device,
                    backend: str | None) -> dict[str, Any]:
     """Images per second of the recipe's sampler with classifier-free guidance (one timed batch)."""
-    from diffit_toolkit.process import build_process
-
     model = _build(spec, device, backend, config.seed).eval()
-    process = build_process(diffusion)
+    process = build_process(spec.recipe.model_copy(update={"sample": sample}))
     x, y = _inputs(model, config.sample_batch, device, config.seed)
     noise = torch.randn_like(x)
     warm = sample.model_copy(update={"steps": min(2, sample.steps)})
@@ -460,7 +446,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "torch": torch.__version__,
         "precision": config.precision if device.type == "cuda" else "fp32",
         "peak_tflops": peak,
-        "model": {"label": spec.label, "backbone": spec.backbone, "preset": spec.preset, "options": spec.options},
+        "model": {"label": spec.label, "backbone": spec.backbone, "preset": spec.recipe.model.get("preset"),
+                  "options": {k: v for k, v in spec.recipe.model.items() if k not in ("backbone", "preset")}},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "skipped_backends": skipped,
     }

@@ -1,4 +1,47 @@
-"""Sub-commands of the ``diffit-toolkit`` CLI, one module per feature area.
+"""The ``diffit-toolkit`` command line: the typer app, the global options, and how every command
+reports a failure. One module per feature area adds its commands to :data:`app`;
+:mod:`diffit_toolkit.cli` imports them all.
 
-Each module adds its commands to :data:`diffit_toolkit.cli.app` when imported by ``cli.py``.
+Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not be written),
+2 a usage error (a bad option, recipe or path: fix the command and run it again).
 """
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from diffit_toolkit.registry import PLUGINS_ENV, PluginError, load_plugin_modules
+
+app = typer.Typer(help="DiffiT / DiT diffusion transformers: train, sample, evaluate, extend.", no_args_is_help=True)
+console = Console()
+
+#: Exit codes of every command.
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print ``error: <first line of message>`` unwrapped (one line whatever the terminal width)
+    and exit with ``code``: how every command reports a failure."""
+    text = str(message).strip()
+    first = text.splitlines()[0] if text else "failed"
+    console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def global_options(
+    plugin: list[str] = typer.Option(
+        None, "-p", "--plugin", metavar="MODULE",
+        help=f"Load a plugin module (dotted name or .py file) before the command runs; repeatable. "
+             f"Also read from {PLUGINS_ENV} (comma-separated).",
+    ),
+) -> None:
+    """DiffiT / DiT diffusion transformers: train, sample, evaluate, extend."""
+    try:
+        load_plugin_modules(list(plugin or []))
+    except PluginError as exc:
+        exit_with_error(exc, EXIT_USAGE)

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffit_toolkit.cli import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error
 
 console = Console()
 

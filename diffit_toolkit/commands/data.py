@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from diffit_toolkit.cli import app, console, exit_with_error
+from diffit_toolkit.commands import app, console, exit_with_error
 from diffit_toolkit.data.cache import cache_latents as _cache_latents
 from diffit_toolkit.data.image_folder import BadImageError
 from diffit_toolkit.data.vae import DEFAULT_VAE

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.cli import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error
 
 console = Console()
 

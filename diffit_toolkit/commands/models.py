@@ -12,7 +12,7 @@ from rich.table import Table
 from diffit_toolkit.backbones.image import IMAGE_PRESETS
 from diffit_toolkit.backbones.info import model_facts
 from diffit_toolkit.backbones.latent import LATENT_PRESETS
-from diffit_toolkit.cli import app, console, exit_with_error
+from diffit_toolkit.commands import app, console, exit_with_error
 
 #: Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown.
 _LISTED: dict[str, tuple[str, list[str]]] = {
@@ -85,7 +85,7 @@ def convert(
 ) -> None:
     """Convert a released DiffiT or DiT checkpoint into a toolkit checkpoint."""
     from diffit_toolkit.backbones.info import count_parameters
-    from diffit_toolkit.interop.checkpoints import save_checkpoint
+    from diffit_toolkit.runs.model_file import save_model_file
     from diffit_toolkit.interop.released import load_released
 
     options = _parse_sets(sets)
@@ -95,7 +95,7 @@ def convert(
         model = load_released(source, layout=layout, **options)
     except (ValueError, FileNotFoundError) as exc:
         _error(str(exc).splitlines()[0])
-    path = save_checkpoint(model, output, metadata={"diffit_toolkit.converted_from": source.name})
+    path = save_model_file(model, output, metadata={"diffit_toolkit.converted_from": source.name})
     cfg = model.config
     console.print(
         f"wrote {path}: {cfg['backbone']} ({cfg['mechanism']}), depth {cfg['depth']}, width {cfg['hidden_size']}, "

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.cli import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error
 
 console = Console()
 
@@ -40,8 +40,10 @@ def sample(
 ) -> None:
     """Sample images from a trained model."""
     from diffit_toolkit.generate import load_generator, save_npz, save_sample_grid
+    from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
-    from diffit_toolkit.train.checkpoint import CheckpointError
+    from diffit_toolkit.registry import PluginError
+    from diffit_toolkit.runs import CheckpointError
 
     try:
         gen = load_generator(run, device=device, weights=weights)
@@ -49,13 +51,9 @@ def sample(
                                            guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
                      if v is not None}
         settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
-        from diffit_toolkit.recipe import SAMPLERS
-
-        valid = SAMPLERS[gen.recipe.diffusion.process]
-        if settings.sampler not in valid and not settings.sampler.startswith("diffusers:"):
-            raise ValueError(f"sampler '{settings.sampler}' does not sample the {gen.recipe.diffusion.process} process (valid: {', '.join(valid)})")
+        resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
         images, labels = gen.sample(num, settings, classes=_classes(classes), batch_size=batch_size, seed=seed)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, PluginError, ValueError) as exc:
         exit_with_error(exc, 2)
     written = []
     if npz is not None:

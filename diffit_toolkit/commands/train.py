@@ -8,8 +8,10 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from diffit_toolkit.cli import app, exit_with_error
-from diffit_toolkit.recipe import RecipeError, load_recipe
+from diffit_toolkit.build import check_recipe
+from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, exit_with_error
+from diffit_toolkit.recipe import RecipeError, read_recipe
+from diffit_toolkit.registry import PluginError
 
 console = Console()
 recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
@@ -18,28 +20,34 @@ app.add_typer(recipe_app, name="recipe")
 SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
 
 
-def _load(recipe: str, overrides: list[str] | None):
+def _load(recipe: str, overrides: list[str] | None, read_data: bool = False):
+    """The recipe, checked as training will build it (with the data's facts when ``read_data``),
+    and the sentences naming the checks that had to be skipped."""
     try:
-        return load_recipe(recipe, overrides or [])
-    except RecipeError as exc:
-        exit_with_error(exc, 2)
+        resolved = read_recipe(recipe, overrides or [])
+        return resolved, check_recipe(resolved, read_data=read_data)
+    except (RecipeError, PluginError) as exc:
+        exit_with_error(exc, EXIT_USAGE)
 
 
 @recipe_app.command("show")
 def recipe_show(recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
                 set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Print the resolved recipe (extends and overrides applied, defaults filled in)."""
-    console.print(Syntax(_load(recipe, set_).to_yaml(), "yaml"))
+    console.print(Syntax(_load(recipe, set_)[0].to_yaml(), "yaml"))
 
 
 @recipe_app.command("validate")
 def recipe_validate(recipes: list[str] = typer.Argument(..., help="Recipe files or names."),
                     set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
-    """Check recipes (types, unknown keys, and that the model builds); exit 2 on the first error."""
+    """Check recipes as training builds them (types, unknown keys, the process and sampler, the data,
+    and the model shaped by the data when the data are here); exit 2 on the first error."""
     for recipe in recipes:
-        resolved = _load(recipe, set_)
+        resolved, skipped = _load(recipe, set_, read_data=True)
         console.print(f"[green]ok[/green] {recipe}: {resolved.name} "
                       f"({resolved.model.get('backbone')}, {resolved.model.get('mechanism', 'default mechanism')})", highlight=False)
+        for sentence in skipped:
+            console.print(f"  not checked: {sentence}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -52,19 +60,20 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
-    from diffit_toolkit.train import CheckpointError, TrainingError
+    from diffit_toolkit.runs import CheckpointError
+    from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
 
     overrides = list(set_ or [])
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
-    resolved = _load(recipe, overrides)
+    resolved, _ = _load(recipe, overrides)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
-    except RecipeError as exc:
-        exit_with_error(exc, 2)
+    except (RecipeError, PluginError) as exc:
+        exit_with_error(exc, EXIT_USAGE)
     except (TrainingError, CheckpointError) as exc:
-        exit_with_error(exc, 1)
+        exit_with_error(exc, EXIT_FAILURE)
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)

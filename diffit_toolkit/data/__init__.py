@@ -6,7 +6,7 @@ Every dataset returns ``(x, y)``: ``x`` float32 (C, H, W) in [-1, 1] (latents: a
 
 from diffit_toolkit.data.base import DiffusionDataset
 from diffit_toolkit.data.cache import cache_latents
-from diffit_toolkit.data.config import DATA_KINDS, DataConfig, build_dataset
+from diffit_toolkit.data.config import DataConfig, DatasetKind, build_dataset, dataset_kind
 from diffit_toolkit.data.digits import DigitsDataset, digits_split_indices
 from diffit_toolkit.data.image_folder import IMAGE_EXTENSIONS, BadImageError, ImageFolderDataset
 from diffit_toolkit.data.latents import SD_VAE_LATENT_SCALE, LatentDataset, LatentMeta
@@ -14,11 +14,11 @@ from diffit_toolkit.data.npz import NpzDataset
 from diffit_toolkit.data.vae import decode_latents, encode_images, encode_raw, load_vae, vae_latent_scale
 
 __all__ = [
-    "DATA_KINDS",
     "IMAGE_EXTENSIONS",
     "SD_VAE_LATENT_SCALE",
     "BadImageError",
     "DataConfig",
+    "DatasetKind",
     "DiffusionDataset",
     "DigitsDataset",
     "ImageFolderDataset",
@@ -26,6 +26,7 @@ __all__ = [
     "LatentMeta",
     "NpzDataset",
     "build_dataset",
+    "dataset_kind",
     "cache_latents",
     "decode_latents",
     "digits_split_indices",

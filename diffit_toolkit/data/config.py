@@ -4,21 +4,35 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffit_toolkit.data.base import DiffusionDataset
-from diffit_toolkit.data.digits import DIGITS_SPLITS, DigitsDataset
-from diffit_toolkit.data.image_folder import BAD_FILE_POLICIES, ImageFolderDataset
-from diffit_toolkit.data.latents import LatentDataset
-from diffit_toolkit.data.npz import NpzDataset
+from diffit_toolkit.data.image_folder import BAD_FILE_POLICIES
+from diffit_toolkit.errors import did_you_mean
+from diffit_toolkit.registry import datasets
 
-#: Dataset kinds and what ``path`` names for each (``None``: no path).
-DATA_KINDS: dict[str, str | None] = {
-    "digits": None,
-    "image_folder": "a folder of images",
-    "npz": "an .npz file",
-    "latents": "a latent cache folder made by `diffit-toolkit cache-latents`",
-}
+
+class DatasetKind:
+    """A dataset kind (``data.kind`` in a recipe), registered by name in the ``dataset`` registry.
+
+    Class attributes say what the kind takes; :meth:`check` adds its own one-line checks and
+    :meth:`build` makes the dataset from a validated :class:`DataConfig`.
+    """
+
+    #: What ``path`` names for this kind, or ``None`` when it takes no path (embedded data).
+    path: ClassVar[str | None] = None
+    #: The named splits of an embedded dataset (``data.split``); empty: the kind has none.
+    splits: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``channels`` is an image channel count (1 or 3).
+    image_channels: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, config: DataConfig) -> None:
+        """Raise a one-line ``ValueError`` for an option this kind cannot take."""
+
+    @classmethod
+    def build(cls, config: DataConfig) -> DiffusionDataset:
+        raise NotImplementedError
 
 
 @dataclass
@@ -51,9 +65,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for an invalid combination of options."""
-        if self.kind not in DATA_KINDS:
-            raise ValueError(f"unknown data kind '{self.kind}' (valid: {', '.join(DATA_KINDS)})")
-        needs = DATA_KINDS[self.kind]
+        kind = dataset_kind(self.kind)
+        needs = kind.path
         if needs is None and self.path is not None:
             raise ValueError(f"kind='{self.kind}' takes no path (its data ship with the toolkit); remove path or set kind='image_folder'")
         if needs is not None and self.path is None:
@@ -62,33 +75,40 @@ class DataConfig:
             raise ValueError(f"data path '{self.path}' does not exist (kind='{self.kind}' needs {needs})")
         if self.resolution is not None and self.resolution < 1:
             raise ValueError(f"resolution must be a positive image side, got {self.resolution}")
-        if self.kind == "image_folder" and self.resolution is None:
-            raise ValueError("kind='image_folder' needs resolution (images are center-cropped and resized to it), e.g. resolution=64")
-        if self.kind != "latents" and self.channels not in (None, 1, 3):
+        if kind.image_channels and self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 or 3 for images, got {self.channels}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"on_bad_file must be one of {', '.join(BAD_FILE_POLICIES)}, got '{self.on_bad_file}'")
-        if self.kind == "digits" and self.split not in (None, *DIGITS_SPLITS):
-            raise ValueError(f"unknown digits split '{self.split}' (valid: {', '.join(DIGITS_SPLITS)})")
-        if self.kind != "digits" and self.split is not None:
-            raise ValueError(f"split applies to kind='digits' only; for kind='{self.kind}' point path at the split's own data")
+        if self.split is not None and not kind.splits:
+            with_splits = " or ".join(f"kind='{e.name}'" for e in datasets.entries() if e.obj.splits)
+            raise ValueError(f"split applies to {with_splits} only; for kind='{self.kind}' point path at the split's own data")
+        if self.split is not None and self.split not in kind.splits:
+            raise ValueError(f"unknown {self.kind} split '{self.split}' (valid: {', '.join(kind.splits)})")
+        kind.check(self)
 
     def build(self) -> DiffusionDataset:
         """Validate and construct the dataset (a ``torch.utils.data.Dataset`` of ``(x, y)``)."""
         self.validate()
-        common = {"resolution": self.resolution, "channels": self.channels, "hflip": self.hflip, "conditional": self.conditional}
-        path = str(Path(self.path).expanduser()) if self.path is not None else None
-        if self.kind == "digits":
-            return DigitsDataset(split=self.split or "train", interpolation=self.interpolation, **common)
-        if self.kind == "image_folder":
-            return ImageFolderDataset(path, on_bad_file=self.on_bad_file, verify=self.verify, **common)
-        if self.kind == "npz":
-            return NpzDataset(path, **common)
-        return LatentDataset(path, **common)
+        return dataset_kind(self.kind).build(self)
+
+    def common_options(self) -> dict[str, Any]:
+        """The options every image-like dataset takes."""
+        return {"resolution": self.resolution, "channels": self.channels, "hflip": self.hflip, "conditional": self.conditional}
+
+    def local_path(self) -> str | None:
+        """``path`` with ``~`` expanded."""
+        return str(Path(self.path).expanduser()) if self.path is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for saving with a run)."""
         return asdict(self)
+
+
+def dataset_kind(name: str) -> type[DatasetKind]:
+    """The registered dataset kind ``name`` (``ValueError`` with the valid kinds otherwise)."""
+    if name not in datasets:
+        raise ValueError(f"unknown data kind '{name}'{did_you_mean(name, datasets.names())} (valid: {', '.join(datasets.names())})")
+    return datasets.get(name)
 
 
 def build_dataset(kind: str = "digits", **options: Any) -> DiffusionDataset:

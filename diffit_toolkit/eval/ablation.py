@@ -136,8 +136,10 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
 
     from diffit_toolkit.eval.digits import DigitsMetric
     from diffit_toolkit.generate import load_generator
-    from diffit_toolkit.recipe import SampleSection, load_recipe
-    from diffit_toolkit.train import list_checkpoints, train
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.recipe import SampleSection
+    from diffit_toolkit.runs import list_checkpoints
+    from diffit_toolkit.train import train
 
     out = Path(suite.out)
     out.mkdir(parents=True, exist_ok=True)

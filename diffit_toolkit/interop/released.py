@@ -31,7 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from diffit_toolkit.backbones.latent import DIT_DEFAULTS, LATENT_SIZES, LatentDiffiT, latent_config
-from diffit_toolkit.interop.checkpoints import load_weights, read_state_dict
+from diffit_toolkit.runs.model_file import load_weights, read_state_dict
 
 #: Released-key -> toolkit-key renames per layout (regex, replacement).
 RENAMES: dict[str, tuple[tuple[str, str], ...]] = {

@@ -9,6 +9,7 @@ epsilon channels) the guided output is ``uncond + s_t (cond - uncond)``; the rem
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -53,9 +54,14 @@ class GuidanceConfig:
         schedule: ``"constant"`` (DiT; DiffiT at 512 px) or ``"power_cosine"`` (DiffiT at 256 px).
         power: ``p`` of the power-cosine schedule.
         num_timesteps: ``T`` of the power-cosine schedule (original steps).
-        interval: ``(t_lo, t_hi)``: guide only for ``t_lo <= t <= t_hi`` (scale 1 outside), in
-            the units of the ``t`` the model receives; ``None`` guides everywhere.
+        interval: ``(lo, hi)``: guide only inside it (scale 1 outside): in the units of the ``t``
+            the model receives, or in noise levels when ``noise_level`` is given; ``None``
+            guides everywhere.
         guided_channels: Guide the first ``k`` output channels; ``None`` guides all of them.
+        noise_level: Map from the model's ``t`` to the noise level in [0, 1] (1: pure noise), for
+            processes whose ``t`` is not a Gaussian step index (EDM's ``c_noise``, the flow
+            time). When given, the power-cosine schedule is ``1 + (s - 1) * 0.5 * (1 - cos(pi *
+            (1 - level)^p))`` and ``interval`` is in levels; ``None`` means ``level = t / T``.
     """
 
     scale: float = 1.0
@@ -64,6 +70,7 @@ class GuidanceConfig:
     num_timesteps: int = NUM_TRAIN_TIMESTEPS
     interval: tuple[float, float] | None = None
     guided_channels: int | None = DEFAULT_GUIDED_CHANNELS
+    noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in GUIDANCE_SCHEDULES:
@@ -82,12 +89,16 @@ class GuidanceConfig:
     def scale_at(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample guidance scale ``(B,)`` at timesteps ``t`` ``(B,)`` (float64)."""
         t64 = t.to(torch.float64)
+        if self.noise_level is None:  # t is a Gaussian step index 0..T-1
+            position, level_steps = t64, self.num_timesteps
+        else:
+            position, level_steps = self.noise_level(t).to(torch.float64), 1
         if self.schedule == "power_cosine":
-            s = power_cosine_scale(self.scale, t64, self.power, self.num_timesteps)
+            s = power_cosine_scale(self.scale, position, self.power, level_steps)
         else:
             s = torch.full_like(t64, float(self.scale))
         if self.interval is not None:
-            inside = (t64 >= self.interval[0]) & (t64 <= self.interval[1])
+            inside = (position >= self.interval[0]) & (position <= self.interval[1])
             s = torch.where(inside, s, torch.ones_like(s))
         return s
 

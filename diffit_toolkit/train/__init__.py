@@ -1,18 +1,7 @@
-"""The bundled trainer: distributed setup, checkpoints, EMA, logging and the training loop."""
+"""The bundled trainer: distributed setup, EMA, logging and the training loop (checkpoints and
+run folders are :mod:`diffit_toolkit.runs`)."""
 
-from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffit_toolkit.train.distributed import DistEnv, setup_distributed
 from diffit_toolkit.train.trainer import TrainingError, TrainResult, train
 
-__all__ = [
-    "CheckpointError",
-    "DistEnv",
-    "TrainResult",
-    "TrainingError",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "save_checkpoint",
-    "setup_distributed",
-    "train",
-]
+__all__ = ["DistEnv", "TrainResult", "TrainingError", "setup_distributed", "train"]

@@ -24,15 +24,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from diffit_toolkit.process import build_process
-from diffit_toolkit.recipe import Recipe, RecipeError, data_config, model_options
-from diffit_toolkit.interop.checkpoints import check_state_dict
-from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
+from diffit_toolkit.generate import Generator, save_sample_grid
+from diffit_toolkit.recipe import Recipe, RecipeError
+from diffit_toolkit.runs import (
+    CheckpointError,
+    check_state_dict,
+    describe_environment,
+    exactness_differences,
+    latest_checkpoint,
+    load_checkpoint,
+    record_environment,
+    save_checkpoint,
+    save_loss_curve,
+)
 from diffit_toolkit.train.data import ResumableSampler
 from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
-from diffit_toolkit.train.environment import describe_environment, exactness_differences, record_environment
 from diffit_toolkit.train.logging import RunLogger
-from diffit_toolkit.train.outputs import save_loss_curve
 
 
 class TrainingError(RuntimeError):
@@ -78,41 +86,6 @@ class TrainResult:
     ema: torch.nn.Module | None = None
     stopped_by: str | None = None
     skipped_steps: int = 0
-
-
-def dataset_facts(dataset: Any) -> dict[str, Any]:
-    """What sampling needs to know about the training data (recorded in checkpoints)."""
-    return {
-        "num_classes": int(getattr(dataset, "num_classes", 0)),
-        "channels": int(dataset.channels),
-        "resolution": int(dataset.resolution),
-        "class_names": getattr(dataset, "class_names", None),
-        "latent_scale": getattr(dataset, "latent_scale", None),
-        "vae": getattr(dataset, "vae", None),
-    }
-
-
-def complete_model_options(options: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
-    """Fill the model's data-shaped options from the dataset; a mismatch is a one-line error."""
-    out = dict(options)
-    for key, value in (("input_size", facts["resolution"]), ("in_channels", facts["channels"]),
-                       ("num_classes", facts["num_classes"])):
-        if key not in out:
-            out[key] = value
-        elif out[key] != value and not (key == "num_classes" and out[key] == 0):
-            raise RecipeError(
-                f"recipe error at model.{key}: the model has {out[key]} but the data has {value}; "
-                f"set model.{key}: {value} (or remove it to take it from the data)"
-            )
-    return out
-
-
-def build_model_for_data(recipe: Recipe, facts: dict[str, Any]) -> torch.nn.Module:
-    """The recipe's backbone, shaped for the data described by ``facts``."""
-    from diffit_toolkit.registry import backbones
-
-    name, preset, options = model_options(recipe)
-    return backbones.build(name, preset, **complete_model_options(options, facts))
 
 
 def ema_average_fn(decay: float, warmup: bool):
@@ -166,8 +139,6 @@ def _autocast(env: DistEnv, precision: str):
 def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device, path: Path) -> Path:
     """Sample ``recipe.sample.num_images`` images with the EMA model and save a grid (one row per
     class for class-conditional models), through the same path as ``diffit-toolkit sample``."""
-    from diffit_toolkit.generate import Generator, save_sample_grid  # generate imports train: import here
-
     n = recipe.sample.num_images
     images, labels = Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
     return save_sample_grid(images, labels, path)
@@ -202,19 +173,14 @@ def train(
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
 
-        try:
-            dataset = data_config(recipe).build()
-        except (ValueError, OSError) as exc:
-            raise RecipeError(f"recipe error at data: {str(exc).strip().splitlines()[0]}") from None
-        facts = dataset_facts(dataset)
-        model = build_model_for_data(recipe, facts).to(env.device)
+        dataset = build_dataset(recipe)
+        facts = data_facts(dataset)
+        model = build_model(recipe, facts).to(env.device)
         ema = AveragedModel(model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
         ema.requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        warmup = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        optimizer, scheduler = build_optimizer(recipe, model)
         scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.precision == "fp16")
-        process = build_process(recipe.diffusion)
+        process = build_process(recipe)
         generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
 
         if cfg.batch_size % env.world_size:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from diffit_toolkit.backbones import latent_diffit
 from diffit_toolkit.cli import app
-from diffit_toolkit.interop.checkpoints import load_checkpoint, read_config, read_state_dict, save_checkpoint
+from diffit_toolkit.runs.model_file import load_model_file, read_config, read_state_dict, save_model_file
 from diffit_toolkit.interop.released import detect_layout, load_released
 
 # A tiny config in both layouts: 8x8 latents, patch 2 (4x4 grid), width 72, 4 heads, 2 blocks.
@@ -239,10 +239,10 @@ def test_toolkit_checkpoint_round_trip(tmp_path):
     for p in model.parameters():
         if p.requires_grad:
             p.data.add_(0.1 * torch.randn_like(p))
-    path = save_checkpoint(model, tmp_path / "model")
+    path = save_model_file(model, tmp_path / "model")
     assert path.suffix == ".safetensors"
     assert read_config(path) == model.config
-    loaded = load_checkpoint(path).eval()
+    loaded = load_model_file(path).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.tensor([1, 2])
     torch.testing.assert_close(loaded(x, t, y), model.eval()(x, t, y), atol=0, rtol=0)
     with pytest.raises(ValueError, match="not a diffit-toolkit checkpoint"):
@@ -258,7 +258,7 @@ def test_cli_convert_then_load(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(src), str(dst)])
     assert result.exit_code == 0, result.output
     assert "latent_diffit (tmsa)" in result.output
-    model = load_checkpoint(dst).eval()
+    model = load_model_file(dst).eval()
     x, t, y = inputs(2)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), reference_forward(sd, "diffit", x, t, y), atol=1e-5, rtol=0)

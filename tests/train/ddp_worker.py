@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from diffit_toolkit.recipe import load_recipe
+from diffit_toolkit.build import load_recipe
 from diffit_toolkit.train import train
 
 recipe_path, out_dir, digest_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])

@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffit_toolkit.data import cache_latents, decode_latents, load_vae
 from diffit_toolkit.generate import load_generator
-from diffit_toolkit.recipe import validate_recipe
+from diffit_toolkit.build import validate_recipe
 from diffit_toolkit.train import train
 
 

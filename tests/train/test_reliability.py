@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
-from diffit_toolkit.process import Process
-from diffit_toolkit.recipe import RecipeError, load_recipe, validate_recipe
-from diffit_toolkit.train import CheckpointError, TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, train
+from diffit_plugins.processes import GaussianProcess
+from diffit_toolkit.build import load_recipe, validate_recipe
+from diffit_toolkit.recipe import RecipeError
+from diffit_toolkit.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from diffit_toolkit.train import TrainingError, train
 
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
@@ -133,7 +135,7 @@ def test_the_run_folder_records_the_setup_and_a_resume_on_another_says_so(tmp_pa
 
 
 def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
-    original = Process.loss
+    original = GaussianProcess.loss
     calls = {"n": 0}
 
     def loss(self, model, x0, y, generator):
@@ -141,7 +143,7 @@ def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
         out = original(self, model, x0, y, generator)
         return out * float("nan") if calls["n"] in bad_steps else out
 
-    monkeypatch.setattr(Process, "loss", loss)
+    monkeypatch.setattr(GaussianProcess, "loss", loss)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, tiny_recipe):
@@ -171,7 +173,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, ti
     def oom(self, model, x0, y, generator):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
 
-    monkeypatch.setattr(Process, "loss", oom)
+    monkeypatch.setattr(GaussianProcess, "loss", oom)
     result = CliRunner().invoke(app, ["train", str(tiny_recipe(tmp_path, "run")), "--device", "cpu", "--no-progress"],
                                 env={"COLUMNS": "300"})
     assert result.exit_code == 1
@@ -181,7 +183,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, ti
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_recipe):
     # protection: save_checkpoint writes to a temporary folder and cleans it up on error
-    from diffit_toolkit.train import checkpoint as ckpt_module
+    from diffit_toolkit.runs import checkpoint as ckpt_module
 
     original, calls = ckpt_module.save_file, {"n": 0}
 

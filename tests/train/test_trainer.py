@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from diffit_toolkit.generate import load_generator, save_npz
-from diffit_toolkit.recipe import load_recipe
-from diffit_toolkit.train import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, train
+from diffit_toolkit.build import load_recipe
+from diffit_toolkit.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from diffit_toolkit.train import train
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
@@ -87,7 +88,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path, tiny_recipe):
 
 KILLER = """
 import sys, torch
-from diffit_toolkit.train.checkpoint import save_checkpoint
+from diffit_toolkit.runs.checkpoint import save_checkpoint
 big = {"w": torch.randn(4_000_000)}
 step = 1
 while True:
@@ -120,7 +121,7 @@ def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("diffit_toolkit.train.checkpoint.save_file", full_disk)
+    monkeypatch.setattr("diffit_toolkit.runs.checkpoint.save_file", full_disk)
     with pytest.raises(CheckpointError) as err:
         save_checkpoint(tmp_path, 2, state, state, {"step": 2}, {}, keep_last=3)
     assert "No space left on device" in str(err.value) and "step_0000001 is intact" in str(err.value)

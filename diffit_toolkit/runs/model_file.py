@@ -1,6 +1,6 @@
-"""The toolkit's own checkpoint: safetensors weights with the resolved model config inside.
+"""Model files: safetensors weights with the resolved model config inside.
 
-A checkpoint is one ``.safetensors`` file. Its header metadata holds the model's ``config`` (the
+A model file is one ``.safetensors`` file. Its header metadata holds the model's ``config`` (the
 backbone registry name and every constructor option, as JSON), so loading it rebuilds the model
 through the registry and never runs pickled code. Reading state dicts from other files
 (``.pt`` with ``weights_only=True`` or ``.safetensors``) and checking them against a model with
@@ -115,7 +115,7 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str, opt
     return model
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+def save_model_file(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` as a toolkit checkpoint: safetensors weights + its JSON config in the header.
 
     Args:
@@ -150,7 +150,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(header[CONFIG_KEY])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model recorded in a toolkit checkpoint and load its weights."""
     from diffit_toolkit.backbones import build_backbone
 

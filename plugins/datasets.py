@@ -1,0 +1,62 @@
+"""Built-in dataset kinds: the embedded digits, image folders, ``.npz`` arrays, cached latents."""
+
+from __future__ import annotations
+
+from diffit_toolkit.data import DatasetKind, DigitsDataset, ImageFolderDataset, LatentDataset, NpzDataset
+from diffit_toolkit.data.digits import DIGITS_SPLITS
+from diffit_toolkit.hookspecs import hookimpl
+
+
+class Digits(DatasetKind):
+    """scikit-learn's 8x8 handwritten digits, embedded (fixed stratified train/test split)."""
+
+    splits = DIGITS_SPLITS
+
+    @classmethod
+    def build(cls, config):
+        return DigitsDataset(split=config.split or "train", interpolation=config.interpolation, **config.common_options())
+
+
+class ImageFolder(DatasetKind):
+    """A folder of images, one subfolder per class (or flat and unconditional)."""
+
+    path = "a folder of images"
+
+    @classmethod
+    def check(cls, config):
+        if config.resolution is None:
+            raise ValueError("kind='image_folder' needs resolution (images are center-cropped and resized to it), e.g. resolution=64")
+
+    @classmethod
+    def build(cls, config):
+        return ImageFolderDataset(config.local_path(), on_bad_file=config.on_bad_file, verify=config.verify,
+                                  **config.common_options())
+
+
+class Npz(DatasetKind):
+    """Images in an ``.npz`` file (uint8 NHWC under ``arr_0``, labels under ``arr_1``)."""
+
+    path = "an .npz file"
+
+    @classmethod
+    def build(cls, config):
+        return NpzDataset(config.local_path(), **config.common_options())
+
+
+class Latents(DatasetKind):
+    """A latent cache folder made by ``diffit-toolkit cache-latents`` (scaled VAE latents)."""
+
+    path = "a latent cache folder made by `diffit-toolkit cache-latents`"
+    image_channels = False
+
+    @classmethod
+    def build(cls, config):
+        return LatentDataset(config.local_path(), **config.common_options())
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("dataset", "digits", Digits)
+    registrar.add("dataset", "image_folder", ImageFolder)
+    registrar.add("dataset", "npz", Npz)
+    registrar.add("dataset", "latents", Latents)

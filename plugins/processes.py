@@ -1,0 +1,173 @@
+"""Built-in diffusion processes (Gaussian ADM/DiT, EDM, linear flow) and their samplers.
+
+Each process is a :class:`~diffit_toolkit.process.Process`; each sampler a function registered
+as ``"<process>.<name>"`` and called as ``sampler(process, model, noise, y, settings, generator)``
+with an already guided model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffit_toolkit.diffusion import (
+    EDMDenoiser,
+    EDMLoss,
+    EDMPrecond,
+    GaussianDiffusion,
+    LinearFlow,
+    VELoss,
+    VEPrecond,
+    VPLoss,
+    VPPrecond,
+    create_gaussian_diffusion,
+)
+from diffit_toolkit.diffusion.edm import RHO, SIGMA_MAX, SIGMA_MIN
+from diffit_toolkit.hookspecs import hookimpl
+from diffit_toolkit.process import Process
+from diffit_toolkit.sampling import (
+    ddim_sample,
+    ddpm_sample,
+    diffusers_sample,
+    dpm_solver_pp_2m_sample,
+    edm_heun_sample,
+    flow_euler_sample,
+    flow_heun_sample,
+)
+
+_MEAN_TYPES = {"eps": "epsilon", "x0": "x0", "v": "v"}
+_EDM = {"edm": (EDMPrecond, EDMLoss), "vp": (VPPrecond, VPLoss), "ve": (VEPrecond, VELoss)}
+
+
+class GaussianProcess(Process):
+    """ADM/DiT Gaussian diffusion: linear or cosine betas, eps/x0/v prediction, optional learned
+    variance with the hybrid loss; the model's ``t`` is the training step index 0..T-1."""
+
+    learned_variance = True
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.gaussian: GaussianDiffusion = create_gaussian_diffusion(
+            noise_schedule=config.schedule,
+            num_timesteps=config.num_timesteps,
+            model_mean_type=_MEAN_TYPES[config.prediction],
+            learn_sigma=config.learn_sigma,
+        )
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        if config.learn_sigma and config.prediction != "eps":
+            raise ValueError(
+                "at diffusion.learn_sigma: the learned variance is trained with epsilon prediction; "
+                "set diffusion.prediction: eps or diffusion.learn_sigma: false"
+            )
+
+    def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
+        t = self.gaussian.sample_timesteps(x0.shape[0], generator, x0.device)
+        return self.gaussian.training_losses(model, x0, t, y, generator=generator)["loss"]
+
+    def noise_level(self, t: Tensor) -> Tensor:
+        return t.to(torch.float64) / self.config.num_timesteps
+
+
+class EDMProcess(Process):
+    """EDM (Karras et al. 2022) with EDM, VP or VE preconditioning; the model's ``t`` is
+    ``c_noise(sigma)``. Noise level: the position of sigma on the sampler's rho-warped range
+    from ``sigma_max`` (1) to ``sigma_min`` (0), so a fraction of the level is about that
+    fraction of the sampling steps."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        precond_cls, loss_cls = _EDM[config.precond]
+        edm = config.precond == "edm"
+        self.precond = precond_cls(sigma_data=config.sigma_data) if edm else precond_cls()
+        self.edm_loss = loss_cls(sigma_data=config.sigma_data) if edm else loss_cls()
+
+    def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
+        return self.edm_loss(EDMDenoiser(model, self.precond), x0, y, generator=generator)
+
+    def noise_level(self, t: Tensor) -> Tensor:
+        sigma = self.precond.sigma_from_c_noise(t.to(torch.float64))
+        lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+        return ((sigma ** (1 / RHO) - lo) / (hi - lo)).clamp(0, 1)
+
+
+class FlowProcess(Process):
+    """Flow matching with the linear interpolant and velocity prediction (SiT); the model's ``t``
+    runs from 0 (noise) to 1 (data), so the noise level is ``1 - t``."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.flow = LinearFlow()
+
+    def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
+        return self.flow.training_loss(model, x0, y, generator=generator)
+
+    def noise_level(self, t: Tensor) -> Tensor:
+        return 1 - t.to(torch.float64)
+
+
+# -- samplers -----------------------------------------------------------------------------------
+
+
+def gaussian_ddpm(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
+    """Ancestral DDPM sampling on ADM's evenly respaced steps."""
+    respaced = process.gaussian.respace(settings.steps)
+    return ddpm_sample(respaced, model, noise, y, generator=generator, clip_denoised=settings.clip_denoised)
+
+
+def gaussian_ddim(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
+    """DDIM (``sample.eta`` for stochasticity) on ADM's evenly respaced steps."""
+    respaced = process.gaussian.respace(settings.steps)
+    return ddim_sample(respaced, model, noise, y, eta=settings.eta, generator=generator, clip_denoised=settings.clip_denoised)
+
+
+def gaussian_dpm_solver(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
+    """DPM-Solver++(2M) on steps evenly spaced in log-SNR (accurate at 10-25 steps)."""
+    respaced = process.gaussian.respace(f"logsnr{settings.steps}")
+    return dpm_solver_pp_2m_sample(respaced, model, noise, y, clip_denoised=settings.clip_denoised)
+
+
+def gaussian_diffusers(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
+    """Any diffusers scheduler, named as ``diffusers:<SchedulerClass>``, built for the training schedule."""
+    scheduler = _diffusers_scheduler(settings.sampler.split(":", 1)[1], process.config)
+    return diffusers_sample(scheduler, model, noise, y, num_inference_steps=settings.steps, generator=generator)
+
+
+def _diffusers_scheduler(class_name: str, config: Any) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise ValueError(f"sampler 'diffusers:{class_name}': diffusers has no scheduler of that name (e.g. diffusers:DPMSolverMultistepScheduler)")
+    schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.schedule]
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[config.prediction]
+    return cls(num_train_timesteps=config.num_timesteps, beta_schedule=schedule, prediction_type=prediction)
+
+
+def edm_heun(process: EDMProcess, model, noise, y, settings, generator) -> Tensor:
+    """EDM's Heun sampler (Algorithm 2) on the rho-warped sigma schedule."""
+    return edm_heun_sample(EDMDenoiser(model, process.precond), noise, y, num_steps=settings.steps, generator=generator)
+
+
+def flow_euler(process: FlowProcess, model, noise, y, settings, generator) -> Tensor:
+    """Euler integration of the flow ODE from t = 0 to 1."""
+    return flow_euler_sample(model, noise, y, num_steps=settings.steps)
+
+
+def flow_heun(process: FlowProcess, model, noise, y, settings, generator) -> Tensor:
+    """Heun (2nd-order) integration of the flow ODE from t = 0 to 1."""
+    return flow_heun_sample(model, noise, y, num_steps=settings.steps)
+
+
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("process", "gaussian", GaussianProcess)
+    registrar.add("process", "edm", EDMProcess)
+    registrar.add("process", "flow", FlowProcess)
+    for name, fn in (("gaussian.ddpm", gaussian_ddpm), ("gaussian.ddim", gaussian_ddim),
+                     ("gaussian.dpm_solver++", gaussian_dpm_solver), ("gaussian.diffusers", gaussian_diffusers),
+                     ("edm.heun", edm_heun), ("flow.euler", flow_euler), ("flow.heun", flow_heun)):
+        registrar.add("sampler", name, fn)
