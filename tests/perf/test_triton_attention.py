@@ -95,6 +95,28 @@ def test_compiled_with_inductor_matches_eager() -> None:
                {"one_graph_with_fused_op", "out", "x", "bias_table_offset", "relative_position_bias_table"})
 
 
+@pytest.mark.slow
+@needs_triton
+def test_kernels_compile_for_an_h100_without_spills() -> None:
+    """The three kernels at the CUDA launch configuration for head dim 72 (64 + 16 columns, gather
+    mode, bf16, table gradient on) compile for sm_90 with Triton's bundled ptxas (no GPU needed):
+    the real code generator accepts the split head dim, nothing spills to local memory, and the
+    shared memory fits an H100's 227 KB."""
+    sys.path.insert(0, str(HERE))
+    try:
+        from _triton_sm90_resources import resources
+    finally:
+        sys.path.remove(str(HERE))
+    from diffit_plugins.triton_attention import _blocks
+
+    block_m, block_n, d0, d1 = _blocks(72, "cuda")
+    assert (d0, d1) == (64, 16)
+    for kernel in ("fwd", "dkdv", "dq"):
+        row = resources(kernel, d0, d1, block_m, block_n, 4, 3)
+        assert "error" not in row, row
+        assert row["local"] == 0 and row["stack"] == 0 and row["shared"] <= 227 * 1024, row
+
+
 def test_interpreter_check_detects_a_wrong_kernel() -> None:
     """The comparison can fail: a perturbed result is reported as FAIL."""
     sys.path.insert(0, str(HERE))
@@ -202,3 +224,30 @@ def test_gpu_full_size_bf16(head_dim: int) -> None:
         assert err <= 3e-2 * max(1.0, want.abs().max().item()), err
     out2 = attention_triton(q.detach(), k.detach(), v.detach(), dense(table.detach()), scale)
     torch.testing.assert_close(out2.float(), out.detach().float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (module-level bf16 check)")
+@pytest.mark.parametrize("window", [None, 8])
+def test_gpu_attention_module_through_the_fused_gather(window: int | None) -> None:
+    """XL attention (width 1152, 16 heads of 72, 16x16 grid) with a per-sample table offset and an
+    extra key, backend triton in bf16 vs math in fp32: output and the table gradient."""
+    torch.manual_seed(0)
+    kwargs = dict(grid=16, window=window, rel_pos_bias=True)
+    ref = Attention(1152, 16, backend="math", **kwargs).cuda()
+    fused = Attention(1152, 16, backend="triton", **kwargs).cuda()
+    with torch.no_grad():
+        ref.relative_position_bias_table.normal_(0, 0.5)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.backend.pick("cuda", torch.bfloat16, True, 72, True).gathered_fn is not None
+    x = torch.randn(8, 256, 1152, device="cuda")
+    offset = torch.randn(8, ref.bias_table_size, 16, device="cuda") * 0.3
+    extra = torch.randn(8, 1, 1152, device="cuda")
+    want = ref(x, bias_table_offset=offset, extra_tokens=extra)
+    want.square().mean().backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fused(x, bias_table_offset=offset, extra_tokens=extra)
+    got.float().square().mean().backward()
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 3e-2 * max(1.0, scale)
+    g_want, g_got = ref.relative_position_bias_table.grad, fused.relative_position_bias_table.grad
+    assert (g_got - g_want).abs().max().item() <= 3e-2 * max(1e-3, g_want.abs().max().item())
