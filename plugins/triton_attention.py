@@ -350,12 +350,18 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return (first, second) if first + second < full else (full, 0)
 
 
+#: (num_warps, num_stages) of each kernel on CUDA: at head dim 72 (64 + 16) with 64 x 64 tiles,
+#: the configurations that compile for sm_90 without register spills (the dq kernel spills 344
+#: bytes with 4 warps); see tests/perf/_triton_sm90_resources.py. Not yet tuned by timing.
+CUDA_WARPS_STAGES = {"fwd": (4, 3), "dkdv": (4, 3), "dq": (8, 3)}
+
+
 def _blocks(head_dim: int, device_type: str) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1): query/key tile sizes and the head-dim blocks.
 
-    Untuned on GPUs (see docs/performance.md): 64 x 64 tiles, 64 x 32 above 128 head-dim
-    columns so q/k/v tiles fit in shared memory. The interpreter gets 16 x 16 tiles, which keep
-    its numpy emulation fast."""
+    On GPUs 64 x 64 tiles, 64 x 32 above 128 head-dim columns so q/k/v tiles fit in shared
+    memory (not yet tuned by timing, see docs/performance.md). The interpreter gets 16 x 16
+    tiles, which keep its numpy emulation fast."""
     d0, d1 = head_dim_blocks(head_dim)
     if device_type != "cuda":
         return 16, 16, d0, d1
@@ -444,8 +450,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, lay: _Layout) -> tup
         *_strides(q), *_strides(k), *_strides(v), *lay.bias_strides, *lay.table_strides,
         lay.H, lay.N, lay.M, lay.D, lay.windows, lay.n_cols, float(scale),
         BIAS_MODE=lay.mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION=lay.precision,
+        **_launch("fwd"),
     )
     return out, lse
+
+
+def _launch(kernel: str) -> dict[str, int]:
+    warps, stages = CUDA_WARPS_STAGES[kernel]
+    return dict(num_warps=warps, num_stages=stages)
 
 
 def _backward(q, k, v, out, lse, do, scale, lay: _Layout, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -463,7 +475,7 @@ def _backward(q, k, v, out, lse, do, scale, lay: _Layout, bias_grad: bool) -> tu
     blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION=lay.precision)
     _bwd_dkdv_kernel[(triton.cdiv(lay.M, bn), lay.B * lay.H)](
         q, k, v, do, dk, dv, lse, delta, bias_ptr, table_ptr, index_ptr, *common, *sizes,
-        BIAS_MODE=lay.mode, **blocks,
+        BIAS_MODE=lay.mode, **blocks, **_launch("dkdv"),
     )
     buffer = None
     g_strides = (0, 0, 0, 0)
@@ -480,7 +492,7 @@ def _backward(q, k, v, out, lse, do, scale, lay: _Layout, bias_grad: bool) -> tu
     _bwd_dq_kernel[(triton.cdiv(lay.N, bm), lay.B * lay.H)](
         q, k, v, do, dq, lse, delta, bias_ptr, table_ptr, index_ptr, buffer if buffer is not None else delta,
         *common, *g_strides, *sizes,
-        BIAS_MODE=lay.mode, BIAS_GRAD=bool(bias_grad), **blocks,
+        BIAS_MODE=lay.mode, BIAS_GRAD=bool(bias_grad), **blocks, **_launch("dq"),
     )
     if buffer is None:
         return dq, dk, dv, None

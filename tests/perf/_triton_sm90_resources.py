@@ -1,8 +1,8 @@
 """Compile the Triton attention kernels ahead of time for an H100 (sm_90) on a machine without a
-GPU, and print each kernel's registers, spills (local memory) and shared memory.
+GPU, and print each kernel's registers, register spills and shared memory.
 
-No GPU is needed: Triton lowers to PTX and runs its bundled ``ptxas``; ``cuobjdump`` reads the
-resource usage out of the cubin. What this shows is whether a tile configuration compiles, spills
+No GPU is needed: Triton lowers to PTX and runs its bundled ``ptxas``, whose ``-v`` report gives the
+registers and spills. What this shows is whether a tile configuration compiles, spills
 or overflows shared memory on the real backend (the interpreter checks only the arithmetic); it
 says nothing about speed.
 
@@ -47,7 +47,7 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 def resources(kernel: str, d0: int, d1: int, block_m: int, block_n: int, warps: int, stages: int,
               dtype: str = "bf16", mode: int = 2) -> dict[str, int | str]:
-    """Compile one kernel for sm_90; registers, local (spill) bytes and shared bytes."""
+    """Compile one kernel for sm_90; registers, spill bytes (stores, loads), stack frame and shared bytes."""
     fn = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}[kernel]
     consts = dict(BIAS_MODE=mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION="tf32")
     if kernel == "dq":
@@ -69,13 +69,20 @@ def resources(kernel: str, d0: int, d1: int, block_m: int, block_n: int, warps: 
     except Exception as exc:  # e.g. out of shared memory: that is the result
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return row
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    # ptxas -v on the PTX Triton produced (the same ptxas and flags family Triton runs) reports
+    # registers and the spills that the cubin's resource table folds into its stack frame.
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True).stderr
     os.unlink(f.name)
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    row.update(regs=int(match[1]), stack=int(match[2]), local=int(match[4]), shared=compiled.metadata.shared)
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    if regs is None or spills is None:
+        row["error"] = f"ptxas said: {info.strip()[:200]}"
+        return row
+    row.update(regs=int(regs[1]), stack=int(spills[1]), spill_stores=int(spills[2]), spill_loads=int(spills[3]),
+               shared=compiled.metadata.shared)
     return row
 
 
@@ -86,11 +93,11 @@ def main() -> int:
     if args.sweep:
         configs = [(k, 64, 16, bm, bn, w, s) for k in ("fwd", "dkdv", "dq")
                    for (bm, bn), w, s in itertools.product([(64, 64), (128, 64), (64, 32)], [4, 8], [2, 3])]
-    else:  # what the launcher uses on CUDA today: split d 72, padded d 72, d 64
-        configs = [(k, *ta._blocks(d, "cuda")[2:], *ta._blocks(d, "cuda")[:2], 4, 3) for d in (72, 64)
-                   for k in ("fwd", "dkdv", "dq")]
-        configs += [(k, 128, 0, 64, 64, 4, 3) for k in ("fwd", "dkdv", "dq")]  # d 72 padded to 128
-    print("kernel d tile warps stages regs local_bytes shared_bytes", flush=True)
+    else:  # what the launcher uses on CUDA: d 72 (split), d 64, and d 72 padded to 128 for comparison
+        configs = [(k, *ta._blocks(d, "cuda")[2:], *ta._blocks(d, "cuda")[:2], *ta.CUDA_WARPS_STAGES[k])
+                   for d in (72, 64) for k in ("fwd", "dkdv", "dq")]
+        configs += [(k, 128, 0, 64, 64, *ta.CUDA_WARPS_STAGES[k]) for k in ("fwd", "dkdv", "dq")]
+    print("kernel d tile warps stages regs spill_store_bytes spill_load_bytes shared_bytes", flush=True)
     ok = True
     for config in configs:
         row = resources(*config)
@@ -98,7 +105,8 @@ def main() -> int:
             print(row["kernel"], row["d"], row["tile"], row["warps"], row["stages"], "ERROR", row["error"], flush=True)
             ok = False
             continue
-        print(*(row[k] for k in ("kernel", "d", "tile", "warps", "stages", "regs", "local", "shared")), flush=True)
+        print(*(row[k] for k in ("kernel", "d", "tile", "warps", "stages", "regs", "spill_stores", "spill_loads",
+                                 "shared")), flush=True)
     return 0 if ok else 1
 
 
