@@ -9,7 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffit_toolkit.nn.attention import Attention, attention_math, relative_position_index
+from diffit_toolkit.nn.attention import (
+    Attention,
+    AttentionBackend,
+    BackendChoice,
+    attention_gathered_math,
+    attention_math,
+    gather_relative_bias,
+    relative_position_index,
+)
 from diffit_toolkit.registry import attention_backends
 
 # Absolute tolerance of each dtype against the fp32 reference (outputs are O(1)).
@@ -195,3 +203,73 @@ def test_auto_picks_sdpa_on_cpu_and_math_for_float64():
     choice = Attention(16, 2).backend
     assert choice.pick("cpu", torch.float32, True, 8).name == "sdpa"
     assert choice.pick("cpu", torch.float64, True, 8).name == "math"
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 3), st.sampled_from([(2, 2), (2, 3), (3, 3)]), st.integers(1, 4), st.booleans(),
+       st.integers(0, 2), st.integers(0, 2**16))
+def test_gather_relative_bias_is_the_table_looked_up_per_pair(heads, window, windows, per_sample, extra, seed):
+    """bias[b*windows + w, h, i, j] = (table + offset[b])[index[i, j], h] for j < n, 0 for extra keys."""
+    g = torch.Generator().manual_seed(seed)
+    index = relative_position_index(window)
+    n, T = index.shape[0], (2 * window[0] - 1) * (2 * window[1] - 1)
+    table = torch.randn(T, heads, generator=g)
+    offset = torch.randn(2, T, heads, generator=g) if per_sample else None
+    bias = gather_relative_bias(table, index, offset, windows, n + extra)
+    samples = 2 if per_sample else 1
+    assert bias.shape == (samples * windows if per_sample else 1, heads, n, n + extra)
+    for entry in range(bias.shape[0]):
+        full = table + (offset[entry // windows] if per_sample else 0)
+        for h in range(heads):
+            for i in range(n):
+                for j in range(n + extra):
+                    want = full[index[i, j], h] if j < n else 0.0
+                    assert bias[entry, h, i, j] == want
+
+
+def gathering_spy(calls: list[str]) -> AttentionBackend:
+    """A backend with a gathered_fn (the reference, :func:`attention_gathered_math`) whose dense
+    ``fn`` refuses a bias: a call that builds a dense bias fails."""
+
+    def dense(q, k, v, bias, scale):
+        assert bias is None, "a dense bias was built although the backend gathers"
+        calls.append("dense")
+        return attention_math(q, k, v, None, scale)
+
+    def gathered(q, k, v, table, index, table_offset, scale):
+        calls.append("gathered")
+        return attention_gathered_math(q, k, v, table, index, table_offset, scale)
+
+    return AttentionBackend(name="spy", fn=dense, gathered_fn=gathered, devices=frozenset({"cpu"}))
+
+
+@settings(max_examples=15)
+@given(st.sampled_from([None, 2]), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_a_gathering_backend_gets_the_table_not_a_dense_bias(window, bias, offset, extra, seed):
+    """Attention routes the relative bias to gathered_fn (table, index, per-sample offset, extra
+    keys) and gets the math backend's output and gradients; no bias: the plain fn."""
+    torch.manual_seed(seed)
+    heads, dim = 2, 16
+    ref = Attention(dim, heads, grid=4, window=window, rel_pos_bias=bias, backend="math")
+    spy = Attention(dim, heads, grid=4, window=window, rel_pos_bias=bias, backend="math")
+    spy.load_state_dict(ref.state_dict())
+    calls: list[str] = []
+    spy.backend = BackendChoice("spy", gathering_spy(calls), ())
+    x = torch.randn(3, 16, dim)
+    table_offset = torch.randn(3, ref.bias_table_size, heads) if bias and offset else None
+    tokens = torch.randn(3, 2, dim) if extra else None
+
+    def run(module):
+        module.zero_grad()
+        leaves = [None if t is None else t.clone().requires_grad_(True) for t in (x, table_offset, tokens)]
+        out = module(leaves[0], bias_table_offset=leaves[1], extra_tokens=leaves[2])
+        out.square().sum().backward()
+        found = {n: p.grad for n, p in module.named_parameters()}
+        found.update({name: t.grad for name, t in zip(("x", "offset", "extra"), leaves) if t is not None})
+        return out.detach(), found
+
+    (want, want_grads), (got, got_grads) = run(ref), run(spy)
+    assert calls == ["gathered" if bias else "dense"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)

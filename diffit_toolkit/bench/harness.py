@@ -320,7 +320,7 @@ def attention_microbench(shape: tuple[int, int, int, int], device: torch.device,
         if gathered is not None and (backends is None or entry.name in backends) and entry.obj.unavailable_reason() is None \
                 and entry.obj.supports(device.type, dtype, True, d, True):
             rows.append({"backend": entry.name, "bias": "gathered",
-                         "ms": 1e3 * timed(lambda fn=gathered: fn(q, k, v, table, index, scale))})
+                         "ms": 1e3 * timed(lambda fn=gathered: fn(q, k, v, table, index, None, scale))})
     sdpa = attention_backends.get("sdpa").fn
     reference = 1e3 * timed(lambda: sdpa(q, k, v, None, scale))
     rows.append({"backend": "sdpa", "bias": "none", "ms": reference})

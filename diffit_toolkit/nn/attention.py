@@ -2,8 +2,14 @@
 
 The module (:class:`Attention`) owns the weights; the kernel that computes
 ``softmax(q k^T * scale + bias) v`` is an :class:`AttentionBackend` chosen by name from the
-registry (``math``, ``sdpa``, ``flex``, ``xformers``, ``auto``). ``math`` below is the fp32
-reference every other backend is tested against.
+registry (``math``, ``sdpa``, ``flex``, ``xformers``, ``triton``, ``auto``). ``math`` below is
+the fp32 reference every other backend is tested against.
+
+A backend takes the bias in one of two forms. Every backend takes it **dense** (``fn``): a float
+tensor broadcastable to ``(B, H, N, M)``, which :class:`Attention` builds from its relative
+position table. A backend that can look the bias up itself also declares ``gathered_fn``: it gets
+the table, Swin's index and the per-sample table offset instead, so no ``(B, H, N, N)`` bias is
+ever built (:data:`GatheredAttentionFn`, reference :func:`attention_gathered_math`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ from diffit_toolkit.registry import attention_backends
 #: to (B, H, N, M) or None (float32; the backend casts it as it needs); the output has q's dtype.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 
+#: ``gathered_fn(q, k, v, table, index, table_offset, scale) -> out``: attention with the relative
+#: position bias ``bias[b, h, i, j] = (table + table_offset[b // windows])[index[i, j], h]`` looked
+#: up by the backend. q (B', H, n, d) with ``B' = B * windows`` (windows inner, the order
+#: :class:`Attention` produces); k/v (B', H, M, d) with ``M >= n``, keys ``j >= n`` (extra tokens)
+#: get bias 0; table (T, H); index (n, n) integer, values in ``[0, T)``; table_offset (B, T, H) or
+#: None. Gradients flow to q, k, v, table and table_offset; the output has q's dtype.
+GatheredAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
+
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     """Reference attention in fp32 (fp64 for fp64 inputs): ``softmax(q k^T * scale + bias) v``
@@ -33,6 +47,35 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: 
         logits = logits + bias.to(compute)
     out = torch.einsum("bhnm,bhmd->bhnd", logits.softmax(dim=-1), v.to(compute))
     return out.to(q.dtype)
+
+
+def gather_relative_bias(
+    table: Tensor, index: Tensor, table_offset: Tensor | None = None, windows: int = 1, num_keys: int | None = None
+) -> Tensor:
+    """The dense bias of a relative position table: ``(1 or B * windows, H, n, num_keys)``.
+
+    ``bias[b, h, i, j] = (table + table_offset[b // windows])[index[i, j], h]`` for ``j < n`` and
+    0 for the ``num_keys - n`` extra keys (default ``num_keys = n``). Shapes as in
+    :data:`GatheredAttentionFn`; the result is batch-broadcast (leading 1) without an offset.
+    """
+    full = table[None] if table_offset is None else table + table_offset  # (1|B, T, H)
+    n = index.shape[0]
+    bias = full[:, index.reshape(-1)]  # (1|B, n*n, H)
+    bias = bias.reshape(bias.shape[0], n, n, table.shape[-1]).permute(0, 3, 1, 2)  # (1|B, H, n, n)
+    if windows > 1 and bias.shape[0] > 1:
+        bias = bias.repeat_interleave(windows, dim=0)  # (B*windows, H, n, n), windows inner
+    if num_keys is not None and num_keys > n:
+        bias = F.pad(bias, (0, num_keys - n))  # extra keys carry no position: zero bias
+    return bias
+
+
+def attention_gathered_math(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor, table_offset: Tensor | None, scale: float
+) -> Tensor:
+    """Reference of the :data:`GatheredAttentionFn` contract: the dense gathered bias through
+    :func:`attention_math` (what a gathering backend must equal, without building the bias)."""
+    windows = q.shape[0] // table_offset.shape[0] if table_offset is not None else 1
+    return attention_math(q, k, v, gather_relative_bias(table, index, table_offset, windows, k.shape[2]), scale)
 
 
 @dataclass(frozen=True)
@@ -51,6 +94,9 @@ class AttentionBackend:
         backward_devices: device types where it can also be differentiated (``None``: all of
             ``devices``).
         description: one line for listings.
+        gathered_fn: optional kernel that looks the relative position bias up itself (see
+            :data:`GatheredAttentionFn`); :class:`Attention` then never builds a dense bias for
+            this backend. ``None``: the backend gets the dense bias through ``fn``.
     """
 
     name: str
@@ -63,6 +109,7 @@ class AttentionBackend:
     max_head_dim: int | None = None
     backward_devices: frozenset[str] | None = None
     description: str = ""
+    gathered_fn: GatheredAttentionFn | None = None
 
     def supports(
         self, device_type: str, dtype: torch.dtype, has_bias: bool, head_dim: int, needs_grad: bool = False
@@ -262,14 +309,7 @@ class Attention(nn.Module):
     def relative_bias(self, table_offset: Tensor | None = None) -> Tensor:
         """The dense bias ``(1 or B, heads, n, n)`` gathered from the table (plus a per-sample
         offset table ``(B, T, heads)`` when given), ``n`` the tokens of one window."""
-        table = self.relative_position_bias_table  # (T, heads)
-        if table_offset is not None:
-            table = table + table_offset  # (B, T, heads)
-        else:
-            table = table[None]
-        n = self.relative_position_index.shape[0]
-        bias = table[:, self.relative_position_index.reshape(-1)]  # (B, n*n, heads)
-        return bias.reshape(bias.shape[0], n, n, self.num_heads).permute(0, 3, 1, 2)
+        return gather_relative_bias(self.relative_position_bias_table, self.relative_position_index, table_offset)
 
     def forward(
         self,
@@ -303,12 +343,8 @@ class Attention(nn.Module):
             windows = (gh // wh) * (gw // ww)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
 
-        bias = None
-        if self.bias_window is not None:
-            bias = self.relative_bias(bias_table_offset)  # (1|B, heads, n, n)
-            if windows > 1 and bias.shape[0] > 1:
-                bias = bias.repeat_interleave(windows, dim=0)  # (B*windows, heads, n, n)
-        elif bias_table_offset is not None:
+        has_bias = self.bias_window is not None
+        if bias_table_offset is not None and not has_bias:
             raise ValueError("a bias table offset needs rel_pos_bias=True on the attention")
 
         if extra_tokens is not None:
@@ -316,13 +352,28 @@ class Attention(nn.Module):
             _, ke, ve = rearrange(extra, "b m (three h d) -> three b h m d", three=3, h=self.num_heads)
             if windows > 1:
                 ke, ve = ke.repeat_interleave(windows, dim=0), ve.repeat_interleave(windows, dim=0)
-            k, v = torch.cat([k, ke], dim=2), torch.cat([v, ve], dim=2)
-            if bias is not None:  # extra keys carry no position: zero bias
-                bias = F.pad(bias, (0, ke.shape[2])).expand(q.shape[0], -1, -1, -1)
+            k, v = torch.cat([k, ke], dim=2), torch.cat([v, ve], dim=2)  # extra keys after the window's
 
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or (bias is not None and bias.requires_grad))
-        backend = self.backend.pick(q.device.type, q.dtype, bias is not None, self.head_dim, needs_grad)
-        out = backend.fn(q, k, v, bias, self.scale)  # (B', heads, n, d)
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad
+            or k.requires_grad
+            or v.requires_grad
+            or (has_bias and self.relative_position_bias_table.requires_grad)
+            or (bias_table_offset is not None and bias_table_offset.requires_grad)
+        )
+        backend = self.backend.pick(q.device.type, q.dtype, has_bias, self.head_dim, needs_grad)
+        if has_bias and backend.gathered_fn is not None:
+            # The backend looks the bias up itself: no (B', heads, n, M) tensor is built.
+            out = backend.gathered_fn(
+                q, k, v, self.relative_position_bias_table, self.relative_position_index, bias_table_offset, self.scale
+            )
+        else:
+            bias = None
+            if has_bias:
+                bias = gather_relative_bias(
+                    self.relative_position_bias_table, self.relative_position_index, bias_table_offset, windows, k.shape[2]
+                )  # (1|B', heads, n, M)
+            out = backend.fn(q, k, v, bias, self.scale)  # (B', heads, n, d)
         out = rearrange(out, "b h n d -> b n (h d)")
         if self.window is not None:
             (gh, gw), (wh, ww) = self.grid, self.window
