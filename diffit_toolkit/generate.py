@@ -83,10 +83,18 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = load_checkpoint(path, map_location=dev)
     config = ckpt["config"]
-    model = build_backbone(config["model"]).to(dev)
-    model.load_state_dict(ckpt[weights])
+    lacking = [k for k in ("model", "recipe", "data") if not isinstance(config.get(k), dict)]
+    if lacking:
+        raise CheckpointError(f"checkpoint {path}: config.json has no {', '.join(lacking)} section; it was not "
+                              f"written by the trainer")
+    try:
+        model = build_backbone(config["model"]).to(dev)
+        model.load_state_dict(ckpt[weights])
+        recipe = validate_recipe({**config["recipe"], "data": {}})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: config.json does not describe its weights ({first})") from None
     model.eval()
-    recipe = validate_recipe({**config["recipe"], "data": {}})
     return Generator(model, build_process(recipe.diffusion), recipe, config["data"], dev)
 
 

@@ -52,7 +52,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
-    from diffit_toolkit.train import CheckpointError, TrainingError
+    from diffit_toolkit.train import CheckpointError, RunFolderError, TrainingError
     from diffit_toolkit.train import train as run
 
     overrides = list(set_ or [])
@@ -63,8 +63,12 @@ def train(
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
     except RecipeError as exc:
         exit_with_error(exc, 2)
-    except (TrainingError, CheckpointError) as exc:
+    except (TrainingError, CheckpointError, RunFolderError) as exc:
         exit_with_error(exc, 1)
+    except OSError as exc:  # a write outside the checkpoints (metrics, grids) on a full disk, say
+        where = f" {exc.filename}" if exc.filename else ""
+        exit_with_error(f"could not write{where} ({exc.strerror or exc}); the checkpoints are intact: free space "
+                        f"and run the same command to resume", 1)
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)
