@@ -13,6 +13,7 @@ import torch
 
 from diffit_toolkit.backbones import build_backbone
 from diffit_toolkit.build import build_process
+from diffit_toolkit.errors import first_line
 from diffit_toolkit.process import Process
 from diffit_toolkit.recipe import Recipe, SampleSection, parse_recipe
 from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint, save_grid
@@ -85,11 +86,19 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = load_checkpoint(path, map_location=dev)
     config = ckpt["config"]
-    model = build_backbone(config["model"]).to(dev)
-    model.load_state_dict(ckpt[weights])
+    lacking = [k for k in ("model", "recipe", "data") if not isinstance(config.get(k), dict)]
+    if lacking:
+        raise CheckpointError(f"checkpoint {path}: config.json has no {', '.join(lacking)} section; it was not "
+                              f"written by the trainer")
+    try:
+        model = build_backbone(config["model"]).to(dev)
+        model.load_state_dict(ckpt[weights])
+        recipe = parse_recipe({**config["recipe"], "data": {}})
+        process = build_process(recipe)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: config.json does not describe its weights ({first_line(exc)})") from None
     model.eval()
-    recipe = parse_recipe({**config["recipe"], "data": {}})
-    return Generator(model, build_process(recipe), recipe, config["data"], dev)
+    return Generator(model, process, recipe, config["data"], dev)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

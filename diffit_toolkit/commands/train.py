@@ -60,7 +60,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
-    from diffit_toolkit.runs import CheckpointError
+    from diffit_toolkit.runs import CheckpointError, RunFolderError
     from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
 
@@ -72,8 +72,12 @@ def train(
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
     except (RecipeError, PluginError) as exc:
         exit_with_error(exc, EXIT_USAGE)
-    except (TrainingError, CheckpointError) as exc:
+    except (TrainingError, CheckpointError, RunFolderError) as exc:
         exit_with_error(exc, EXIT_FAILURE)
+    except OSError as exc:  # a write outside the checkpoints (metrics, grids) on a full disk, say
+        where = f" {exc.filename}" if exc.filename else ""
+        exit_with_error(f"could not write{where} ({exc.strerror or exc}); the checkpoints are intact: free space "
+                        f"and run the same command to resume", EXIT_FAILURE)
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)

@@ -1,23 +1,34 @@
 """Checkpoints: safetensors weights plus a ``weights_only``-loadable training state, written
-atomically (a temporary folder renamed into place), the last k kept.
+atomically (a temporary folder renamed into place), checksummed, the last k kept; and the run
+folder itself (its lock, and the checks on where a run may write).
 
 Layout of ``<run>/checkpoints/step_0001000/``:
 
 * ``model.safetensors``, ``ema.safetensors``: the weights (nothing pickled);
 * ``state.pt``: optimizer, scheduler, step, RNG and data-position state (tensors and plain
   Python values only, so ``torch.load(..., weights_only=True)`` reads it);
-* ``config.json``: the resolved recipe and the model's config.
+* ``config.json``: the resolved recipe and the model's config;
+* ``checksums.json``: the SHA-256 of each file above, verified before anything is loaded.
 
 A folder named ``step_*`` exists only once every file in it is complete: a crash while writing
-leaves a ``.tmp-*`` folder that loading ignores and the next save removes.
+leaves a ``.tmp-step_*-PID-HOST`` folder that loading ignores and the next save removes once
+its writer is gone. Re-saving an existing step swaps the new folder in atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +36,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+#: The run folder's lock file (``fcntl.flock``; holds the holder's PID and host).
+LOCK_FILE = ".lock"
+#: Per-file SHA-256 digests of a checkpoint.
+CHECKSUMS = "checksums.json"
+#: The files of a complete checkpoint (besides :data:`CHECKSUMS`).
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
+#: Keys every training state holds.
+STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "ema_n_averaged", "data", "rng")
+#: Largest step a checkpoint may claim (a 10-digit step is beyond any real run).
+MAX_STEP = 10**10
+#: A temporary folder of another host is taken for abandoned after this long.
+FOREIGN_TMP_AGE_S = 24 * 3600
+
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
+_TMP_DIR = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)(?:-(.*))?$")
+_OLD_DIR = re.compile(r"^\.old-step_(\d{7,})-")
+_HOST = socket.gethostname()
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; one line naming the file."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used (taken by another run, not a run, a dangerous path)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,13 +81,124 @@ def _state_dict_for_safetensors(state: dict[str, torch.Tensor]) -> dict[str, tor
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _why(exc: BaseException, folder: Path | None = None) -> str:
+    """What went wrong, in a few words. safetensors and torch wrap ``ENOSPC`` in their own
+    exceptions (``SafetensorError: ... os error 28``; torch's ``RuntimeError: unexpected pos``
+    with the ``OSError`` as its context), so the OS reason is looked for in the chain and the
+    text, and, failing that, in the free space of ``folder``."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text or "os error 28" in text or "code: 28" in text:
+        return os.strerror(errno.ENOSPC)
+    if "Disk quota" in text or "QuotaExceeded" in text or "os error 122" in text:
+        return os.strerror(errno.EDQUOT)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    described = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return f"{os.strerror(errno.ENOSPC)}: {described}"
+    return described
+
+
+def _writer_alive(pid: int, host: str | None, folder: Path) -> bool:
+    """Whether the process that named a temporary folder may still be writing it."""
+    if host is not None and host != _HOST:
+        try:
+            return time.time() - folder.stat().st_mtime < FOREIGN_TMP_AGE_S
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Remove this process's and dead writers' temporary folders; leave live writers' alone."""
+    for folder in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        m = _TMP_DIR.match(folder.name)
+        if m is None:
+            continue
+        pid, host = int(m.group(1)), m.group(2)
+        mine = pid == os.getpid() and host in (None, _HOST)
+        if mine or not _writer_alive(pid, host, folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    platform or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is replaced without ever being absent
+    (swapped atomically where the file system allows, else moved aside only after the new one is
+    complete and removed only after the new one is in place)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):  # tmp now holds the old checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = tmp.with_name(".old-" + tmp.name[len(".tmp-"):])  # listed as step_N until removed
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint folder's name claims (``step_0001000`` -> 1000), else ``None``."""
+    m = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first.
+
+    A step whose folder was moved aside while being replaced (a crash between the two renames on
+    a file system without atomic exchange) is listed under its ``.old-*`` name."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        if p.is_dir() and (m := _STEP_DIR.match(p.name)):
+            found[int(m.group(1))] = p
+    for p in root.iterdir():
+        if p.is_dir() and (m := _OLD_DIR.match(p.name)):
+            found.setdefault(int(m.group(1)), p)
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -76,16 +218,16 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
 
-    On any error (a full disk, say) the partial folder is removed, the previous checkpoints are
-    untouched, and a :class:`CheckpointError` says what failed.
+    On any error (a full disk, say, whatever safetensors or torch raise for it) the partial
+    folder is removed, the previous checkpoints are untouched, and a :class:`CheckpointError`
+    says what failed in one line. Checkpoints newer than ``step`` are never pruned.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{_HOST}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(root)
         tmp.mkdir()
         save_file(_state_dict_for_safetensors(model_state), str(tmp / "model.safetensors"))
         save_file(_state_dict_for_safetensors(ema_state), str(tmp / "ema.safetensors"))
@@ -93,38 +235,75 @@ def save_checkpoint(
             torch.save(train_state, f)
             f.flush()
             os.fsync(f.fileno())
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in ("model.safetensors", "ema.safetensors", "config.json"):
+        with open(tmp / "config.json", "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True))
+        sums = {}
+        for name in CHECKPOINT_FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            sums[name] = _sha256(tmp / name)
+        with open(tmp / CHECKSUMS, "w") as f:
+            f.write(json.dumps({"sha256": sums}, indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        _move_into_place(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except BaseException as exc:
+        why = _why(exc, root) if isinstance(exc, Exception) else ""
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {final} ({exc.strerror or exc}){kept}") from None
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: cleaned up, passed on
+        previous = [p for p in list_checkpoints(run_dir) if p.name != final.name or final.is_dir()]
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {final} ({why}){kept}") from None
+    older = [p for p in list_checkpoints(run_dir) if (checkpoint_step(p) or 0) < step]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless every file of the checkpoint matches the SHA-256
+    recorded when it was written (checkpoints written before checksums existed pass)."""
+    path = Path(path)
+    sums_file = path / CHECKSUMS
+    if not sums_file.is_file():
+        return
+    try:
+        sums = json.loads(sums_file.read_text())["sha256"]
+        if not isinstance(sums, dict):
+            raise TypeError("not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} is unreadable ({_why(exc)})") from None
+    for name in CHECKPOINT_FILES:
+        if name not in sums:
+            raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} has no entry for {name}")
+        try:
+            actual = _sha256(path / name)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is unreadable ({_why(exc)})") from None
+        if actual != sums[name]:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {name} does not match the SHA-256 recorded when it was "
+                f"written (the file changed on disk); resume from an older checkpoint"
+            )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint folder: ``model``, ``ema`` (state dicts), ``state`` and ``config``.
 
-    Nothing is unpickled beyond tensors and plain values (``weights_only=True``).
+    Every file is checked against its recorded SHA-256 first; nothing is unpickled beyond
+    tensors and plain values (``weights_only=True``). Any problem is a :class:`CheckpointError`.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         path = path.parent
-    needed = ["model.safetensors", "ema.safetensors", "state.pt", "config.json"]
-    missing = [n for n in needed if not (path / n).is_file()]
+    missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)}): pass a step_* folder")
+    verify_checkpoint(path)
     try:
-        return {
+        ckpt = {
             "model": load_file(str(path / "model.safetensors"), device=str(map_location)),
             "ema": load_file(str(path / "ema.safetensors"), device=str(map_location)),
             "state": torch.load(path / "state.pt", map_location=map_location, weights_only=True),
@@ -132,5 +311,109 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "path": path,
         }
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {first}") from None
+        raise CheckpointError(f"could not read checkpoint {path}: {_why(exc)}") from None
+    if not isinstance(ckpt["state"], dict):
+        raise CheckpointError(f"checkpoint {path}: state.pt holds a {type(ckpt['state']).__name__}, not a training state")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"checkpoint {path}: config.json holds a {type(ckpt['config']).__name__}, not an object")
+    return ckpt
+
+
+def check_train_state(state: dict[str, Any], path: Path) -> int:
+    """The step of a training state read from ``path``, after checking it has what a resume needs;
+    a malformed state is a one-line :class:`CheckpointError`."""
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: state.pt lacks {', '.join(missing)}; it was not written by this "
+                              f"trainer: resume from another checkpoint")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"checkpoint {path}: state.pt holds step {step!r}, not a step count (0..{MAX_STEP})")
+    named = checkpoint_step(path)
+    if named is not None and named != step:
+        raise CheckpointError(f"checkpoint {path}: state.pt holds step {step} but the folder is step {named}")
+    return step
+
+
+def load_newest_verified(run_dir: str | Path, map_location: str | torch.device = "cpu",
+                         warn=None) -> dict[str, Any] | None:
+    """The newest checkpoint of ``run_dir`` that verifies and reads, or ``None`` when there is none.
+
+    A checkpoint that fails (damaged, unreadable, malformed state) is skipped with ``warn``
+    naming it and why, and the next older one is tried; when every one fails the newest error
+    is raised."""
+    errors: list[CheckpointError] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            ckpt = load_checkpoint(path, map_location)
+            check_train_state(ckpt["state"], path)
+        except CheckpointError as exc:
+            errors.append(exc)
+            if warn is not None:
+                warn(f"skipping checkpoint {path}: {exc}")
+            continue
+        ckpt["skipped"] = errors
+        return ckpt
+    if errors:
+        raise CheckpointError(f"no checkpoint of {run_dir} can be read ({len(errors)} tried); newest: {errors[0]}")
+    return None
+
+
+# -- the run folder ---------------------------------------------------------------------------
+
+#: Names whose presence marks a folder as a run folder (so training may continue in it).
+RUN_MARKERS = (CHECKPOINT_DIR, "recipe.yaml", "metrics.jsonl", LOCK_FILE)
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """Refuse run folders that would scatter a run over unrelated files: the file-system root,
+    the home folder (or a folder above it), an existing file, a non-empty folder that is not a
+    run. Returns the folder."""
+    path = Path(run_dir).expanduser()
+    resolved = path.resolve()
+    home = Path.home().resolve()
+    if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents:
+        raise RunFolderError(f"output folder {path} is {'the file-system root' if resolved == Path(resolved.anchor) else 'the home folder or above it'}; "
+                             f"give a folder of its own, e.g. runs/<name>")
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"output folder {path} is an existing file; give a folder path")
+    if path.is_dir():
+        try:
+            entries = {p.name for p in path.iterdir()}
+        except OSError as exc:
+            raise RunFolderError(f"output folder {path} cannot be read ({_why(exc)})") from None
+        if entries and not entries & set(RUN_MARKERS):
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise RunFolderError(f"output folder {path} holds other files ({shown}) and is not a run folder; "
+                                 f"give an empty or new folder")
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``run_dir/.lock`` (``fcntl.flock``) for the whole run: a second training in the same
+    folder stops at once with a line naming the holder's PID. The lock goes with the process
+    (a killed run leaves no stale lock)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"cannot use output folder {run_dir} ({_why(exc)})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            who = f"PID {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+            raise RunFolderError(f"run folder {run_dir} is in use by another training ({who}); wait for it to "
+                                 f"finish or give another --output-dir") from None
+        except OSError as exc:
+            raise RunFolderError(f"cannot lock run folder {run_dir} ({_why(exc)})") from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {_HOST}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

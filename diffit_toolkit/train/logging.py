@@ -11,11 +11,22 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line as a dict, or ``None`` for a torn or foreign line (a crash mid-write)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
+
+
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop metric lines beyond ``step`` (written by a run that stopped after its last checkpoint)."""
+    """Drop metric lines beyond ``step`` (written by a run that stopped after its last checkpoint)
+    and torn lines (a process killed in the middle of writing one)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (record := _record(line)) is not None and record.get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -91,7 +102,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            (self.progress.console if self.progress else self.console).print(text, highlight=False)
+            (self.progress.console if self.progress else self.console).print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -24,17 +24,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
+from diffit_toolkit.errors import one_line
 from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
 from diffit_toolkit.generate import Generator, save_sample_grid
 from diffit_toolkit.recipe import Recipe, RecipeError
 from diffit_toolkit.runs import (
     CheckpointError,
+    check_run_dir,
     check_state_dict,
+    check_train_state,
     describe_environment,
     exactness_differences,
     latest_checkpoint,
     load_checkpoint,
+    load_newest_verified,
     record_environment,
+    run_lock,
     save_checkpoint,
     save_loss_curve,
 )
@@ -48,19 +53,24 @@ class TrainingError(RuntimeError):
 
 
 #: Signals that ask a run to checkpoint and stop (cluster preemption: SLURM sends SIGTERM, or
-#: SIGUSR1 with ``--signal``; ``kill`` sends SIGTERM).
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+#: SIGUSR1 with ``--signal``; ``kill`` sends SIGTERM; Ctrl-C sends SIGINT).
+STOP_SIGNALS = tuple(
+    s for s in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1", "SIGINT")) if s is not None
+)
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """Turn SIGTERM/SIGUSR1 into a flag the loop checks after each step (main thread only)."""
+    """Turn SIGTERM/SIGUSR1/SIGINT into a flag the loop checks after each step (main thread
+    only). A second Ctrl-C while the first is being honoured interrupts at once."""
     flag = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and flag["signal"] == "SIGINT":
+            raise KeyboardInterrupt
         flag["signal"] = signal.Signals(signum).name
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
@@ -166,6 +176,7 @@ def train(
     env = setup_distributed(device)
     cfg = recipe.train
     run_dir = recipe.run_dir
+    held = contextlib.ExitStack()
     try:
         torch.manual_seed(cfg.seed + env.rank)
         random.seed(cfg.seed + env.rank)
@@ -200,26 +211,40 @@ def train(
                             # RNG (label dropout draws from it), or a resume would diverge
                             generator=torch.Generator().manual_seed(cfg.seed))
 
+        if env.is_main:  # before anything is read from or written to the run folder
+            check_run_dir(run_dir)
+            held.enter_context(run_lock(run_dir))
         step = 0
         environment = describe_environment(env.device, env.world_size)
         resumed_on_other_setup: list[str] = []
-        checkpoint_path = Path(resume) if resume is not None else latest_checkpoint(run_dir)
-        if checkpoint_path is not None:
-            ckpt = load_checkpoint(checkpoint_path, map_location=env.device)
+        skipped_notes: list[str] = []
+        if resume is not None:  # the checkpoint asked for, or an error
+            ckpt = load_checkpoint(resume, map_location=env.device)
+        else:  # the newest checkpoint that verifies; damaged ones are skipped with a warning
+            ckpt = load_newest_verified(run_dir, map_location=env.device, warn=skipped_notes.append)
+        checkpoint_path = None if ckpt is None else ckpt["path"]
+        if ckpt is not None:
             try:
                 check_state_dict(model, ckpt["model"], f"checkpoint {checkpoint_path}")
             except ValueError as exc:
                 raise CheckpointError(f"{exc}; it was written by another model: use another output_dir or the matching recipe") from None
-            model.load_state_dict(ckpt["model"])
-            ema.module.load_state_dict(ckpt["ema"])
-            state = ckpt["state"]
-            ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            sampler.load_state_dict(state["data"])
-            _set_rng_state(state["rng"], generator)
-            step = int(state["step"])
+            step = check_train_state(ckpt["state"], checkpoint_path)
+            if step > cfg.max_steps:
+                raise CheckpointError(f"checkpoint {checkpoint_path} is at step {step}, beyond train.max_steps "
+                                      f"({cfg.max_steps}): raise train.max_steps to continue it, or give another output_dir")
+            try:
+                model.load_state_dict(ckpt["model"])
+                ema.module.load_state_dict(ckpt["ema"])
+                state = ckpt["state"]
+                ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                sampler.load_state_dict(state["data"])
+                _set_rng_state(state["rng"], generator)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+                raise CheckpointError(f"checkpoint {checkpoint_path}: state.pt is malformed ({one_line(exc)}); "
+                                      f"resume from another checkpoint with --resume") from None
             resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
 
         train_model: torch.nn.Module = model
@@ -235,6 +260,8 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
             record_environment(run_dir, environment, step)
+            for note in skipped_notes:
+                logger.message(f"warning: {note}")
             if checkpoint_path is not None:
                 logger.message(f"resumed from {checkpoint_path} at step {step}")
             if resumed_on_other_setup:
@@ -348,4 +375,5 @@ def train(
         result.seconds = time.perf_counter() - start_time
         return result
     finally:
+        held.close()
         cleanup_distributed()
