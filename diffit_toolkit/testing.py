@@ -50,6 +50,7 @@ from diffit_toolkit.registry import attention_backends, conditioning
 
 __all__ = [
     "ATTENTION_PROPERTIES",
+    "DEAD_PARAMETER_STEPS",
     "MECHANISM_PROPERTIES",
     "SITE_SHAPES",
     "ConformanceError",
@@ -88,6 +89,9 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }
+
+#: SGD steps from a fresh block within which every parameter must receive a gradient.
+DEAD_PARAMETER_STEPS = 3
 
 #: Tolerance of the float64 block checks (batch independence, round trip): round-off only.
 _BLOCK_TOL = 1e-9
@@ -293,9 +297,11 @@ def check_mechanism(
     * **batch independence**: changing sample j's tokens and conditioning changes no other
       sample's output (float64, parameters moved off their init).
     * **conditioning reaches the output**: changing a sample's ``c`` changes its output.
-    * **no dead parameters**: in a freshly built block, a loss on the output gives every
-      mechanism parameter a non-zero gradient, except those named in the class's
-      ``unused_parameters`` (which must then get none).
+    * **no dead parameters**: training a freshly built block with plain SGD on a regression
+      loss gives every mechanism parameter a non-zero gradient within
+      :data:`DEAD_PARAMETER_STEPS` steps (a zero-initialised gate delays what it gates by one
+      step; two zero-initialised layers in a row never move), except those named in the
+      class's ``unused_parameters`` (which must then get none).
     * **state_dict round trip**: a second block that loads the first one's ``state_dict`` computes
       the same output (no state outside the state dict).
     * **torch.compile**: the block compiles (``fullgraph=True`` unless the class sets
@@ -379,13 +385,26 @@ def check_mechanism(
         _require(not unknown, f"unused_parameters names {unknown}, which the mechanism does not have")
         x, c = harness.inputs(case, torch.float64)
         target = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed + 3), dtype=torch.float64)
-        (block(x, c) - target).square().mean().backward()
-        for pname, p in params.items():
-            got = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        # A zero-initialised gate delays the gradient of what it gates by one step (adaLN-Zero's
+        # design); a parameter with no gradient after DEAD_PARAMETER_STEPS steps never gets one.
+        optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+        reached: set[str] = set()
+        for _ in range(DEAD_PARAMETER_STEPS):
+            optimizer.zero_grad()
+            (block(x, c) - target).square().mean().backward()
+            reached |= {n for n, p in params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+            if reached >= set(params) - cls.unused_parameters:
+                break
+            optimizer.step()
+        for pname in params:
             if pname in cls.unused_parameters:
-                _require(not got, f"parameter '{pname}' is declared unused but receives a gradient")
+                _require(pname not in reached, f"parameter '{pname}' is declared unused but receives a gradient")
             else:
-                _require(got, f"parameter '{pname}' receives no gradient (declare it in unused_parameters if intended)")
+                _require(
+                    pname in reached,
+                    f"parameter '{pname}' receives no gradient in {DEAD_PARAMETER_STEPS} SGD steps from init "
+                    f"(declare it in unused_parameters if intended)",
+                )
 
     def state_dict_round_trip(case: _BlockCase) -> None:
         first = harness.perturbed_block(case, torch.float64)

@@ -86,6 +86,36 @@ class DeadParameter(Good):
         self.forgotten = nn.Linear(spec.cond_dim, spec.dim)
 
 
+class ZeroChain(Good):
+    """Two zero-initialised layers in a row: neither ever receives a gradient."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.first, self.second = nn.Linear(spec.cond_dim, spec.dim), nn.Linear(spec.dim, spec.dim)
+        for layer in (self.first, self.second):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, c):
+        return Injection(mlp_in=(self.proj(c) + self.second(self.first(c)))[:, None])
+
+
+class GatedFromZero(Good):
+    """A zero-initialised gate on the branch the projection feeds (adaLN-Zero's pattern): the
+    projection gets no gradient at step 0, but does once the gate has moved."""
+
+    identity_at_init = True
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.gate = nn.Linear(spec.cond_dim, spec.dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, c):
+        return Injection(mlp_in=self.proj(c)[:, None], gate_mlp=self.gate(c)[:, None], gate_attn=self.gate(c)[:, None])
+
+
 class DeclaredUnused(DeadParameter):
     unused_parameters = frozenset({"forgotten.weight", "forgotten.bias"})
 
@@ -136,6 +166,7 @@ class GraphBreakDeclared(GraphBreak):
     [
         (MixesBatch, "batch independence", "output of sample"),
         (DeadParameter, "no dead parameters", "'forgotten.weight' receives no gradient"),
+        (ZeroChain, "no dead parameters", "'first.weight' receives no gradient in 3 SGD steps"),
         (IgnoresTime, "conditioning reaches the output", "leaves its output unchanged"),
         (WrongShape, "output shapes and dtypes", "injection site 'mlp_in' has shape"),
         (WrongDtype, "output shapes and dtypes", "injection site 'mlp_in' is torch.float32 for torch.float64"),
@@ -155,9 +186,19 @@ def test_the_kit_fails_a_broken_mechanism_in_one_line(cls, prop, detail):
     assert isinstance(info.value, AssertionError)
 
 
-@pytest.mark.parametrize("cls", [Good, DeclaredUnused, GraphBreakDeclared], ids=lambda c: c.__name__)
-def test_the_kit_passes_correct_and_honestly_declared_mechanisms(cls):
+@pytest.mark.parametrize("cls", [DeclaredUnused, GraphBreakDeclared, GatedFromZero], ids=lambda c: c.__name__)
+def test_the_kit_passes_honestly_declared_mechanisms(cls):
     assert "no dead parameters" in check_mechanism(cls, max_examples=2).passed
+
+
+def test_the_documented_user_mechanism_conforms(plugin_system):
+    """docs/examples/user_plugin.py (the page's example) passes the kit it recommends."""
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "user_plugin.py"
+    namespace = runpy.run_path(str(example))
+    assert "torch.compile" in check_mechanism(namespace["GatedTMSA"], max_examples=2).passed
 
 
 def test_declaring_a_used_parameter_unused_fails():
