@@ -60,7 +60,7 @@ __all__ = [
     "pytest_generate_tests",
 ]
 
-#: Properties :func:`check_mechanism` checks, in order (the last two only where they apply).
+#: Properties :func:`check_mechanism` checks, in order (the last only where the class declares it).
 MECHANISM_PROPERTIES: tuple[str, ...] = (
     "output shapes and dtypes",
     "batch independence",
