@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any, TypeVar
+
+from diffit_toolkit.errors import did_you_mean
 
 C = TypeVar("C")
 
 
 def unknown_name_error(what: str, name: str, valid: list[str]) -> ValueError:
     """``unknown <what> 'x'; did you mean 'y'? (valid: ...)`` as a one-line ValueError."""
-    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ValueError(f"unknown {what} '{name}'{hint} (valid: {', '.join(valid)})")
+    return ValueError(f"unknown {what} '{name}'{did_you_mean(name, valid)} (valid: {', '.join(valid)})")
 
 
 def config_from_options(cls: type[C], base: Mapping[str, Any], options: Mapping[str, Any], what: str) -> C:
@@ -25,8 +24,7 @@ def config_from_options(cls: type[C], base: Mapping[str, Any], options: Mapping[
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in options if k not in fields]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], fields, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(unknown[0], fields)
         raise ValueError(f"unknown {what} option(s) {', '.join(map(repr, unknown))}{hint} (valid: {', '.join(fields)})")
     return cls(**{**base, **options})
 

@@ -35,13 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from diffit_toolkit.backbones.conditioning import DEFAULT_CLASS_DROPOUT, ConditionedBackbone, check_conditioning_options
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
-from diffit_toolkit.backbones.latent import DEFAULT_CLASS_DROPOUT
-from diffit_toolkit.backbones.layers import LabelEmbedder
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
-from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM, TimestepEmbedder
+from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM
 
 #: Resolution factor between consecutive stages (the paper halves the resolution).
 STAGE_FACTOR = 2
@@ -122,10 +120,7 @@ class ImageDiffiTConfig:
             )
         if min(self.num_blocks) < 1 or min(self.channels) < 1:
             raise ValueError("every stage needs at least one block and one channel")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        check_conditioning_options(self.num_classes, self.class_dropout_prob)
         if self.resample not in RESAMPLE_MODES:
             raise unknown_name_error("resample mode", self.resample, list(RESAMPLE_MODES))
         if self.skip not in SKIP_MODES:
@@ -270,7 +265,7 @@ class DecoderStage(nn.Module):
         return self.merge(torch.cat([x, skip], dim=1)) if self.merge is not None else x + skip
 
 
-class ImageDiffiT(nn.Module):
+class ImageDiffiT(ConditionedBackbone):
     """U-shaped image-space DiffiT (SPEC 3); any registered mechanism conditions its blocks.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) images, ``t`` (B,) noise levels (e.g. EDM's
@@ -290,18 +285,13 @@ class ImageDiffiT(nn.Module):
         self.out_channels = config.out_channels
         self.input_size = config.input_size
         self.learn_sigma = config.learn_sigma
-        self.num_classes = config.num_classes
-        self.null_class = config.num_classes if config.num_classes > 0 else None
         self.grad_checkpointing = config.grad_checkpointing
         C0 = config.channels[0]
 
-        self.t_embedder = TimestepEmbedder(
-            config.time_dim, features=config.time_features, frequency_dim=config.frequency_dim,
-            **config.time_feature_options,
-        )
-        self.y_embedder = (
-            LabelEmbedder(config.num_classes, config.time_dim, config.class_dropout_prob)
-            if config.num_classes > 0 else None
+        self.build_conditioning(  # t_embedder, y_embedder: c of width time_dim
+            config.time_dim, num_classes=config.num_classes, class_dropout_prob=config.class_dropout_prob,
+            time_features=config.time_features, frequency_dim=config.frequency_dim,
+            time_feature_options=config.time_feature_options,
         )
         self.tokenizer = nn.Conv2d(config.in_channels, C0, kernel_size=3, padding=1)
         self.encoder = nn.ModuleList([EncoderStage(config, s) for s in range(config.num_stages)])
@@ -322,31 +312,10 @@ class ImageDiffiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         # Class table normal(0.02), as in the latent model.
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        self.init_conditioning()
         # Head conv zero-initialised: a fresh model outputs 0.
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each ResBlock's activations in the backward pass."""
-        self.grad_checkpointing = enable
-
-    def condition(self, t: Tensor, y: Tensor | None = None, force_drop: Tensor | None = None) -> Tensor:
-        """The conditioning token ``c = t_emb (+ y_emb)`` (B, time_dim), computed once per forward."""
-        c = self.t_embedder(t)
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("this model is unconditional (num_classes=0): call it with y=None")
-            return c
-        if y is None:
-            y = torch.full((t.shape[0],), self.null_class, dtype=torch.long, device=t.device)
-        return c + self.y_embedder(y, self.training, force_drop)
-
-    def _run(self, block: DiffiTResBlock, x: Tensor, c: Tensor) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, use_reentrant=False)
-        return block(x, c)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` (B, C, H, W), ``t`` (B,), ``y`` (B,) or ``None`` -> (B, C_out, H, W)."""
@@ -360,14 +329,14 @@ class ImageDiffiT(nn.Module):
         skips = []
         for stage in self.encoder:
             for block in stage.blocks:
-                h = self._run(block, h, c)
+                h = self.run_block(block, h, c)
             if stage.down is not None:
                 skips.append(h)  # (B, C_s, H_s, W_s)
                 h = stage.down(h)  # (B, C_{s+1}, H_s / 2, W_s / 2)
         for stage in self.decoder:
             h = stage.join(h, skips.pop())  # (B, C_s, H_s, W_s)
             for block in stage.blocks:
-                h = self._run(block, h, c)
+                h = self.run_block(block, h, c)
         return self.head(h)  # (B, C_out, H, W)
 
 

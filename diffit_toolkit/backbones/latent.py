@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from diffit_toolkit.backbones.conditioning import (
+    DEFAULT_CLASS_DROPOUT,
+    ConditionedBackbone,
+    check_conditioning_options,
+    preferred_final_layer,
+)
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
-from diffit_toolkit.backbones.layers import FINAL_LAYERS, LabelEmbedder, PatchEmbed, sincos_2d, unpatchify
+from diffit_toolkit.backbones.layers import FINAL_LAYERS, PatchEmbed, sincos_2d, unpatchify
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
-from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM, TimestepEmbedder
-
-#: Label dropout probability of DiT and the released DiffiT (classifier-free guidance training).
-DEFAULT_CLASS_DROPOUT = 0.1
+from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM
 
 #: Model sizes in DiT naming: depth, width and heads (DiT Table 1). XL: head dim 72.
 LATENT_SIZES: dict[str, dict[str, int]] = {
@@ -68,7 +70,8 @@ class LatentDiffiTConfig:
         window: attention window (``None``: global attention over the whole patch grid, and a
             bias table spanning it: 16 at 256 px / patch 2, 32 at 512 px, as released).
         final_layer: ``"plain"`` (released DiffiT: LN -> SiLU -> Linear) or ``"adaln"`` (DiT);
-            ``None`` picks ``"adaln"`` for the ``adaln_zero`` mechanism and ``"plain"`` otherwise.
+            ``None`` takes the one the mechanism class declares (its ``final_layer`` attribute:
+            ``"adaln"`` for ``adaln_zero``), else ``"plain"``.
         attention_backend: registered attention backend or ``auto``.
         time_features: registered time-embedding feature map (``positional`` or ``fourier``).
         frequency_dim: width of the time features (256 as released).
@@ -106,13 +109,8 @@ class LatentDiffiTConfig:
                 f"input size {self.input_size} is not divisible by patch size {self.patch_size}: "
                 f"choose a patch size that divides it"
             )
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.final_layer is None:
-            # The one mechanism-dependent default: DiT pairs adaLN-Zero blocks with an adaLN output layer.
-            self.final_layer = "adaln" if self.mechanism == "adaln_zero" else "plain"
+        check_conditioning_options(self.num_classes, self.class_dropout_prob)
+        self.final_layer = preferred_final_layer(self.mechanism, self.final_layer)
         if self.final_layer not in FINAL_LAYERS:
             raise unknown_name_error("final layer", self.final_layer, list(FINAL_LAYERS))
         self.mechanism_options = dict(self.mechanism_options)
@@ -145,7 +143,7 @@ class LatentDiffiTConfig:
         return LatentDiffiT(self, backbone=backbone)
 
 
-class LatentDiffiT(nn.Module):
+class LatentDiffiT(ConditionedBackbone):
     """Isotropic latent diffusion transformer: DiffiT (TMSA) or DiT (adaLN-Zero) or any mechanism.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) latents, ``t`` (B,) timesteps, ``y`` (B,) class
@@ -168,17 +166,14 @@ class LatentDiffiT(nn.Module):
         self.patch_size = config.patch_size
         self.input_size = config.input_size
         self.learn_sigma = config.learn_sigma
-        self.num_classes = config.num_classes
-        self.null_class = config.num_classes if config.num_classes > 0 else None
         self.grad_checkpointing = config.grad_checkpointing
         D = config.hidden_size
 
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(
-            D, features=config.time_features, frequency_dim=config.frequency_dim, **config.time_feature_options
-        )
-        self.y_embedder = (
-            LabelEmbedder(config.num_classes, D, config.class_dropout_prob) if config.num_classes > 0 else None
+        self.build_conditioning(  # t_embedder, y_embedder (released key names)
+            D, num_classes=config.num_classes, class_dropout_prob=config.class_dropout_prob,
+            time_features=config.time_features, frequency_dim=config.frequency_dim,
+            time_feature_options=config.time_feature_options,
         )
         # Fixed (not trained) sin-cos positions; a frozen parameter as in DiT, so it is counted by
         # ``parameters()`` and stored under the released key ``pos_embed``.
@@ -205,8 +200,7 @@ class LatentDiffiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
 
         # Label table normal(0.02). (The time MLP's normal(0.02) init is TimestepEmbedder's own.)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        self.init_conditioning()
 
         # Output layer zero-initialised: a fresh model predicts 0 (DiT; released DiffiT).
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -216,36 +210,12 @@ class LatentDiffiT(nn.Module):
             nn.init.zeros_(modulation[-1].weight)
             nn.init.zeros_(modulation[-1].bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
-        self.grad_checkpointing = enable
-
-    def condition(self, t: Tensor, y: Tensor | None = None, force_drop: Tensor | None = None) -> Tensor:
-        """The conditioning token ``c = t_emb + y_emb`` (B, D), computed once per forward.
-
-        Args:
-            t: (B,) timesteps.
-            y: (B,) labels; ``None`` gives the null class (class-conditional models).
-            force_drop: (B,) bool, replace these labels by the null class (guidance batches).
-        """
-        c = self.t_embedder(t)  # (B, D)
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("this model is unconditional (num_classes=0): call it with y=None")
-            return c
-        if y is None:
-            y = torch.full((t.shape[0],), self.null_class, dtype=torch.long, device=t.device)
-        return c + self.y_embedder(y, self.training, force_drop)
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` (B, C, H, W), ``t`` (B,), ``y`` (B,) or ``None`` -> (B, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p)(W/p)
         c = self.condition(t, y)  # (B, D)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)  # (B, T, D)
+            x = self.run_block(block, x, c)  # (B, T, D)
         x = self.final_layer(x, c)  # (B, T, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 

@@ -40,11 +40,6 @@ def to_model_range(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(pixels).to(torch.float32) / PIXEL_HALF_RANGE - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (clamped) -> uint8 pixels in [0, 255], same shape."""
-    return ((x.clamp(-1, 1) + 1.0) * PIXEL_HALF_RANGE).round().to(torch.uint8)
-
-
 def pil_to_model(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
     """Convert (RGB or L), ADM-center-crop and scale a PIL image.
 

@@ -132,9 +132,25 @@ class ConditioningMechanism(nn.Module, abc.ABC):
     * ``requires_rel_pos_bias``: the block must have a relative position bias.
     * ``configure_block(spec, **options)``: a classmethod that may adjust the block's spec before
       it is built (e.g. ``window_tmsa`` turns windows on).
+
+    Declarations that the conformance kit (:mod:`diffit_toolkit.testing`) checks and the
+    backbones read; the defaults suit most mechanisms:
+
+    * ``identity_at_init``: a freshly built block is exactly the identity (adaLN-Zero's zero gates).
+    * ``unused_parameters``: names of parameters (relative to the mechanism) that are allowed to
+      receive no gradient; every other parameter must get a non-zero one in a fresh block.
+    * ``compile_fullgraph``: the block compiles with ``torch.compile(fullgraph=True)`` (no graph
+      breaks); ``False`` still requires it to compile, with breaks allowed.
+    * ``final_layer``: the output layer a latent backbone pairs with this mechanism when its
+      config leaves ``final_layer`` unset (``"adaln"`` for adaLN-Zero, as in DiT); ``None``: the
+      plain layer.
     """
 
     requires_rel_pos_bias: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    unused_parameters: ClassVar[frozenset[str]] = frozenset()
+    compile_fullgraph: ClassVar[bool] = True
+    final_layer: ClassVar[str | None] = None
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()

@@ -17,16 +17,14 @@ def test_builtin_mechanisms_are_registered():
     assert set(BUILTIN_MECHANISMS) <= set(conditioning.names())
 
 
-@pytest.mark.parametrize(
-    "mechanism,window",
-    # every mechanism with windows (the superset path), and the two released latent blocks global
-    [(m, 2) for m in BUILTIN_MECHANISMS] + [("tmsa", None), ("adaln_zero", None)],
-)
-def test_block_compiles_without_graph_breaks(mechanism, window):
-    """``fullgraph=True`` raises on any graph break; the ``eager`` backend keeps it fast on CPU."""
+@pytest.mark.parametrize("mechanism", ["tmsa", "adaln_zero"])
+def test_released_global_blocks_compile_without_graph_breaks(mechanism):
+    """``fullgraph=True`` raises on any graph break; the ``eager`` backend keeps it fast on CPU.
+    Every registered mechanism compiles with windows in the conformance kit
+    (tests/test_conformance.py); here the two released latent blocks, global attention."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    spec = BlockSpec(dim=32, num_heads=4, cond_dim=16, grid=(4, 4), window=window, rel_pos_bias=True)
+    spec = BlockSpec(dim=32, num_heads=4, cond_dim=16, grid=(4, 4), window=None, rel_pos_bias=True)
     block = DiffiTBlock(spec, mechanism)
     x, c = torch.randn(2, 16, 32), torch.randn(2, 16)
     compiled = torch.compile(block, backend="eager", fullgraph=True)

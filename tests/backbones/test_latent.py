@@ -241,3 +241,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for a, b in zip(g_ckpt, g_plain):
         torch.testing.assert_close(a, b)
     assert tiny(grad_checkpointing=True).grad_checkpointing
+
+
+def test_final_layer_follows_the_mechanisms_declaration_and_an_explicit_option_wins(plugin_system):
+    """The core names no mechanism: a class that declares ``final_layer = "adaln"`` gets DiT's
+    output layer, like ``adaln_zero``; an explicit ``final_layer`` overrides either way."""
+    from diffit_toolkit import register_conditioning
+    from diffit_toolkit.registry import conditioning
+
+    tmsa = conditioning.get("tmsa")
+
+    class TMSAWithAdaLNOutput(tmsa):
+        final_layer = "adaln"
+
+    register_conditioning("tmsa_adaln_out", TMSAWithAdaLNOutput)
+    assert tiny(mechanism="tmsa_adaln_out").config["final_layer"] == "adaln"
+    assert hasattr(tiny(mechanism="tmsa_adaln_out").final_layer, "adaLN_modulation")
+    assert tiny(mechanism="tmsa_adaln_out", final_layer="plain").config["final_layer"] == "plain"
+    assert tiny(mechanism="adaln_zero", final_layer="plain").config["final_layer"] == "plain"
+    assert tiny(mechanism="tmsa", final_layer="adaln").config["final_layer"] == "adaln"
+    assert tiny(mechanism="adaln_zero").config["final_layer"] == "adaln"
+    assert tiny(mechanism="mlp").config["final_layer"] == "plain"
