@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from typing import NoReturn
 
@@ -25,6 +26,14 @@ def exit_with_error(message: object, code: int = 1) -> NoReturn:
     first = text.splitlines()[0] if text else "failed"
     console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+def finite(value: float | None) -> float | None:
+    """Typer callback for float options: ``inf`` and ``nan`` are refused (``--guidance-scale inf``
+    would otherwise run to the end and write black images)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def _availability(obj: object) -> str:

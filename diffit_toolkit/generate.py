@@ -13,6 +13,7 @@ from diffit_toolkit.backbones import build_backbone
 from diffit_toolkit.process import Process, build_process
 from diffit_toolkit.recipe import Recipe, SampleSection, validate_recipe
 from diffit_toolkit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from diffit_toolkit.train.distributed import parse_device
 from diffit_toolkit.train.outputs import save_grid
 
 
@@ -80,7 +81,7 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
         path = found
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     config = ckpt["config"]
     lacking = [k for k in ("model", "recipe", "data") if not isinstance(config.get(k), dict)]

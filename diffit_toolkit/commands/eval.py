@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.cli import app, exit_with_error
+from diffit_toolkit.cli import app, exit_with_error, finite
 
 console = Console()
 
@@ -93,7 +93,7 @@ def ablate(
     eval_every: int = typer.Option(None, min=0, help="Evaluate every N training steps (0: final step only)."),
     num_images: int = typer.Option(None, min=2, help="Samples per evaluation (default 200)."),
     sample_steps: int = typer.Option(None, min=1, help="Sampling steps (default: the suite's, else each recipe's)."),
-    guidance_scale: float = typer.Option(None, min=0, help="Guidance scale (default: the suite's, else each recipe's)."),
+    guidance_scale: float = typer.Option(None, min=0, callback=finite, help="Guidance scale (default: the suite's, else each recipe's)."),
     out: Path = typer.Option(None, help="Output folder (default: the suite's, else runs/ablation)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:

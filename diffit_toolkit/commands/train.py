@@ -59,6 +59,12 @@ def train(
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
     resolved = _load(recipe, overrides)
+    from diffit_toolkit.train.distributed import parse_device
+
+    try:
+        parse_device(device)
+    except ValueError as exc:
+        exit_with_error(exc, 2)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
     except RecipeError as exc:

@@ -274,17 +274,17 @@ def verify_checkpoint(path: str | Path) -> None:
         if not isinstance(sums, dict):
             raise TypeError("not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} is unreadable ({_why(exc)})") from None
+        raise CheckpointError(f"could not read checkpoint {path}: {CHECKSUMS} is damaged ({_why(exc)})") from None
     for name in CHECKPOINT_FILES:
         if name not in sums:
-            raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} has no entry for {name}")
+            raise CheckpointError(f"could not read checkpoint {path}: {CHECKSUMS} has no entry for {name}")
         try:
             actual = _sha256(path / name)
         except OSError as exc:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is unreadable ({_why(exc)})") from None
+            raise CheckpointError(f"could not read checkpoint {path}: {name} is unreadable ({_why(exc)})") from None
         if actual != sums[name]:
             raise CheckpointError(
-                f"checkpoint {path} is damaged: {name} does not match the SHA-256 recorded when it was "
+                f"could not read checkpoint {path}: {name} does not match the SHA-256 recorded when it was "
                 f"written (the file changed on disk); resume from an older checkpoint"
             )
 

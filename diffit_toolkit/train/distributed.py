@@ -39,6 +39,25 @@ def _from_slurm(environ: dict[str, str]) -> None:
     environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def parse_device(device: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (``None``: CUDA when available) as a device that exists here;
+    anything else is a one-line ``ValueError``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' was requested but no CUDA device is visible: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
 def setup_distributed(device: str | None = None) -> DistEnv:
     """Join the process group when launched by torchrun or SLURM; otherwise a single process.
 
@@ -50,9 +69,7 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is visible: use --device cpu")
+    use_cuda = parse_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -308,6 +308,27 @@ def test_a_malformed_state_is_one_line(trained, edit, expected):
     assert len(errors) == 1 and expected in errors[0], output
 
 
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_planted_pickle_without_checksums_still_never_runs(trained, tmp_path):
+    # protection: torch.load(weights_only=True) behind the checksum (a checkpoint without checksums.json)
+    import pickle
+
+    _, ckpt = trained
+    marker = tmp_path / "pwned.txt"
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"step": 2, "payload": _Exploit(marker)}, f)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
 def test_a_checkpoint_beyond_max_steps_is_refused(trained):
     recipe, ckpt = trained
     code, output = invoke("train", str(recipe), "--device", "cpu", "--no-progress", "--set", "train.max_steps=1")
