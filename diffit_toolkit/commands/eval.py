@@ -47,6 +47,8 @@ def eval_(
 
     if metric not in ("auto", "inception", "digits"):
         _fail(f"--metric must be auto, inception or digits, got '{metric}'")
+    if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
+        _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
     try:
         if metric == "inception" or (metric == "auto" and ref is not None):
             extractor = inception_extractor(inception_weights, device=device)  # fails fast without weights
@@ -80,8 +82,11 @@ def eval_(
         _fail(str(exc))
     console.print(line, highlight=False)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            exit_with_error(f"could not write {json_out} ({exc.strerror or exc})", 1)
         console.print(f"wrote {json_out}", highlight=False)
 
 
