@@ -132,10 +132,14 @@ def _writer_alive(pid: int, host: str | None, folder: Path) -> bool:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """Remove this process's and dead writers' temporary folders; leave live writers' alone."""
+    """Remove this process's and dead writers' temporary folders; leave live writers' alone. An
+    ``.old-step_N-*`` folder is removed only once ``step_N`` exists (until then it is step N)."""
     for folder in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
         m = _TMP_DIR.match(folder.name)
         if m is None:
+            continue
+        old = _OLD_DIR.match(folder.name)
+        if old is not None and not (root / f"step_{old.group(1)}").is_dir():
             continue
         pid, host = int(m.group(1)), m.group(2)
         mine = pid == os.getpid() and host in (None, _HOST)
@@ -248,6 +252,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         _move_into_place(tmp, final)
         _fsync_dir(root)
+        _remove_stale_tmp(root)  # an .old-* copy of this step left by a dead writer is redundant now
     except BaseException as exc:
         why = _why(exc, root) if isinstance(exc, Exception) else ""
         shutil.rmtree(tmp, ignore_errors=True)

@@ -210,6 +210,19 @@ def test_resaving_a_step_never_leaves_the_run_without_it(tmp_path, mode):
     assert ckpt["state"]["step"] == 5
     expected = "old" if mode == "between-renames" else "new"
     assert ckpt["config"]["v"] == expected
+    if mode == "between-renames":  # a save of another step that fails must not take the only step 5 with it
+        import diffit_toolkit.train.checkpoint as c
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        original, c.save_file = c.save_file, full
+        try:
+            with pytest.raises(CheckpointError):
+                save_checkpoint(tmp_path / "run", 6, {"w": torch.ones(3)}, {"w": torch.ones(3)}, {"step": 6}, {}, keep_last=1)
+        finally:
+            c.save_file = original
+        assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["v"] == "old"
     # the next save of that step cleans up after the dead writer and leaves one clean step_5
     state = {"w": torch.full((3,), 2.0)}
     save_checkpoint(tmp_path / "run", 5, state, state, {"step": 5}, {"v": "next"}, keep_last=1)
@@ -404,3 +417,13 @@ def test_output_folders_that_are_not_runs_are_refused(tmp_path, tiny_recipe, mon
         assert sorted(os.listdir(target)) == before  # nothing written
     else:
         assert target.read_text() == "keep me"
+
+
+def test_resuming_with_another_seed_says_so(tmp_path, tiny_recipe, four_steps, capsys):
+    # a different seed in the same folder continues the recorded run; the log says so instead of silence
+    recipe = tiny_recipe(tmp_path, "run", max_steps=4, ckpt_every=2)
+    shutil.copytree(four_steps, tmp_path / "run")
+    capsys.readouterr()
+    train(load_recipe(recipe, ["train.max_steps=5", "train.seed=7"]), device="cpu", progress=False)
+    logged = capsys.readouterr()
+    assert "was written with train.seed=0; continuing that run" in (logged.out + logged.err).replace("\n", "")
