@@ -16,7 +16,7 @@ from diffit_toolkit.build import build_process
 from diffit_toolkit.errors import first_line
 from diffit_toolkit.process import Process
 from diffit_toolkit.recipe import Recipe, SampleSection, parse_recipe
-from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint, save_grid
+from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint, parse_device, save_grid
 
 
 @dataclass
@@ -83,7 +83,7 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
         path = found
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     config = ckpt["config"]
     lacking = [k for k in ("model", "recipe", "data") if not isinstance(config.get(k), dict)]

@@ -12,13 +12,14 @@ Every problem is a one-line :class:`RecipeError` with the key path and a hint, e
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffit_toolkit.errors import did_you_mean
 
@@ -26,12 +27,29 @@ from diffit_toolkit.errors import did_you_mean
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+#: Largest recipe file read (a real recipe is a few KiB; pure-Python YAML takes seconds per MiB).
+MAX_RECIPE_BYTES = 256 * 1024
+#: Largest ``--set`` value.
+MAX_OVERRIDE_CHARS = 4096
+#: Upper bounds of the model section's sizes (per key; lists are bounded element-wise), so that a
+#: typo such as ``depth: 100000000`` is an error rather than a build that never ends.
+MODEL_LIMITS: dict[str, int | float] = {
+    "depth": 1024, "num_blocks": 1024, "hidden_size": 65536, "channels": 65536, "time_dim": 65536,
+    "head_dim": 4096, "num_heads": 4096, "input_size": 8192, "patch_size": 1024, "window": 8192,
+    "in_channels": 4096, "num_classes": 1_000_000, "mlp_ratio": 256,
+}
+#: Bound of any other number in the model and data sections, and of list lengths there.
+MAX_OPTION_NUMBER = 2**24
+MAX_OPTION_ITEMS = 256
+
+
 class RecipeError(ValueError):
     """A recipe problem, one line, with the key path."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: ``lr: .inf`` or ``guidance_scale: nan`` are errors, not silent garbage
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DiffusionSection(_Section):
@@ -51,11 +69,11 @@ class DiffusionSection(_Section):
 
     process: str = "gaussian"
     schedule: Literal["linear", "cosine"] = "linear"
-    num_timesteps: int = Field(1000, gt=0)
+    num_timesteps: int = Field(1000, gt=0, le=100_000)
     prediction: Literal["eps", "x0", "v"] = "eps"
     learn_sigma: bool = True
     precond: Literal["edm", "vp", "ve"] = "edm"
-    sigma_data: float = Field(0.5, gt=0)
+    sigma_data: float = Field(0.5, gt=0, le=1e6)
 
 
 class TrainSection(_Section):
@@ -85,25 +103,32 @@ class TrainSection(_Section):
             the run stops (with a message naming the step and the last good checkpoint).
     """
 
-    batch_size: int = Field(256, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, gt=0, le=2**24)
+    lr: float = Field(1e-4, gt=0, le=1e3)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**9)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
-    max_steps: int = Field(400_000, gt=0)
+    max_steps: int = Field(400_000, gt=0, le=10**9)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True
     compile: bool = False
-    seed: int = 0
-    num_workers: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32)
+    num_workers: int = Field(0, ge=0, le=1024)
     log_every: int = Field(50, gt=0)
     sample_every: int = Field(0, ge=0)
     ckpt_every: int = Field(0, ge=0)
-    keep_last: int = Field(3, gt=0)
+    keep_last: int = Field(3, gt=0, le=10**6)
     max_bad_steps: int = Field(10, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each AdamW beta must be in [0, 1), got {list(value)}")
+        return value
 
 
 class SampleSection(_Section):
@@ -126,16 +151,16 @@ class SampleSection(_Section):
     """
 
     sampler: str = "ddpm"
-    steps: int = Field(250, gt=0)
-    eta: float = Field(0.0, ge=0)
-    guidance_scale: float = Field(1.0, ge=0)
+    steps: int = Field(250, gt=0, le=100_000)
+    eta: float = Field(0.0, ge=0, le=1e3)
+    guidance_scale: float = Field(1.0, ge=0, le=1e4)
     guidance_schedule: Literal["constant", "power_cosine"] = "constant"
-    guidance_power: float = 4.0
-    guided_channels: int | None = Field(None, gt=0)
+    guidance_power: float = Field(4.0, ge=-1e3, le=1e3)
+    guided_channels: int | None = Field(None, gt=0, le=4096)
     guidance_interval: tuple[float, float] | None = None
-    num_images: int = Field(64, gt=0)
+    num_images: int = Field(64, gt=0, le=10**7)
     clip_denoised: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
 
 
 class Recipe(_Section):
@@ -178,16 +203,61 @@ class Recipe(_Section):
 # -- loading -----------------------------------------------------------------------------------
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases (``*name``: a few lines of them expand into billions of
+    values) and without duplicate keys (the later one would silently win)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in recipes; write the value out",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{_shown(key)}'", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value for an error message, cut short (messages never carry long file contents)."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse recipe YAML (safe tags only, no aliases, no duplicate keys)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - _RecipeLoader is a SafeLoader
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist: check the path (shipped recipes are in {RECIPES_DIR})")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe names a preset and "
+                          f"overrides, not data")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text; give a YAML file") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"recipe {path}:{where}: YAML syntax error ({problem}); fix the YAML") from None
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise RecipeError(f"recipe {path}:{where}: YAML syntax error ({_shown(problem, 80)}); fix the YAML") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -220,7 +290,12 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"recipe {path}: 'extends' must be a path or a list of paths")
     merged: dict[str, Any] = {}
     for parent in parents:
-        merged = deep_merge(merged, load_raw(path.parent / parent, (*_seen, path)))
+        parent_data = load_raw(path.parent / parent, (*_seen, path))
+        if parent_data and not set(parent_data) & set(Recipe.model_fields):
+            # say so without echoing the file: it may be anything (a key file, a config of another tool)
+            raise RecipeError(f"recipe {path}: 'extends' names {_shown(parent, 80)}, which is not a recipe "
+                              f"(none of its top-level keys is a recipe section)")
+        merged = deep_merge(merged, parent_data)
     return deep_merge(merged, data)
 
 
@@ -242,8 +317,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override '{item}' is not of the form key.path=value (e.g. train.lr=3e-4)")
+        if len(raw) > MAX_OVERRIDE_CHARS:
+            raise RecipeError(f"override '{_shown(item)}' is longer than {MAX_OVERRIDE_CHARS} characters")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
@@ -277,8 +354,43 @@ def format_validation_error(error: Mapping[str, Any]) -> str:
         hint = did_you_mean(loc[-1], valid) or (f" (valid: {', '.join(valid)})" if valid else "")
         return f"recipe error at {path}: unknown key{hint}"
     value = error.get("input")
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return f"recipe error at {path}: {error['msg'][0].lower() + error['msg'][1:]} (got {shown})"
+    if isinstance(value, float) and not math.isfinite(value):
+        shown = str(value)
+    elif isinstance(value, (str, int, float, bool, type(None))):
+        shown = _shown(json.dumps(value))
+    else:
+        shown = type(value).__name__
+    message = error["msg"].removeprefix("Value error, ")
+    return f"recipe error at {path}: {message[0].lower() + message[1:]} (got {shown})"
+
+
+def _check_options(value: Any, path: str, limit: float | None = None, depth: int = 0) -> None:
+    """Numbers of a free-form section (model, data) are finite and bounded, lists and nesting short."""
+    if depth > 8:
+        raise RecipeError(f"recipe error at {path}: nested too deeply")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"recipe error at {path}: {value} is not a finite number")
+    if isinstance(value, (int, float)):
+        bound = limit if limit is not None else MAX_OPTION_NUMBER
+        if abs(value) > bound:
+            raise RecipeError(f"recipe error at {path}: {_shown(value)} is beyond the limit of {bound:g}; check the value")
+        return
+    if isinstance(value, Mapping):
+        if len(value) > MAX_OPTION_ITEMS:
+            raise RecipeError(f"recipe error at {path}: more than {MAX_OPTION_ITEMS} keys")
+        for key, item in value.items():
+            _check_options(item, f"{path}.{_shown(key)}", MODEL_LIMITS.get(str(key)), depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_OPTION_ITEMS:
+            raise RecipeError(f"recipe error at {path}: more than {MAX_OPTION_ITEMS} items")
+        for i, item in enumerate(value):
+            _check_options(item, f"{path}.{i}", limit, depth + 1)
+        total = sum(v for v in value if isinstance(v, int) and not isinstance(v, bool))
+        if limit is not None and path.endswith("num_blocks") and total > limit:
+            raise RecipeError(f"recipe error at {path}: {total} blocks in all is beyond the limit of {limit:g}")
 
 
 def parse_recipe(data: Mapping[str, Any]) -> Recipe:
@@ -288,9 +400,12 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
     :func:`diffit_toolkit.build.check_recipe`; ``diffit_toolkit.build.load_recipe`` does both.
     """
     try:
-        return Recipe.model_validate(dict(data))
+        recipe = Recipe.model_validate(dict(data))
     except pydantic.ValidationError as exc:
         raise RecipeError(format_validation_error(exc.errors()[0])) from None
+    _check_options(recipe.model, "model")
+    _check_options(recipe.data, "data")
+    return recipe
 
 
 def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

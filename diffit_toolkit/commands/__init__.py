@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 import typer
@@ -30,6 +31,14 @@ def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
     first = text.splitlines()[0] if text else "failed"
     console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+def finite(value: float | None) -> float | None:
+    """Typer callback for float options: ``inf`` and ``nan`` are refused (``--guidance-scale inf``
+    would otherwise run to the end and write black images)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 @app.callback()

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffit_toolkit.commands import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error, finite
 
 console = Console()
 
@@ -104,11 +104,11 @@ def bench(
     iters: int = typer.Option(None, min=1, help="Timed iterations (default: 10 on GPU, 2 on CPU)."),
     precision: str = typer.Option("bf16", help="bf16, fp16 or fp32 (autocast on GPU; CPU always runs fp32)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    peak_tflops: float = typer.Option(None, min=0.001, help="Device peak TFLOP/s for MFU (default: known devices; n/a on CPU)."),
+    peak_tflops: float = typer.Option(None, min=0.001, callback=finite, help="Device peak TFLOP/s for MFU (default: known devices; n/a on CPU)."),
     attention_shape: str = typer.Option(None, help="B,H,N,d of the attention microbenchmark, or 'off' (default: 64,16,256,72 on GPU, 2,2,64,32 on CPU)."),
     sampler: str = typer.Option(None, help="Sampler (default: the recipe's, else ddpm)."),
     sample_steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's, else 250)."),
-    guidance_scale: float = typer.Option(None, min=0.0, help="Guidance scale (default: the recipe's, else 4.0)."),
+    guidance_scale: float = typer.Option(None, min=0.0, callback=finite, help="Guidance scale (default: the recipe's, else 4.0)."),
     sample_batch: int = typer.Option(None, min=1, help="Images per sampling batch (default: 16 on GPU, 2 on CPU)."),
     compare_dit: bool = typer.Option(True, "--compare-dit/--no-compare-dit", help="Also measure the same-size adaln_zero (DiT) model."),
     out: Path = typer.Option(None, help="Write the report as JSON here."),

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error, finite
 
 console = Console()
 
@@ -47,6 +47,8 @@ def eval_(
 
     if metric not in ("auto", "inception", "digits"):
         _fail(f"--metric must be auto, inception or digits, got '{metric}'")
+    if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
+        _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
     try:
         if metric == "inception" or (metric == "auto" and ref is not None):
             extractor = inception_extractor(inception_weights, device=device)  # fails fast without weights
@@ -80,8 +82,11 @@ def eval_(
         _fail(str(exc))
     console.print(line, highlight=False)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            exit_with_error(f"could not write {json_out} ({exc.strerror or exc})", 1)
         console.print(f"wrote {json_out}", highlight=False)
 
 
@@ -93,7 +98,7 @@ def ablate(
     eval_every: int = typer.Option(None, min=0, help="Evaluate every N training steps (0: final step only)."),
     num_images: int = typer.Option(None, min=2, help="Samples per evaluation (default 200)."),
     sample_steps: int = typer.Option(None, min=1, help="Sampling steps (default: the suite's, else each recipe's)."),
-    guidance_scale: float = typer.Option(None, min=0, help="Guidance scale (default: the suite's, else each recipe's)."),
+    guidance_scale: float = typer.Option(None, min=0, callback=finite, help="Guidance scale (default: the suite's, else each recipe's)."),
     out: Path = typer.Option(None, help="Output folder (default: the suite's, else runs/ablation)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:

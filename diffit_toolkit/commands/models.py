@@ -91,11 +91,16 @@ def convert(
     options = _parse_sets(sets)
     if num_heads is not None:
         options["num_heads"] = num_heads
+    if output.is_dir():
+        _error(f"output {output} is a folder; give a file path ending in .safetensors")
     try:
         model = load_released(source, layout=layout, **options)
     except (ValueError, FileNotFoundError) as exc:
         _error(str(exc).splitlines()[0])
-    path = save_model_file(model, output, metadata={"diffit_toolkit.converted_from": source.name})
+    try:
+        path = save_model_file(model, output, metadata={"diffit_toolkit.converted_from": source.name})
+    except OSError as exc:
+        _error(f"could not write {output} ({exc.strerror or exc})")
     cfg = model.config
     console.print(
         f"wrote {path}: {cfg['backbone']} ({cfg['mechanism']}), depth {cfg['depth']}, width {cfg['hidden_size']}, "

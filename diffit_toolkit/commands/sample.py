@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import app, exit_with_error
+from diffit_toolkit.commands import app, exit_with_error, finite
 
 console = Console()
 
@@ -30,36 +30,53 @@ def sample(
     classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
     sampler: str = typer.Option(None, help="Sampler (default: the recipe's), e.g. ddpm, ddim, dpm_solver++, heun."),
     steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's)."),
-    guidance_scale: float = typer.Option(None, help="Classifier-free guidance scale (1: off)."),
+    guidance_scale: float = typer.Option(None, callback=finite, help="Classifier-free guidance scale (1: off)."),
     guidance_schedule: str = typer.Option(None, help="constant or power_cosine."),
     guided_channels: int = typer.Option(None, min=1, help="Guide only the first k output channels."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward batch."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     weights: str = typer.Option("ema", help="ema or model weights."),
 ) -> None:
     """Sample images from a trained model."""
+    import pydantic
+
     from diffit_toolkit.generate import load_generator, save_npz, save_sample_grid
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
     from diffit_toolkit.runs import CheckpointError
 
+    from PIL import Image
+
+    for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
+        if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
+            what = "a folder" if path.is_dir() else "not an image file name" if option == "--out" else "not an .npz file name"
+            exit_with_error(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}", 2)
+    overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                       guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
+                 if v is not None}
     try:
         gen = load_generator(run, device=device, weights=weights)
-        overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                           guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
-                     if v is not None}
-        settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+        try:
+            settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "sample"
+            flag = f"--{name.replace('_', '-')}" if name in overrides else f"the run's sample.{name}"
+            raise ValueError(f"{flag}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')})") from None
         resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
         images, labels = gen.sample(num, settings, classes=_classes(classes), batch_size=batch_size, seed=seed)
     except (CheckpointError, PluginError, ValueError) as exc:
         exit_with_error(exc, 2)
     written = []
-    if npz is not None:
-        written.append(save_npz(images, labels, npz))
-    if out is not None or npz is None:
-        target = out or (run if run.is_dir() and (run / "checkpoints").is_dir() else run.parent.parent) / "samples" / "sample.png"
-        written.append(save_sample_grid(images, labels, target))
+    try:
+        if npz is not None:
+            written.append(save_npz(images, labels, npz))
+        if out is not None or npz is None:
+            target = out or (run if run.is_dir() and (run / "checkpoints").is_dir() else run.parent.parent) / "samples" / "sample.png"
+            written.append(save_sample_grid(images, labels, target))
+    except OSError as exc:
+        exit_with_error(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})", 1)
     for path in written:
         console.print(f"wrote {path}", highlight=False)

@@ -68,6 +68,12 @@ def train(
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
     resolved, _ = _load(recipe, overrides)
+    from diffit_toolkit.runs import parse_device
+
+    try:
+        parse_device(device)
+    except ValueError as exc:
+        exit_with_error(exc, EXIT_USAGE)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
     except (RecipeError, PluginError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -16,8 +17,16 @@ from diffit_toolkit.data.transforms import PIL_MODES, pil_to_model
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: What to do with an unreadable file: skip it (warn, count it in ``skipped``) or stop with an error.
 BAD_FILE_POLICIES = ("skip", "stop")
-#: Errors PIL raises for corrupted, truncated or unsupported files.
-IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
+#: Errors PIL raises for corrupted, truncated, oversized or unsupported files (MemoryError: a
+#: decode or resize that does not fit).
+IMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError, MemoryError,
+)
+#: Largest decoded image accepted (pixels), checked from the header before decoding.
+MAX_IMAGE_PIXELS = 2**26
+#: Largest ratio of the long to the short side (the center crop scales the short side to the
+#: resolution, so a 4,000,000 x 1 strip would become gigabytes).
+MAX_ASPECT_RATIO = 32
 #: Files named in the summary warning of skipped files (all of them are in ``dataset.skipped``).
 _NAMED_IN_SUMMARY = 5
 
@@ -34,16 +43,45 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden files and folders left out), sorted."""
-    return sorted(
-        p for p in folder.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (after following its links) is inside the resolved ``root``."""
+    try:
+        path.resolve(strict=True).relative_to(root)
+    except (OSError, ValueError, RuntimeError):  # dangling, looping, or outside
+        return False
+    return True
+
+
+def list_images(folder: Path, root: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden files and folders left out), sorted.
+
+    Linked folders are not followed (a link back into the data would loop or count images twice)
+    and linked files count only when they lead to a file inside ``root`` (default ``folder``)."""
+    base = (root or folder).resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if _is_image(path) and (not path.is_symlink() or _inside(path, base)):
+                found.append(path)
+    return sorted(found)
+
+
+def check_image_size(image: Image.Image) -> None:
+    """Raise ``ValueError`` for an image too large or too elongated to decode and crop safely."""
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pixels is beyond the limit of {MAX_IMAGE_PIXELS} pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{width}x{height} is more elongated than {MAX_ASPECT_RATIO}:1")
 
 
 def verify_image(path: Path) -> None:
-    """Raise one of :data:`IMAGE_ERRORS` if PIL cannot identify ``path`` or finds it truncated/corrupted."""
+    """Raise one of :data:`IMAGE_ERRORS` if PIL cannot identify ``path``, finds it truncated or
+    corrupted, or its header declares a size beyond :func:`check_image_size`'s bounds."""
     with Image.open(path) as image:
+        check_image_size(image)
         image.verify()
 
 
@@ -90,7 +128,9 @@ class ImageFolderDataset(DiffusionDataset):
         self.skipped: list[str] = []
         self._skipped_set: set[str] = set()
         if conditional:
-            folders = {d.name: list_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+            # class folders are real folders: a link (to elsewhere, or back to the data) is not a class
+            folders = {d.name: list_images(d, root) for d in sorted(root.iterdir())
+                       if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")}
             classes = [name for name, files in folders.items() if files]  # sorted folder names
             if not classes:
                 raise ValueError(f"no class subfolders with images in '{root}' (use conditional=False for a flat folder)")
@@ -127,8 +167,10 @@ class ImageFolderDataset(DiffusionDataset):
         return True
 
     def load(self, index: int) -> torch.Tensor:
-        """The image at ``index`` as (C, H, W) in [-1, 1], unflipped; raises PIL's error if unreadable."""
+        """The image at ``index`` as (C, H, W) in [-1, 1], unflipped; raises one of
+        :data:`IMAGE_ERRORS` if unreadable (or changed since the scan into an oversized one)."""
         with Image.open(self.samples[index][0]) as image:
+            check_image_size(image)
             return pil_to_model(image, self.resolution, self.channels)
 
     def __len__(self) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,14 +16,67 @@ from diffit_toolkit.data.transforms import match_channels, to_model_range
 
 #: Accepted (images, labels) key pairs, tried in order.
 NPZ_KEYS = (("arr_0", "arr_1"), ("images", "labels"))
+#: Most classes a label array may imply (labels are 0..K-1; a stray 2**40 would size the model).
+MAX_CLASSES = 1_000_000
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def read_member(archive: Any, key: str, path: Path) -> np.ndarray:
+    """``archive[key]`` after checking its ``.npy`` header: the size it declares must be what the
+    file holds and fit in half of this machine's memory (a forged header claiming 183 GiB is an
+    error, not an allocation)."""
+    name = f"{key}.npy"
+    try:
+        info = archive.zip.getinfo(name)
+        with archive.zip.open(name) as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(f)
+            header = f.tell()
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"'{path}': array {key} is unreadable ({' '.join(str(exc).split())[:120]})") from None
+    count = math.prod(shape)
+    declared = count * dtype.itemsize
+    if dtype.hasobject:
+        raise ValueError(f"'{path}': array {key} holds Python objects; save plain numeric arrays")
+    if declared > info.file_size - header:
+        raise ValueError(f"'{path}': array {key} declares {shape} {dtype} ({declared} bytes) but holds "
+                         f"{info.file_size - header} bytes; the file is damaged")
+    if declared > _memory_bytes() // 2:
+        raise ValueError(f"'{path}': array {key} is {declared / 2**30:.1f} GiB, more than half of this machine's "
+                         f"memory; split the file")
+    try:
+        return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise ValueError(f"'{path}': array {key} is unreadable ({' '.join(str(exc).split())[:120] or type(exc).__name__})") from None
+
+
+def check_labels(labels: np.ndarray, count: int, path: Path) -> None:
+    """Labels are integers, one per image, in 0..MAX_CLASSES-1."""
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"'{path}': labels must be integers of shape ({count},), got {labels.dtype} {labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"'{path}': labels must be >= 0, found {labels.min()}")
+    if len(labels) and labels.max() >= MAX_CLASSES:
+        raise ValueError(f"'{path}': labels must be below {MAX_CLASSES}, found {labels.max()}; number the classes 0..K-1")
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    with np.load(path, allow_pickle=False) as archive:
-        for image_key, label_key in NPZ_KEYS:
-            if image_key in archive.files:
-                return archive[image_key], archive[label_key] if label_key in archive.files else None
-        keys = ", ".join(archive.files) or "none"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for image_key, label_key in NPZ_KEYS:
+                if image_key in archive.files:
+                    labels = read_member(archive, label_key, path) if label_key in archive.files else None
+                    return read_member(archive, image_key, path), labels
+            keys = ", ".join(archive.files) or "none"
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"'{path}' is not a readable .npz ({' '.join(str(exc).split())[:120]})") from None
     raise ValueError(f"'{path}' has no image array (keys: {keys}; expected arr_0 or images)")
 
 
@@ -59,10 +116,7 @@ class NpzDataset(DiffusionDataset):
         if channels is not None and channels not in (1, 3):
             raise ValueError(f"npz images give 1 or 3 channels, got channels={channels}")
         if labels is not None:
-            if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"'{path}': labels must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
-            if len(labels) and labels.min() < 0:
-                raise ValueError(f"'{path}': labels must be >= 0, found {labels.min()}")
+            check_labels(labels, len(images), path)
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # (N, C, H, W) uint8
         use_labels = conditional and labels is not None and len(labels) > 0
         self.labels = torch.from_numpy(labels.astype(np.int64)) if use_labels else None  # (N,)

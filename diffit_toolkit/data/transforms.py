@@ -40,18 +40,37 @@ def to_model_range(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(pixels).to(torch.float32) / PIXEL_HALF_RANGE - 1.0
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth integer image scaled to 8-bit ``L`` (PIL's own ``convert`` clips them:
+    a 16-bit PNG would become almost all white); other modes are returned as they are.
+
+    ``I;16*`` modes are 16-bit; ``I`` (32-bit signed) holds 16-bit data when every value is in
+    0..65535 (16-bit PNGs open so in some PIL versions), else it is scaled over the full 32-bit
+    range.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or (values.size and values.min() >= 0 and values.max() <= 65535):
+            scaled = values / 65535.0 * 255.0
+        else:
+            scaled = (values + 2.0**31) / (2.0**32 - 1) * 255.0
+        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
+    return image
+
+
 def pil_to_model(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
     """Convert (RGB or L), ADM-center-crop and scale a PIL image.
 
     Args:
-        image: Any-mode PIL image (palette, CMYK, RGBA, 16-bit ... are converted by PIL).
+        image: Any-mode PIL image (palette, CMYK, RGBA ... are converted by PIL; 16- and 32-bit
+            integer images are scaled to 8 bits by :func:`to_8bit`).
         resolution: Output side.
         channels: 3 (RGB) or 1 (L).
 
     Returns:
         float32 tensor (channels, resolution, resolution) in [-1, 1].
     """
-    image = center_crop_arr(image.convert(PIL_MODES[channels]), resolution)
+    image = center_crop_arr(to_8bit(image).convert(PIL_MODES[channels]), resolution)
     return to_model_range(TF.pil_to_tensor(image))  # (C, H, W)
 
 

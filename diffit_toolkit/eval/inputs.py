@@ -62,44 +62,62 @@ def _nhwc_to_tensor(arr: np.ndarray, source: str) -> torch.Tensor:
 
 def load_npz(path: Path) -> ImageSet:
     """Samples (``arr_0`` uint8 NHWC, optional ``arr_1`` labels) or an ADM reference batch (``mu``/``sigma``)."""
+    import zipfile
+
+    from diffit_toolkit.data.npz import check_labels, read_member
+
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npz ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+    try:
+        arrays = {k: read_member(data, k, path) for k in ("mu", "sigma", "arr_0", "arr_1") if k in keys}
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     stats = None
     if "mu" in keys or "sigma" in keys:
         if not {"mu", "sigma"} <= keys:
             raise InputError(f"{path}: a reference batch needs both 'mu' and 'sigma'")
-        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise InputError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
         stats = GaussianStats(mu, sigma)
     if "arr_0" not in keys and stats is None:
         raise InputError(f"{path}: expected 'arr_0' (ADM samples) or 'mu'/'sigma' (ADM reference batch), found {sorted(keys) or 'no arrays'}")
-    images = _nhwc_to_tensor(data["arr_0"], str(path)) if "arr_0" in keys else None
+    images = _nhwc_to_tensor(arrays["arr_0"], str(path)) if "arr_0" in keys else None
     labels = None
     if "arr_1" in keys and images is not None:
-        labels = torch.from_numpy(np.asarray(data["arr_1"]).astype(np.int64).reshape(-1))
-        if len(labels) != len(images):
-            raise InputError(f"{path}: {len(images)} images but {len(labels)} labels in arr_1")
+        raw = np.asarray(arrays["arr_1"]).reshape(-1)
+        if len(raw) != len(images):
+            raise InputError(f"{path}: {len(images)} images but {len(raw)} labels in arr_1")
+        try:
+            check_labels(raw, len(images), path)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        labels = torch.from_numpy(raw.astype(np.int64))
     return ImageSet(str(path), images, labels, stats)
 
 
 def load_folder(path: Path) -> ImageSet:
     """Every image file under ``path`` (recursively, sorted); all must share one size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    from diffit_toolkit.data.image_folder import IMAGE_ERRORS, check_image_size, list_images
+    from diffit_toolkit.data.transforms import to_8bit
+
+    files = list_images(path)
     if not files:
         raise InputError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     arrays = []
     for file in files:
         try:
             with Image.open(file) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"{file}: unreadable image ({str(exc).splitlines()[0]})") from None
+                check_image_size(img)
+                arr = np.asarray(to_8bit(img).convert("RGB"))
+        except IMAGE_ERRORS as exc:
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InputError(f"{file}: unreadable image ({text})") from None
         if arrays and arr.shape != arrays[0].shape:
             raise InputError(f"{file}: size {arr.shape[1]}x{arr.shape[0]} differs from {arrays[0].shape[1]}x{arrays[0].shape[0]} of {files[0].name}; resize the folder to one size")
         arrays.append(arr)

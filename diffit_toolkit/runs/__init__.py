@@ -23,7 +23,7 @@ from diffit_toolkit.runs.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from diffit_toolkit.runs.environment import describe_environment, exactness_differences, record_environment
+from diffit_toolkit.runs.environment import describe_environment, exactness_differences, parse_device, record_environment
 from diffit_toolkit.runs.model_file import check_state_dict, load_model_file, load_weights, read_config, read_state_dict, save_model_file
 from diffit_toolkit.runs.outputs import save_grid, save_loss_curve
 
@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_file",
     "load_weights",
+    "parse_device",
     "read_config",
     "read_state_dict",
     "record_environment",

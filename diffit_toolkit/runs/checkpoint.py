@@ -132,10 +132,14 @@ def _writer_alive(pid: int, host: str | None, folder: Path) -> bool:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """Remove this process's and dead writers' temporary folders; leave live writers' alone."""
+    """Remove this process's and dead writers' temporary folders; leave live writers' alone. An
+    ``.old-step_N-*`` folder is removed only once ``step_N`` exists (until then it is step N)."""
     for folder in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
         m = _TMP_DIR.match(folder.name)
         if m is None:
+            continue
+        old = _OLD_DIR.match(folder.name)
+        if old is not None and not (root / f"step_{old.group(1)}").is_dir():
             continue
         pid, host = int(m.group(1)), m.group(2)
         mine = pid == os.getpid() and host in (None, _HOST)
@@ -248,6 +252,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         _move_into_place(tmp, final)
         _fsync_dir(root)
+        _remove_stale_tmp(root)  # an .old-* copy of this step left by a dead writer is redundant now
     except BaseException as exc:
         why = _why(exc, root) if isinstance(exc, Exception) else ""
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,17 +279,17 @@ def verify_checkpoint(path: str | Path) -> None:
         if not isinstance(sums, dict):
             raise TypeError("not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} is unreadable ({_why(exc)})") from None
+        raise CheckpointError(f"could not read checkpoint {path}: {CHECKSUMS} is damaged ({_why(exc)})") from None
     for name in CHECKPOINT_FILES:
         if name not in sums:
-            raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUMS} has no entry for {name}")
+            raise CheckpointError(f"could not read checkpoint {path}: {CHECKSUMS} has no entry for {name}")
         try:
             actual = _sha256(path / name)
         except OSError as exc:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is unreadable ({_why(exc)})") from None
+            raise CheckpointError(f"could not read checkpoint {path}: {name} is unreadable ({_why(exc)})") from None
         if actual != sums[name]:
             raise CheckpointError(
-                f"checkpoint {path} is damaged: {name} does not match the SHA-256 recorded when it was "
+                f"could not read checkpoint {path}: {name} does not match the SHA-256 recorded when it was "
                 f"written (the file changed on disk); resume from an older checkpoint"
             )
 

@@ -31,6 +31,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def parse_device(device: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (``None``: CUDA when available) as a device that exists here;
+    anything else is a one-line ``ValueError``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' was requested but no CUDA device is visible: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
 def describe_environment(device: torch.device, world_size: int) -> dict[str, Any]:
     """The current process's setup: torch/CUDA versions, device name, intra-op threads, processes."""
     if device.type == "cuda":

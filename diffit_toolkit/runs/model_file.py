@@ -42,7 +42,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # SafetensorError, or an OSError/ValueError for a torn file
+            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise ValueError(f"cannot read '{path}' as safetensors ({type(exc).__name__}: {first}); the file is "
+                             f"damaged or not a safetensors file") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -140,8 +145,12 @@ def save_model_file(model: nn.Module, path: str | Path, metadata: Mapping[str, s
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The model config stored in a toolkit checkpoint."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # SafetensorError for a damaged or foreign file
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ValueError(f"cannot read '{path}' as safetensors ({type(exc).__name__}: {first})") from None
     if CONFIG_KEY not in header:
         raise ValueError(
             f"'{path}' is not a diffit-toolkit checkpoint (no '{CONFIG_KEY}' in its header); "

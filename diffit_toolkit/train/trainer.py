@@ -229,6 +229,11 @@ def train(
             except ValueError as exc:
                 raise CheckpointError(f"{exc}; it was written by another model: use another output_dir or the matching recipe") from None
             step = check_train_state(ckpt["state"], checkpoint_path)
+            recorded = ckpt["config"].get("recipe", {}).get("train", {}) if isinstance(ckpt["config"].get("recipe"), dict) else {}
+            if isinstance(recorded, dict) and "seed" in recorded and recorded["seed"] != cfg.seed:
+                skipped_notes.append(f"{checkpoint_path} was written with train.seed={recorded['seed']}; continuing "
+                                     f"that run (its random state), not a new one with seed {cfg.seed}: give another "
+                                     f"output_dir for a new run")
             if step > cfg.max_steps:
                 raise CheckpointError(f"checkpoint {checkpoint_path} is at step {step}, beyond train.max_steps "
                                       f"({cfg.max_steps}): raise train.max_steps to continue it, or give another output_dir")

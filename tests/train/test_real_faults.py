@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ FULL_DISK = """
 set -e
 mount -t tmpfs -o size=14M tmpfs "$MNT"
 run="$MNT/run"
-{cli} train "$RECIPE" --device cpu --no-progress --output-dir "$run" --set train.max_steps=2 --set train.ckpt_every=2 >/dev/null 2>&1
+cp -r "$FIRST" "$run"                                # a run with its checkpoint at step 2
 head -c 200000 /dev/zero > "$MNT/spare"           # room for logs, not for a checkpoint
 head -c 100000000 /dev/zero > "$MNT/fill" 2>/dev/null || true   # the file system is now full
 rm "$MNT/spare"
@@ -69,7 +68,7 @@ set +e
 {cli} train "$RECIPE" --device cpu --no-progress --output-dir "$run" --set train.max_steps=4 --set train.ckpt_every=4 > "$OUT/out.txt" 2>&1
 echo $? > "$OUT/rc.txt"
 ls -a "$run/checkpoints" > "$OUT/ls.txt"
-{py} -c "from diffit_toolkit.runs import load_checkpoint; print(load_checkpoint('$run/checkpoints/step_0000002')['state']['step'])" > "$OUT/load.txt" 2>&1
+cp -r "$run" "$OUT/copy"
 """
 
 
@@ -77,10 +76,11 @@ ls -a "$run/checkpoints" > "$OUT/ls.txt"
 def test_a_real_full_disk_is_one_line_and_leaves_no_temp_folder(tmp_path, tiny_recipe):
     # protection: save_checkpoint catches what safetensors / torch raise for ENOSPC (not OSError)
     # and removes its temporary folder
-    recipe = tiny_recipe(tmp_path, "run")
+    recipe = tiny_recipe(tmp_path, "first", max_steps=2, ckpt_every=2)
+    train(load_recipe(recipe), device="cpu", progress=False)
     (tmp_path / "mnt").mkdir()
-    script = FULL_DISK.format(cli=" ".join(CLI), py=sys.executable)
-    env = {**ENV, "MNT": str(tmp_path / "mnt"), "RECIPE": str(recipe), "OUT": str(tmp_path)}
+    script = FULL_DISK.format(cli=" ".join(CLI))
+    env = {**ENV, "MNT": str(tmp_path / "mnt"), "RECIPE": str(recipe), "OUT": str(tmp_path), "FIRST": str(tmp_path / "first")}
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = (tmp_path / "out.txt").read_text()
@@ -91,7 +91,7 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_temp_folder(tmp_path, tiny_r
     assert "could not write checkpoint" in errors[0] and "step_0000004 (No space left on device)" in errors[0]
     assert "step_0000002 is intact" in errors[0]
     assert (tmp_path / "ls.txt").read_text().split() == [".", "..", "step_0000002"]  # no .tmp-* left
-    assert (tmp_path / "load.txt").read_text().strip() == "2"  # the previous checkpoint verifies
+    assert load_checkpoint(tmp_path / "copy" / "checkpoints" / "step_0000002")["state"]["step"] == 2  # verifies
 
 
 # -- two trainings in one run folder ------------------------------------------------------------
@@ -169,53 +169,87 @@ RESAVE = """
 import os, shutil, signal, sys, torch
 from diffit_toolkit.runs import checkpoint as c
 
-run, mode = sys.argv[1], sys.argv[2]
-c.save_checkpoint(run, 5, {"w": torch.zeros(3)}, {"w": torch.zeros(3)}, {"step": 5}, {"v": "old"}, keep_last=1)
-real_rmtree, real_replace, calls = shutil.rmtree, os.replace, {"replace": 0}
 
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+def resave(run, mode):
+    c.save_checkpoint(run, 5, {"w": torch.zeros(3)}, {"w": torch.zeros(3)}, {"step": 5}, {"v": "old"}, keep_last=1)
+    real_rmtree, real_replace, calls = shutil.rmtree, os.replace, {"replace": 0}
 
-def rmtree_then_die(path, *args, **kwargs):   # the first folder removal is the last thing done
-    real_rmtree(path, *args, **kwargs)
-    die()
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
 
-def die_at_second_rename(src, dst):           # killed between moving the old aside and the new in
-    calls["replace"] += 1
-    if calls["replace"] == 2:
+    def rmtree_then_die(path, *args, **kwargs):   # the first folder removal is the last thing done
+        real_rmtree(path, *args, **kwargs)
         die()
-    real_replace(src, dst)
 
-if mode != "exchange":
-    c._exchange = lambda a, b: False           # a file system without renameat2(RENAME_EXCHANGE)
-if mode == "between-renames":
-    c.os.replace = die_at_second_rename
-else:
-    c.shutil.rmtree = rmtree_then_die
-c.save_checkpoint(run, 5, {"w": torch.ones(3)}, {"w": torch.ones(3)}, {"step": 5}, {"v": "new"}, keep_last=1)
-print("not killed")
+    def die_at_second_rename(src, dst):           # killed between moving the old aside and the new in
+        calls["replace"] += 1
+        if calls["replace"] == 2:
+            die()
+        real_replace(src, dst)
+
+    if mode != "exchange":
+        c._exchange = lambda a, b: False           # a file system without renameat2(RENAME_EXCHANGE)
+    if mode == "between-renames":
+        c.os.replace = die_at_second_rename
+    else:
+        c.shutil.rmtree = rmtree_then_die
+    c.save_checkpoint(run, 5, {"w": torch.ones(3)}, {"w": torch.ones(3)}, {"step": 5}, {"v": "new"}, keep_last=1)
+
+
+for run, mode in zip(sys.argv[1::2], sys.argv[2::2]):  # one forked child per mode: one interpreter start
+    pid = os.fork()
+    if pid == 0:
+        resave(run, mode)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(mode, "killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else "not killed")
 """
+MODES = ["exchange", "fallback", "between-renames"]
 
 
-@pytest.mark.parametrize("mode", ["exchange", "fallback", "between-renames"])
-def test_resaving_a_step_never_leaves_the_run_without_it(tmp_path, mode):
-    # protection: _move_into_place swaps the new folder in before the old one is removed
-    script = tmp_path / "resave.py"
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory):
+    """Run folders in which a process died at the worst moment of re-saving step 5, per mode."""
+    root = tmp_path_factory.mktemp("resave")
+    script = root / "resave.py"
     script.write_text(RESAVE)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mode], capture_output=True, text=True,
-                          env=ENV, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
-    newest = latest_checkpoint(tmp_path / "run")
-    assert newest is not None, sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    args = [a for mode in MODES for a in (str(root / mode), mode)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == [w for mode in MODES for w in (mode, "killed")], proc.stdout
+    return root
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("mode", MODES)
+def test_resaving_a_step_never_leaves_the_run_without_it(resaved, tmp_path, mode):
+    # protection: _move_into_place swaps the new folder in before the old one is removed
+    run = tmp_path / "run"
+    shutil.copytree(resaved / mode, run, symlinks=True)
+    newest = latest_checkpoint(run)
+    assert newest is not None, sorted(p.name for p in (run / "checkpoints").iterdir())
     ckpt = load_checkpoint(newest)
     assert ckpt["state"]["step"] == 5
     expected = "old" if mode == "between-renames" else "new"
     assert ckpt["config"]["v"] == expected
+    if mode == "between-renames":  # a save of another step that fails must not take the only step 5 with it
+        import diffit_toolkit.runs.checkpoint as c
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        original, c.save_file = c.save_file, full
+        try:
+            with pytest.raises(CheckpointError):
+                save_checkpoint(run, 6, {"w": torch.ones(3)}, {"w": torch.ones(3)}, {"step": 6}, {}, keep_last=1)
+        finally:
+            c.save_file = original
+        assert load_checkpoint(latest_checkpoint(run))["config"]["v"] == "old"
     # the next save of that step cleans up after the dead writer and leaves one clean step_5
     state = {"w": torch.full((3,), 2.0)}
-    save_checkpoint(tmp_path / "run", 5, state, state, {"step": 5}, {"v": "next"}, keep_last=1)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000005"]
-    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["v"] == "next"
+    save_checkpoint(run, 5, state, state, {"step": 5}, {"v": "next"}, keep_last=1)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000005"]
+    assert load_checkpoint(latest_checkpoint(run))["config"]["v"] == "next"
 
 
 # -- silent corruption: bytes flipped on disk --------------------------------------------------------
@@ -309,6 +343,27 @@ def test_a_malformed_state_is_one_line(trained, edit, expected):
     assert len(errors) == 1 and expected in errors[0], output
 
 
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_planted_pickle_without_checksums_still_never_runs(trained, tmp_path):
+    # protection: torch.load(weights_only=True) behind the checksum (a checkpoint without checksums.json)
+    import pickle
+
+    _, ckpt = trained
+    marker = tmp_path / "pwned.txt"
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"step": 2, "payload": _Exploit(marker)}, f)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
 def test_a_checkpoint_beyond_max_steps_is_refused(trained):
     recipe, ckpt = trained
     code, output = invoke("train", str(recipe), "--device", "cpu", "--no-progress", "--set", "train.max_steps=1")
@@ -384,3 +439,13 @@ def test_output_folders_that_are_not_runs_are_refused(tmp_path, tiny_recipe, mon
         assert sorted(os.listdir(target)) == before  # nothing written
     else:
         assert target.read_text() == "keep me"
+
+
+def test_resuming_with_another_seed_says_so(tmp_path, tiny_recipe, four_steps, capsys):
+    # a different seed in the same folder continues the recorded run; the log says so instead of silence
+    recipe = tiny_recipe(tmp_path, "run", max_steps=4, ckpt_every=2)
+    shutil.copytree(four_steps, tmp_path / "run")
+    capsys.readouterr()
+    train(load_recipe(recipe, ["train.max_steps=5", "train.seed=7"]), device="cpu", progress=False)
+    logged = capsys.readouterr()
+    assert "was written with train.seed=0; continuing that run" in (logged.out + logged.err).replace("\n", "")

@@ -1,0 +1,125 @@
+"""Unbounded recipe input: alias bombs, huge files, absurd sizes, non-finite numbers, and error
+messages that must not echo what a file holds. Each case is one line, quickly (no hang)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from diffit_toolkit.cli import app
+from diffit_toolkit.build import load_recipe
+from diffit_toolkit.recipe import MAX_RECIPE_BYTES, RECIPES_DIR, RecipeError
+
+QUICKSTART = RECIPES_DIR / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(f"extends: {QUICKSTART}\n{text}")
+    return path
+
+
+def one_line_error(path: Path, overrides: list[str] = (), seconds: float = 10.0) -> str:
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, list(overrides))
+    assert time.perf_counter() - start < seconds
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    # protection: _RecipeLoader.compose_node refuses aliases
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    lines += ["model:", "  mechanism_options:", "    bomb: *i"]
+    message = one_line_error(write(tmp_path, "\n".join(lines) + "\n"), seconds=2)
+    assert "aliases (*name) are not allowed" in message and "line 3" in message
+
+
+def test_a_huge_recipe_is_refused_before_parsing(tmp_path):
+    # protection: MAX_RECIPE_BYTES read limit in _read_yaml
+    path = write(tmp_path, "".join(f"k{i}: {i}\n" for i in range(MAX_RECIPE_BYTES // 8)))
+    assert path.stat().st_size > MAX_RECIPE_BYTES
+    assert "is larger than 256 KiB" in one_line_error(path, seconds=2)
+
+
+@pytest.mark.parametrize("override, where", [
+    ("model.depth=100000000", "model.depth: 100000000 is beyond the limit of 1024"),
+    ("model.hidden_size=10000000", "model.hidden_size"),
+    ("diffusion.num_timesteps=1.0e+12", "diffusion.num_timesteps: input should be less than or equal to 100000"),
+    ("train.seed=1e23", "train.seed"),
+    ("train.seed=100000000000000000000000", "train.seed: input should be less than 4294967296"),
+    ("train.betas=[2,-1]", "train.betas: each AdamW beta must be in [0, 1)"),
+    ("train.lr=.inf", "train.lr: input should be a finite number (got inf)"),
+    ("train.grad_clip=.nan", "train.grad_clip: input should be a finite number"),
+    ("sample.guidance_scale=.inf", "sample.guidance_scale: input should be a finite number"),
+    ("model.mlp_ratio=.nan", "model.mlp_ratio: nan is not a finite number"),
+    ("model.mechanism_options={scale: .inf}", "model.mechanism_options.scale: inf is not a finite number"),
+    ("model.mechanism_options={n: 100000000000}", "model.mechanism_options.n: 100000000000 is beyond the limit"),
+])
+def test_absurd_and_non_finite_values_are_one_line_errors(tmp_path, override, where):
+    # protection: Field bounds, allow_inf_nan=False, _check_options, the betas validator
+    message = one_line_error(QUICKSTART, [override])
+    assert message.startswith(f"recipe error at {where.split(':')[0]}") and where in message, message
+
+
+def test_image_backbone_block_counts_are_bounded():
+    message = one_line_error(QUICKSTART, ["model.backbone=image_diffit", "model.num_blocks=[600, 600]"])
+    assert "model.num_blocks" in message and "beyond the limit" in message
+
+
+def test_a_duplicate_key_is_refused_and_never_echoes_the_file_it_names(tmp_path):
+    # protection: _RecipeLoader.construct_mapping refuses duplicate keys; 'extends' of a non-recipe
+    secret = tmp_path / "credentials"
+    secret.write_text("api_token: sk-live-0123456789abcdef\n")
+    path = write(tmp_path, f"extends: {secret}\n")
+    message = one_line_error(path)
+    assert "duplicate key 'extends'" in message and "line 2" in message
+    assert "sk-live" not in message and "api_token" not in message
+    direct = tmp_path / "direct.yaml"
+    direct.write_text(f"extends: {secret}\n")
+    message = one_line_error(direct)
+    assert "is not a recipe" in message and "sk-live" not in message and "api_token" not in message
+
+
+def test_a_binary_file_as_recipe_is_one_line(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert "is not UTF-8 text" in one_line_error(path)
+
+
+def test_long_values_are_cut_short_in_messages(tmp_path):
+    message = one_line_error(QUICKSTART, ["train.precision=" + "x" * 500])
+    assert "train.precision" in message and len(message) < 300
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["train.lr", "train.weight_decay", "train.ema_decay", "train.grad_clip", "sample.eta",
+                        "sample.guidance_scale", "sample.guidance_power", "diffusion.sigma_data", "model.mlp_ratio",
+                        "model.class_dropout_prob", "train.betas", "sample.guidance_interval"]),
+       st.sampled_from([math.inf, -math.inf, math.nan]), st.booleans())
+def test_no_recipe_number_can_be_non_finite(key, value, as_pair):
+    # every float of every section: allow_inf_nan=False on the typed sections, _check_options on the free ones
+    text = {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
+    raw = f"[0.5, {text}]" if as_pair or key in ("train.betas", "sample.guidance_interval") else text
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, [f"{key}={raw}"])
+    assert "\n" not in str(err.value) and str(err.value).startswith("recipe error at " + key.split(".")[0])
+
+
+def test_cli_guidance_scale_must_be_finite(tmp_path):
+    # protection: sample's option check; before: inf wrote black images and exited 0, nan named no field
+    runner = CliRunner()
+    for value in ("inf", "nan", "-inf"):
+        result = runner.invoke(app, ["sample", str(tmp_path), "--guidance-scale", value, "--device", "cpu"],
+                               env={"COLUMNS": "300"})
+        assert result.exit_code == 2, result.output
+        assert "--guidance-scale" in result.output and "finite" in result.output, result.output
