@@ -63,11 +63,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def interpreter_mode() -> bool:
-    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return INTERPRETER
-
-
 @functools.cache
 def _triton_unavailable() -> str | None:
     """``None`` when the kernels can run in this process, else the reason."""
