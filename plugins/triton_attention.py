@@ -655,7 +655,8 @@ register_attention_backend(
         fn=attention_triton,
         gathered_fn=gathered_attention_triton,
         devices=frozenset({"cpu"}) if INTERPRETER else frozenset({"cuda"}),
-        dtypes=frozenset(_DTYPES),
+        # Triton's interpreter computes tl.dot of bf16 operands wrongly: bf16 only on a GPU.
+        dtypes=frozenset({torch.float32, torch.float16}) if INTERPRETER else frozenset(_DTYPES),
         supports_bias=True,
         auto_priority=None,
         availability=_triton_unavailable,

@@ -145,6 +145,8 @@ def test_case_check_flags_failures_and_missing_lines() -> None:
         check_case("x out max_err=1.00e-07 ok", "x", ("x",), {"out"})  # no "took": the case did not finish
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="under TRITON_INTERPRET=1 the backend declares the CPU (for running the suites through it)")
 def test_registered_opt_in_and_unavailable_without_cuda() -> None:
     backend = attention_backends.get("triton")
     assert backend.devices == frozenset({"cuda"})
