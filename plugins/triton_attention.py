@@ -63,11 +63,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def interpreter_mode() -> bool:
-    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return INTERPRETER
-
-
 @functools.cache
 def _triton_unavailable() -> str | None:
     """``None`` when the kernels can run in this process, else the reason."""
@@ -658,7 +653,8 @@ TRITON_BACKEND = AttentionBackend(
     fn=attention_triton,
     gathered_fn=gathered_attention_triton,
     devices=frozenset({"cpu"}) if INTERPRETER else frozenset({"cuda"}),
-    dtypes=frozenset(_DTYPES),
+    # Triton's interpreter computes tl.dot of bf16 operands wrongly: bf16 only on a GPU.
+    dtypes=frozenset({torch.float32, torch.float16}) if INTERPRETER else frozenset(_DTYPES),
     supports_bias=True,
     auto_priority=None,
     availability=_triton_unavailable,

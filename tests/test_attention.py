@@ -113,9 +113,11 @@ def test_wrong_token_count_is_a_clear_error():
 
 @st.composite
 def backend_cases(draw):
+    backend = draw(st.sampled_from(usable_backends()))
+    declared = attention_backends.get(backend).dtypes
     return dict(
-        backend=draw(st.sampled_from(usable_backends())),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        backend=backend,
+        dtype=draw(st.sampled_from([d for d in (torch.float32, torch.bfloat16, torch.float16) if d in declared])),
         bias=draw(st.booleans()),
         window=draw(st.sampled_from([None, 2])),
         extra=draw(st.booleans()),

@@ -43,6 +43,8 @@ CASES = {
     "block_relative_bias_windows": (("block_relative_bias_windows",), BLOCK | {"cond.bias_temb.weight"}),
     "block_separate_token": (("block_separate_token",), BLOCK | {"cond.token_temb.weight"}),  # extra key
     "block_separate_token_windows": (("block_separate_token_windows",), BLOCK | {"cond.token_temb.weight"}),
+    # the same under fp16 autocast (fp16 q/k/v, fp32 table), within 1.5e-2 of math fed the same inputs
+    "block_relative_bias_windows_fp16": (("block_relative_bias_windows_fp16",), BLOCK - {"backend"}),
     "no_dense_bias": (("no_dense_bias",), {"no_bias_tensor", "fused_op_called", "dense_path_seen"}),
     "opcheck": (("opcheck",), {"opcheck_none", "opcheck_dense", "opcheck_table", "opcheck_bwd"}),
     "compile_aot_eager": (("compile_aot_eager",), {"one_graph_with_fused_op", "out", "x", "bias_table_offset",
@@ -143,6 +145,8 @@ def test_case_check_flags_failures_and_missing_lines() -> None:
         check_case("x out max_err=1.00e-07 ok", "x", ("x",), {"out"})  # no "took": the case did not finish
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="under TRITON_INTERPRET=1 the backend declares the CPU (for running the suites through it)")
 def test_registered_opt_in_and_unavailable_without_cuda() -> None:
     backend = attention_backends.get("triton")
     assert backend.devices == frozenset({"cuda"})
