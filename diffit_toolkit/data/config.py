@@ -11,10 +11,12 @@ from diffit_toolkit.data.digits import DIGITS_SPLITS, DigitsDataset
 from diffit_toolkit.data.image_folder import BAD_FILE_POLICIES, ImageFolderDataset
 from diffit_toolkit.data.latents import LatentDataset
 from diffit_toolkit.data.npz import NpzDataset
+from diffit_toolkit.data.shapes import ShapesDataset
 
 #: Dataset kinds and what ``path`` names for each (``None``: no path).
 DATA_KINDS: dict[str, str | None] = {
     "digits": None,
+    "shapes": None,
     "image_folder": "a folder of images",
     "npz": "an .npz file",
     "latents": "a latent cache folder made by `diffit-toolkit cache-latents`",
@@ -80,6 +82,8 @@ class DataConfig:
         path = str(Path(self.path).expanduser()) if self.path is not None else None
         if self.kind == "digits":
             return DigitsDataset(split=self.split or "train", interpolation=self.interpolation, **common)
+        if self.kind == "shapes":
+            return ShapesDataset(**common)
         if self.kind == "image_folder":
             return ImageFolderDataset(path, on_bad_file=self.on_bad_file, verify=self.verify, **common)
         if self.kind == "npz":
