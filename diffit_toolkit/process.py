@@ -87,6 +87,10 @@ class Process:
         if sample.guidance_interval is not None and self.config.process == "gaussian":
             lo, hi = sample.guidance_interval
             interval = (lo * self.config.num_timesteps, hi * self.config.num_timesteps)
+        elif sample.guidance_interval is not None and self.config.process == "edm":
+            # fractions of the Heun sampler's rho-warped noise range (0: sigma_min, 1: sigma_max),
+            # as the model sees them (c_noise grows with sigma in every preconditioning)
+            interval = tuple(float(self.precond.c_noise(_karras_sigma(f))) for f in sample.guidance_interval)
         config = GuidanceConfig(
             scale=sample.guidance_scale,
             schedule=sample.guidance_schedule,
@@ -139,6 +143,14 @@ def _diffusers_scheduler(class_name: str, config: DiffusionSection) -> Any:
     schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.schedule]
     prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[config.prediction]
     return cls(num_train_timesteps=config.num_timesteps, beta_schedule=schedule, prediction_type=prediction)
+
+
+def _karras_sigma(fraction: float) -> torch.Tensor:
+    """The noise level at ``fraction`` of EDM's rho-warped range (eq. 5): 0 -> sigma_min, 1 -> sigma_max."""
+    from diffit_toolkit.diffusion.edm import RHO, SIGMA_MAX, SIGMA_MIN
+
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return torch.tensor((lo + fraction * (hi - lo)) ** RHO, dtype=torch.float64)
 
 
 def build_process(config: DiffusionSection) -> Process:

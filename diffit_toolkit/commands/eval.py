@@ -45,6 +45,7 @@ def eval_(
     seed: int = typer.Option(0, help="Run or checkpoint input: sampling seed (the same noise at every scale)."),
     plot: Path = typer.Option(None, help="Run or checkpoint input: write the guidance trade-off plot (PNG) here."),
     csv_out: Path = typer.Option(None, "--csv", help="Run or checkpoint input: write one row per guidance scale to this CSV."),
+    guidance_interval: str = typer.Option(None, help="Run or checkpoint input: guide only inside LO,HI (fractions of the noise range, e.g. 0.29,0.59; 'none': everywhere; default: the recipe's)."),
 ) -> None:
     """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits / shapes metric.
 
@@ -60,10 +61,10 @@ def eval_(
         _fail(f"--metric must be auto, inception, digits or shapes, got '{metric}'")
     if _is_checkpoint_input(samples):
         _sweep(samples, ref, metric, inception_weights, json_out, device, guidance_scales, num, sampler, steps, seed,
-               plot, csv_out)
+               plot, csv_out, guidance_interval)
         return
-    if guidance_scales is not None or plot is not None or csv_out is not None:
-        _fail(f"{samples}: --guidance-scales, --plot and --csv sample a model: give a run or checkpoint folder, not images")
+    if guidance_scales is not None or plot is not None or csv_out is not None or guidance_interval is not None:
+        _fail(f"{samples}: --guidance-scales, --guidance-interval, --plot and --csv sample a model: give a run or checkpoint folder, not images")
     try:
         if metric == "inception" or (metric == "auto" and ref is not None):
             extractor = inception_extractor(inception_weights, device=device)  # fails fast without weights
@@ -114,7 +115,7 @@ def _is_checkpoint_input(path: Path) -> bool:
 
 def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | None, json_out: Path | None, device: str,
            scales_text: str | None, num: int, sampler: str | None, steps: int | None, seed: int,
-           plot: Path | None, csv_out: Path | None) -> None:
+           plot: Path | None, csv_out: Path | None, interval_text: str | None = None) -> None:
     """``eval RUN``: sample a checkpoint at one or more guidance scales and score every scale."""
     import json
 
@@ -155,6 +156,8 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
             judge = digits_judge() if metric == "digits" else shapes_judge()
             x_key, y_key, key = "accuracy", "fd", "fd"
         overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
+        if interval_text is not None:
+            overrides["guidance_interval"] = _interval(interval_text)
         settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
         valid = SAMPLERS[gen.recipe.diffusion.process]
         if settings.sampler not in valid and not settings.sampler.startswith("diffusers:"):
@@ -171,12 +174,26 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         console.print(f"wrote {write_sweep_csv(rows, csv_out)}", highlight=False)
     if plot is not None:
         floor = rows[0].get("floor") if y_key == "fd" else None
-        name = f"{settings.sampler} {settings.steps} steps"
+        name = f"{settings.sampler} {settings.steps} steps" + (
+            f", guidance in [{settings.guidance_interval[0]:g}, {settings.guidance_interval[1]:g}]" if settings.guidance_interval else "")
         console.print(f"wrote {plot_guidance_sweep({name: rows}, plot, x=x_key, y=y_key, floor=floor)}", highlight=False)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2) + "\n")
         console.print(f"wrote {json_out}", highlight=False)
+
+
+def _interval(text: str) -> tuple[float, float] | None:
+    """``"0.29,0.59"`` -> ``(0.29, 0.59)``; ``"none"`` -> ``None`` (guide everywhere)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance-interval takes LO,HI fractions (e.g. 0.29,0.59) or none; got '{text}'") from None
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval needs 0 <= LO <= HI <= 1; got '{text}'")
+    return lo, hi
 
 
 def _offline_metric(facts: dict) -> str:

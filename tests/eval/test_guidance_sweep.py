@@ -84,3 +84,21 @@ def test_parse_scales():
     assert parse_scales("1, 1.5,2") == [1.0, 1.5, 2.0]
     with pytest.raises(ValueError):
         parse_scales("")
+
+
+def test_edm_guidance_interval_guides_only_inside_the_noise_range():
+    from diffit_toolkit.diffusion.edm import EDMPrecond
+    from diffit_toolkit.process import build_process
+    from diffit_toolkit.recipe import DiffusionSection, SampleSection
+
+    process = build_process(DiffusionSection(process="edm", learn_sigma=False))
+    sample = SampleSection(sampler="heun", guidance_scale=3.0, guidance_interval=(0.29, 0.59))
+
+    def model(x, t, y):  # conditional output 1, unconditional 0: the guided value is the scale
+        return (y != 10).to(x.dtype).view(-1, 1, 1, 1).expand_as(x).clone()
+
+    guided = process.guided(model, sample, null_class=10)
+    x, y = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
+    c_noise = EDMPrecond().c_noise(torch.tensor([0.1, 1.0, 20.0], dtype=torch.float64))  # below, inside, above
+    out = guided(x, c_noise, y)[:, 0, 0, 0]
+    assert out.tolist() == [1.0, 3.0, 1.0]
