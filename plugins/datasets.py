@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffit_toolkit.data import DatasetKind, DigitsDataset, ImageFolderDataset, LatentDataset, NpzDataset
 from diffit_toolkit.data.digits import DIGITS_SPLITS
+from diffit_toolkit.data.shapes import ShapesDataset
 from diffit_toolkit.hookspecs import hookimpl
 
 
@@ -15,6 +16,14 @@ class Digits(DatasetKind):
     @classmethod
     def build(cls, config):
         return DigitsDataset(split=config.split or "train", interpolation=config.interpolation, **config.common_options())
+
+
+class Shapes(DatasetKind):
+    """Procedurally generated 32x32 RGB shapes in 10 balanced classes, embedded (deterministic)."""
+
+    @classmethod
+    def build(cls, config):
+        return ShapesDataset(**config.common_options())
 
 
 class ImageFolder(DatasetKind):
@@ -57,6 +66,7 @@ class Latents(DatasetKind):
 @hookimpl
 def diffit_register(registrar):
     registrar.add("dataset", "digits", Digits)
+    registrar.add("dataset", "shapes", Shapes)
     registrar.add("dataset", "image_folder", ImageFolder)
     registrar.add("dataset", "npz", Npz)
     registrar.add("dataset", "latents", Latents)

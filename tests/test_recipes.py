@@ -44,9 +44,11 @@ def test_ablation_recipes_differ_from_their_base_only_in_the_mechanism():
         mechanisms.add(raw["model"]["mechanism"])
         assert {k: v for k, v in raw.items() if k not in ("name", "model")} == {
             k: v for k, v in base.items() if k not in ("name", "model")}
-        assert {k: v for k, v in raw["model"].items() if k != "mechanism"} == {
-            k: v for k, v in base["model"].items() if k != "mechanism"}
-    assert mechanisms == {"tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero"}
+        # the mechanism and its options; the parameter-matched variant also changes the width
+        free = {"mechanism", "mechanism_options"} | ({"hidden_size"} if path.stem.endswith("_matched") else set())
+        assert {k: v for k, v in raw["model"].items() if k not in free} == {
+            k: v for k, v in base["model"].items() if k not in free}
+    assert mechanisms == {"tmsa", "window_tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive"}
 
 
 def test_extends_merges_sections_key_by_key_and_set_overrides(tmp_path):
@@ -131,7 +133,7 @@ def test_every_shipped_recipe_model_builds_at_reduced_size(path):
     recipe = load_recipe(path)
     small = dict(recipe.model)
     if small["backbone"] == "image_diffit":
-        stages = len(IMAGE_PRESETS[small["preset"]]["channels"])
+        stages = len(small.get("channels") or IMAGE_PRESETS[small["preset"]]["channels"])
         small.update(channels=[32] * stages, head_dim=16, time_dim=32, norm_groups=8)
     else:
         small.update(depth=1, hidden_size=32, num_heads=2)

@@ -29,7 +29,7 @@ def _seeds(text: str | None) -> list[int] | None:
 def eval_(
     samples: Path = typer.Argument(..., help="Samples: an image folder or an ADM-layout .npz (from `diffit-toolkit sample --npz`)."),
     ref: Path = typer.Option(None, "--ref", help="Reference: an image folder, an .npz, or an ADM reference batch (mu/sigma)."),
-    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits (offline), or auto: digits for 8x8 samples without --ref."),
+    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits or shapes (offline), or auto: the data set's judge without --ref (8x8: digits, 32x32: shapes), inception with it."),
     inception_weights: Path = typer.Option(None, help="Local Inception weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded."),
     fid: bool = typer.Option(True, help="Frechet Inception Distance."),
     kid: bool = typer.Option(True, help="Kernel Inception Distance (needs reference images)."),
@@ -38,17 +38,35 @@ def eval_(
     kid_subset_size: int = typer.Option(1000, min=2, help="KID subset size (capped at the smaller set)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    guidance_scales: str = typer.Option(None, "--guidance-scales", help="Run or checkpoint input: sample at each of these comma-separated guidance scales and score each (default: the recipe's scale)."),
+    num: int = typer.Option(1000, min=2, help="Run or checkpoint input: samples per guidance scale."),
+    sampler: str = typer.Option(None, help="Run or checkpoint input: sampler (default: the recipe's)."),
+    steps: int = typer.Option(None, min=1, help="Run or checkpoint input: sampling steps (default: the recipe's)."),
+    seed: int = typer.Option(0, help="Run or checkpoint input: sampling seed (the same noise at every scale)."),
+    plot: Path = typer.Option(None, help="Run or checkpoint input: write the guidance trade-off plot (PNG) here."),
+    csv_out: Path = typer.Option(None, "--csv", help="Run or checkpoint input: write one row per guidance scale to this CSV."),
+    guidance_interval: str = typer.Option(None, help="Run or checkpoint input: guide only inside LO,HI (fractions of the noise range, e.g. 0.29,0.59; 'none': everywhere; default: the recipe's)."),
 ) -> None:
-    """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits metric."""
+    """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits / shapes metric.
+
+    SAMPLES may also be a run or checkpoint folder: it is then sampled (``--num`` images at each of
+    ``--guidance-scales``) and every scale is scored, with a trade-off plot (``--plot``).
+    """
     import json
 
     from diffit_toolkit.eval.inputs import InputError, load_image_set
     from diffit_toolkit.eval.metrics import MissingWeightsError, evaluate_sets, inception_extractor
 
-    if metric not in ("auto", "inception", "digits"):
-        _fail(f"--metric must be auto, inception or digits, got '{metric}'")
+    if metric not in ("auto", "inception", "digits", "shapes"):
+        _fail(f"--metric must be auto, inception, digits or shapes, got '{metric}'")
     if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
         _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
+    if _is_checkpoint_input(samples):
+        _sweep(samples, ref, metric, inception_weights, json_out, device, guidance_scales, num, sampler, steps, seed,
+               plot, csv_out, guidance_interval)
+        return
+    if guidance_scales is not None or plot is not None or csv_out is not None or guidance_interval is not None:
+        _fail(f"{samples}: --guidance-scales, --guidance-interval, --plot and --csv sample a model: give a run or checkpoint folder, not images")
     try:
         if metric == "inception" or (metric == "auto" and ref is not None):
             extractor = inception_extractor(inception_weights, device=device)  # fails fast without weights
@@ -66,14 +84,19 @@ def eval_(
                     parts.append(f"{label} {result[key]:.4g}" + (f" ± {std:.2g}" if std is not None else ""))
             line = "  ".join(parts) + f"  (n={int(result['num_samples'])})"
         else:
-            from diffit_toolkit.eval.digits import DigitsMetric
-
             if ref is not None:
-                raise InputError("the digits metric compares with the held-out real digits; drop --ref")
+                raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
             fake = load_image_set(samples)
-            if fake.size != (8, 8):
-                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits; give --ref (and --inception-weights) for other data")
-            score = DigitsMetric().score(fake.images, fake.labels)
+            if metric == "auto":
+                metric = "digits" if fake.size == (8, 8) else "shapes" if fake.size == (32, 32) else ""
+            if metric == "shapes":
+                from diffit_toolkit.eval.shapes import ShapesMetric as Metric
+            else:
+                from diffit_toolkit.eval.digits import DigitsMetric as Metric
+            needed = {"digits": (8, 8), "shapes": (32, 32)}.get(metric)
+            if fake.size != needed:
+                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits and the shapes metric 32x32 shapes; give --ref (and --inception-weights) for other data")
+            score = Metric().score(fake.images, fake.labels)
             result = score.as_dict()
             line = score.line()
             if fake.labels is None:
@@ -90,6 +113,106 @@ def eval_(
         console.print(f"wrote {json_out}", highlight=False)
 
 
+def _is_checkpoint_input(path: Path) -> bool:
+    """A run folder (with ``checkpoints/``) or one checkpoint folder (with ``config.json``)."""
+    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.json").is_file())
+
+
+def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | None, json_out: Path | None, device: str,
+           scales_text: str | None, num: int, sampler: str | None, steps: int | None, seed: int,
+           plot: Path | None, csv_out: Path | None, interval_text: str | None = None) -> None:
+    """``eval RUN``: sample a checkpoint at one or more guidance scales and score every scale."""
+    import json
+
+    from diffit_toolkit.eval.inputs import InputError, load_image_set
+    from diffit_toolkit.eval.metrics import MissingWeightsError, inception_extractor
+    from diffit_toolkit.eval.sweep import (
+        best_row,
+        digits_judge,
+        guidance_sweep,
+        inception_judge,
+        parse_scales,
+        plot_guidance_sweep,
+        shapes_judge,
+        write_sweep_csv,
+    )
+    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.recipe import SAMPLERS, SampleSection
+    from diffit_toolkit.train.checkpoint import CheckpointError
+
+    try:
+        gen = load_generator(run, device=device)
+        if not gen.num_classes:
+            raise InputError(f"{run}: the model is unconditional: there is no guidance to sweep")
+        if metric == "auto":
+            metric = "inception" if ref is not None else _offline_metric(gen.facts)
+        if metric == "inception":
+            if ref is None:
+                raise InputError("the Inception metrics of a run need --ref (the real images or an ADM reference batch)")
+            judge = inception_judge(load_image_set(ref), inception_extractor(inception_weights, device=device))
+            x_key, y_key, key = "is_mean", "fid", "fid"
+        else:
+            if ref is not None:
+                raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
+            fitting = _offline_metric(gen.facts)
+            if metric != fitting:
+                takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes"}[metric]
+                raise InputError(f"the {metric} metric takes {takes}, this model makes {fitting}: use --metric {fitting}")
+            judge = digits_judge() if metric == "digits" else shapes_judge()
+            x_key, y_key, key = "accuracy", "fd", "fd"
+        overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
+        if interval_text is not None:
+            overrides["guidance_interval"] = _interval(interval_text)
+        settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+        valid = SAMPLERS[gen.recipe.diffusion.process]
+        if settings.sampler not in valid and not settings.sampler.startswith("diffusers:"):
+            raise ValueError(f"sampler '{settings.sampler}' does not sample the {gen.recipe.diffusion.process} process (valid: {', '.join(valid)})")
+        scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
+        rows = guidance_sweep(gen, scales, settings, num, judge, seed=seed,
+                              log=lambda line: console.print(line, highlight=False))
+    except (InputError, MissingWeightsError, CheckpointError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    if len(rows) > 1:
+        best = best_row(rows, key)
+        console.print(f"best {key.upper()} {best[key]:.4g} at guidance {best['guidance_scale']:g}", highlight=False)
+    if csv_out is not None:
+        console.print(f"wrote {write_sweep_csv(rows, csv_out)}", highlight=False)
+    if plot is not None:
+        floor = rows[0].get("floor") if y_key == "fd" else None
+        name = f"{settings.sampler} {settings.steps} steps" + (
+            f", guidance in [{settings.guidance_interval[0]:g}, {settings.guidance_interval[1]:g}]" if settings.guidance_interval else "")
+        console.print(f"wrote {plot_guidance_sweep({name: rows}, plot, x=x_key, y=y_key, floor=floor)}", highlight=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2) + "\n")
+        console.print(f"wrote {json_out}", highlight=False)
+
+
+def _interval(text: str) -> tuple[float, float] | None:
+    """``"0.29,0.59"`` -> ``(0.29, 0.59)``; ``"none"`` -> ``None`` (guide everywhere)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance-interval takes LO,HI fractions (e.g. 0.29,0.59) or none; got '{text}'") from None
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval needs 0 <= LO <= HI <= 1; got '{text}'")
+    return lo, hi
+
+
+def _offline_metric(facts: dict) -> str:
+    """The offline judge that fits a model's data: digits (1x8x8, 10 classes) or shapes (3x32x32, 10 classes)."""
+    from diffit_toolkit.eval.inputs import InputError
+
+    shape = (facts.get("channels"), facts.get("resolution"), facts.get("num_classes"))
+    if shape == (1, 8, 10):
+        return "digits"
+    if shape == (3, 32, 10):
+        return "shapes"
+    raise InputError(f"no offline judge for {shape[0]}x{shape[1]}x{shape[1]} data with {shape[2]} classes: give --ref and --inception-weights")
+
+
 @app.command("ablate")
 def ablate(
     recipes: list[Path] = typer.Argument(..., help="Recipe files (one per mechanism) or one ablation suite YAML."),
@@ -99,6 +222,7 @@ def ablate(
     num_images: int = typer.Option(None, min=2, help="Samples per evaluation (default 200)."),
     sample_steps: int = typer.Option(None, min=1, help="Sampling steps (default: the suite's, else each recipe's)."),
     guidance_scale: float = typer.Option(None, min=0, callback=finite, help="Guidance scale (default: the suite's, else each recipe's)."),
+    guidance_scales: str = typer.Option(None, "--guidance-scales", help="Sweep these comma-separated scales at the final checkpoint and report each recipe at its best FD."),
     out: Path = typer.Option(None, help="Output folder (default: the suite's, else runs/ablation)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
@@ -118,6 +242,10 @@ def ablate(
             suite = AblationSuite(recipes=list(recipes))
         suite.seeds = _seeds(seeds) or suite.seeds
         suite.overrides = [*suite.overrides, *set_]
+        if guidance_scales is not None:
+            from diffit_toolkit.eval.sweep import parse_scales
+
+            suite.guidance_scales = parse_scales(guidance_scales)
         for name, value in (("eval_every", eval_every), ("num_images", num_images), ("sample_steps", sample_steps),
                             ("guidance_scale", guidance_scale), ("out", out)):
             if value is not None:
@@ -126,5 +254,6 @@ def ablate(
     except (RecipeError, ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(Path(files["table_md"]).read_text(), highlight=False)
-    for kind in ("table_md", "table_csv", "runs", "curves", "plot"):
-        console.print(f"wrote {files[kind]}", highlight=False)
+    for kind in ("table_md", "table_csv", "runs", "curves", "plot", "guidance", "guidance_plot"):
+        if kind in files:
+            console.print(f"wrote {files[kind]}", highlight=False)

@@ -40,7 +40,8 @@ class DataConfig:
     """Which data to train or evaluate on; ``build()`` makes the dataset.
 
     Attributes:
-        kind: ``digits`` (embedded, the default), ``image_folder``, ``npz`` or ``latents``.
+        kind: a registered dataset kind: ``digits`` (embedded, the default), ``shapes`` (embedded),
+            ``image_folder``, ``npz`` or ``latents``.
         path: Folder or file of the data (every kind but ``digits``).
         resolution: Image side; required for ``image_folder``, upsamples ``digits`` (native 8), checked for ``npz`` and ``latents``.
         channels: 1 or 3 for images (default: 1 for digits, 3 for folders, as stored for npz); checked for ``latents``.

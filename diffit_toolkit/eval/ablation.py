@@ -4,7 +4,9 @@ score with the offline digits metric, and write a table (markdown + CSV) and a p
 Layout of the output folder::
 
     <out>/<recipe>/seed_<s>/         the training runs (checkpoints every ``eval_every`` steps)
-    <out>/curves.csv                 one row per recipe, seed and evaluated step
+    <out>/curves.csv                 one row per recipe, seed and evaluated step (the final step at
+                                     its best guidance scale when the suite sweeps scales)
+    <out>/guidance.csv               with ``guidance_scales``: every scale at the final step
     <out>/runs.csv                   one row per recipe and seed (the final step)
     <out>/table.md, <out>/table.csv  mean +/- std per mechanism over the seeds
     <out>/ablation.png               metric vs training steps, one line per mechanism
@@ -30,7 +32,8 @@ import yaml
 
 #: Images in the sample grid each training run writes at its end (the metric uses ``num_images``).
 GRID_IMAGES = 20
-CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor", "num_images", "train_seconds", "loss")
+CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor", "num_images", "train_seconds", "loss",
+                "guidance_scale", "train_cpu_seconds", "params")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class AblationSuite:
         num_images: samples per evaluation (classes cycled 0..9).
         sample_steps: sampling steps (default: each recipe's).
         guidance_scale: classifier-free guidance scale (default: each recipe's).
+        guidance_scales: sweep these scales at the final checkpoint and report the best FD (each
+            recipe at its own best scale); the curve along the run uses ``guidance_scale``.
         out: output folder.
     """
 
@@ -55,6 +60,7 @@ class AblationSuite:
     num_images: int = 200
     sample_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scales: list[float] | None = None
     out: Path = Path("runs/ablation")
 
 
@@ -79,6 +85,7 @@ def load_suite(path: str | Path) -> AblationSuite:
         num_images=int(ev.get("num_images", 200)),
         sample_steps=ev.get("steps"),
         guidance_scale=ev.get("guidance_scale"),
+        guidance_scales=[float(g) for g in ev["guidance_scales"]] if ev.get("guidance_scales") else None,
         out=Path(raw.get("out", "runs/ablation")),
     )
 
@@ -100,8 +107,9 @@ def _read_curves(path: Path) -> list[dict[str, Any]]:
     for row in rows:
         for key in ("seed", "step", "num_images"):
             row[key] = int(row[key])
-        for key in ("accuracy", "fd", "floor", "train_seconds", "loss"):
-            row[key] = float(row[key]) if row[key] not in ("", "nan") else float("nan")
+        for key in ("accuracy", "fd", "floor", "train_seconds", "loss", "guidance_scale", "train_cpu_seconds", "params"):
+            value = row.get(key)
+            row[key] = float(value) if value not in (None, "", "nan") else float("nan")
     return rows
 
 
@@ -130,11 +138,37 @@ def _loss_at(run_dir: Path, step: int) -> float:
     return losses[-1] if losses else float("nan")
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and its finished children: user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def judge_for(data: dict[str, Any], cache_dir: Path):
+    """The offline judge of a recipe's ``data`` section: ``(name, judge, held-out accuracy)``."""
+    from diffit_toolkit.eval.sweep import digits_judge, shapes_judge
+
+    kind = data.get("kind", "digits")
+    if kind == "digits":
+        from diffit_toolkit.eval.digits import DigitsMetric
+
+        metric = DigitsMetric(seed=0, cache=cache_dir / "classifier.pt")
+        return "digits", digits_judge(cache_dir / "classifier.pt"), metric.test_accuracy()
+    if kind == "shapes":
+        from diffit_toolkit.eval.shapes import ShapesMetric
+
+        metric = ShapesMetric(cache=cache_dir / "shapes_classifier.pt")
+        return "shapes", shapes_judge(cache_dir / "shapes_classifier.pt"), metric.test_accuracy()
+    raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits or shapes, got '{kind}'")
+
+
 def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Path]:
     """Run ``suite`` and write its table, CSVs and plot; returns the written files by kind."""
     import torch
 
-    from diffit_toolkit.eval.digits import DigitsMetric
+    from diffit_toolkit.eval.sweep import best_row, guidance_sweep
     from diffit_toolkit.generate import load_generator
     from diffit_toolkit.build import load_recipe
     from diffit_toolkit.recipe import SampleSection
@@ -145,13 +179,17 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
     out.mkdir(parents=True, exist_ok=True)
     curves_path = out / "curves.csv"
     rows = _read_curves(curves_path)
+    sweep_rows = _read_curves(out / "guidance.csv") if suite.guidance_scales else []
     done = {(r["recipe"], r["seed"]) for r in rows}
-    metric = DigitsMetric(seed=0, cache=out / "classifier.pt")
-    log(f"digits classifier: held-out accuracy {100 * metric.test_accuracy():.1f}%")
     recipes = [load_recipe(p, suite.overrides) for p in suite.recipes]  # validate all before training any
     names = [Path(p).stem for p in suite.recipes]
     if len(set(names)) != len(names):
         raise ValueError("two recipes of the ablation share a file name; rename one")
+    kinds = {r.data.get("kind", "digits") for r in recipes}
+    if len(kinds) != 1:
+        raise ValueError(f"the recipes of one ablation must share their data; found kinds {sorted(kinds)}")
+    judge_name, judge, held_out = judge_for(recipes[0].data, out)
+    log(f"{judge_name} classifier: held-out accuracy {100 * held_out:.1f}%")
     # seed-major order: an interrupted ablation has every mechanism at the seeds it finished
     for seed in suite.seeds:
         for path, name, recipe in zip(suite.recipes, names, recipes):
@@ -167,9 +205,10 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
             if suite.sample_steps is not None:
                 overrides.append(f"sample.steps={int(suite.sample_steps)}")
             run_recipe = load_recipe(path, overrides)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), _cpu_seconds()
             result = train(run_recipe, device=device, progress=False)
-            train_seconds = time.perf_counter() - started
+            train_seconds, train_cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+            params = sum(p.numel() for p in result.model.parameters()) if result.model is not None else float("nan")
             settings = run_recipe.sample.model_dump()
             if suite.sample_steps is not None:
                 settings["steps"] = int(suite.sample_steps)
@@ -177,24 +216,55 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
                 settings["guidance_scale"] = float(suite.guidance_scale)
             sample = SampleSection.model_validate(settings)
             new_rows = []
-            for ckpt in list_checkpoints(result.run_dir):
+            checkpoints = list_checkpoints(result.run_dir)
+            for ckpt in checkpoints:
                 step = int(ckpt.name.split("_")[-1])
                 gen = load_generator(ckpt, device=device)
-                images, labels = gen.sample(suite.num_images, sample, batch_size=256, seed=seed)
-                score = metric.score(images, labels)
-                new_rows.append(dict(recipe=name, mechanism=mechanism, seed=seed, step=step, accuracy=score.accuracy,
-                                     fd=score.fd, floor=score.floor, num_images=score.num_images,
-                                     train_seconds=train_seconds, loss=_loss_at(result.run_dir, step)))
+                # the sweep (when asked for) runs on the final checkpoint; the curve uses one scale
+                final_ckpt = ckpt == checkpoints[-1]
+                scales = suite.guidance_scales if suite.guidance_scales and final_ckpt else [sample.guidance_scale]
+                scored = guidance_sweep(gen, scales, sample, suite.num_images, judge, seed=seed)
+                base = dict(recipe=name, mechanism=mechanism, seed=seed, step=step, train_seconds=train_seconds,
+                            loss=_loss_at(result.run_dir, step), train_cpu_seconds=train_cpu, params=params)
+                if suite.guidance_scales and final_ckpt:
+                    sweep_rows.extend({**base, **r} for r in scored)
+                new_rows.append({**base, **best_row(scored)})
                 del gen
             final = new_rows[-1]
             log(f"{name} seed {seed}: step {final['step']}  accuracy {100 * final['accuracy']:.1f}%  "
-                f"FD {final['fd']:.2f} (floor {final['floor']:.2f})  train {train_seconds:.0f}s")
+                f"FD {final['fd']:.2f} (floor {final['floor']:.2f}, guidance {final['guidance_scale']:g})  "
+                f"train {train_seconds:.0f}s wall, {train_cpu:.0f}s CPU")
             rows.extend(new_rows)
+            if suite.guidance_scales:
+                _write_csv(out / "guidance.csv", sweep_rows, CURVE_FIELDS)
             write_reports(rows, out, order=names)  # partial reports after every run
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     keep = {(n, s) for n in names for s in suite.seeds}
     rows = [r for r in rows if (r["recipe"], r["seed"]) in keep]
-    return write_reports(rows, out, order=names)
+    files = write_reports(rows, out, order=names)
+    if suite.guidance_scales:
+        keep_sweep = [r for r in sweep_rows if (r["recipe"], r["seed"]) in keep]
+        files["guidance"] = out / "guidance.csv"
+        files["guidance_plot"] = plot_guidance_rows(keep_sweep, out / "guidance.png", order=names)
+    return files
+
+
+def plot_guidance_rows(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str] | None = None,
+                       title: str | None = None) -> Path:
+    """The guidance trade-off (FD vs class accuracy) of ``guidance.csv`` rows: one curve per recipe,
+    each point the mean over seeds at one scale."""
+    from diffit_toolkit.eval.sweep import plot_guidance_sweep
+
+    names = list(order) if order else sorted({r["recipe"] for r in rows})
+    curves = {}
+    for name in names:
+        group = [r for r in rows if r["recipe"] == name]
+        scales = sorted({r["guidance_scale"] for r in group})
+        curves[name] = [dict(guidance_scale=s,
+                             accuracy=float(np.mean([r["accuracy"] for r in group if r["guidance_scale"] == s])),
+                             fd=float(np.mean([r["fd"] for r in group if r["guidance_scale"] == s]))) for s in scales]
+    floor = float(np.mean([r["floor"] for r in rows])) if rows else None
+    return plot_guidance_sweep({k: v for k, v in curves.items() if v}, path, floor=floor, title=title)
 
 
 def final_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -212,8 +282,30 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Welch's t-test of mean(a) - mean(b): ``(difference, 95 % interval half-width, two-sided p)``.
+
+    ``nan`` when either group has fewer than 2 values (no variance estimate).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, 0.0, 0.0 if diff != 0 else 1.0
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, dof) * se)
+    p = float(2 * stats.t.sf(abs(diff) / se, dof))
+    return diff, half, p
+
+
 def summarize(rows: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Mean and sample std over seeds per recipe of the final-step accuracy, FD and loss."""
+    """Mean and sample std over seeds per recipe of the final-step accuracy, FD and loss, and Welch's
+    test of each recipe's FD against the recipe with the best mean FD."""
     finals = final_rows(rows)
     names = list(order) if order else sorted({r["recipe"] for r in finals})
     table = []
@@ -227,25 +319,49 @@ def summarize(rows: Sequence[dict[str, Any]], order: Sequence[str] | None = None
         table.append(dict(recipe=name, mechanism=group[0]["mechanism"], seeds=len(group), step=group[0]["step"],
                           accuracy_mean=acc, accuracy_std=acc_sd, fd_mean=fd, fd_std=fd_sd,
                           loss_mean=loss, loss_std=loss_sd, floor=float(np.mean([r["floor"] for r in group])),
-                          train_seconds_mean=float(np.mean([r["train_seconds"] for r in group]))))
+                          train_seconds_mean=float(np.mean([r["train_seconds"] for r in group])),
+                          train_cpu_seconds_mean=float(np.mean([r.get("train_cpu_seconds", math.nan) for r in group])),
+                          params=float(group[0].get("params", math.nan)),
+                          guidance_scales="/".join(f"{r.get('guidance_scale', math.nan):g}" for r in group)))
+    if table:
+        best = min(table, key=lambda r: r["fd_mean"])
+        best_fds = [r["fd"] for r in finals if r["recipe"] == best["recipe"]]
+        for row in table:
+            fds = [r["fd"] for r in finals if r["recipe"] == row["recipe"]]
+            row["fd_diff_vs_best"], row["fd_diff_ci95"], row["fd_p_vs_best"] = (
+                (0.0, 0.0, 1.0) if row is best else welch_test(fds, best_fds))
     return table
 
 
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
-    """The summary as a markdown table (best FD in bold)."""
+    """The summary as a markdown table (best FD in bold; Welch's test against the best)."""
     best = min((r["fd_mean"] for r in table), default=math.nan)
-    lines = ["| mechanism | seeds | steps | class accuracy (%) | digits FD (lower is better) | real-vs-real floor | final loss | train s/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mechanism | params | seeds | steps | guidance | class accuracy (%) | FD (lower is better) "
+             "| FD - best (95 % CI), p | real-vs-real floor | final loss | train s/run (wall / CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         fd = f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}"
         if r["fd_mean"] == best:
             fd = f"**{fd}**"
-        lines.append(f"| {r['mechanism']} | {r['seeds']} | {r['step']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
-                     f"| {fd} | {r['floor']:.2f} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {r['train_seconds_mean']:.0f} |")
+            versus = "(best)"
+        else:
+            versus = f"+{_fmt(r.get('fd_diff_vs_best', math.nan), '.2f')} ± {_fmt(r.get('fd_diff_ci95', math.nan), '.2f')}, p={_fmt(r.get('fd_p_vs_best', math.nan), '.2g')}"
+        params = r.get("params", math.nan)
+        params_text = "n/a" if math.isnan(params) else f"{params / 1e6:.3f} M"
+        label = r["mechanism"] if r["recipe"] == r["mechanism"] else f"{r['recipe']} ({r['mechanism']})"
+        lines.append(f"| {label} | {params_text} | {r['seeds']} | {r['step']} | {r.get('guidance_scales', 'n/a')} "
+                     f"| {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
+                     f"| {fd} | {versus} | {r['floor']:.2f} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} "
+                     f"| {r['train_seconds_mean']:.0f} / {_fmt(r.get('train_cpu_seconds_mean', math.nan), '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str] | None = None) -> Path:
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str] | None = None,
+                title: str | None = None) -> Path:
     """PNG of FD and accuracy vs training steps: one line per mechanism (mean over seeds, band: std)."""
     import matplotlib
 
@@ -267,7 +383,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str]
                 means.append(m)
                 stds.append(sd)
             means, stds = np.array(means), np.array(stds)
-            ax.plot(steps, means, marker="o", label=group[0]["mechanism"])
+            label = name if name == group[0]["mechanism"] else f"{name} ({group[0]['mechanism']})"
+            ax.plot(steps, means, marker="o", label=label)
             ax.fill_between(steps, means - stds, means + stds, alpha=0.15)
         floor = float(np.mean([r["floor"] for r in group]))
     if floor is not None:
@@ -275,12 +392,12 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str]
     axes[1].axhline(10.0, color="gray", linestyle=":", label="chance (10 classes)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("training step")
-    axes[0].set_ylabel("digits FD (log scale, lower is better)")
+    axes[0].set_ylabel("FD (log scale, lower is better)")
     axes[1].set_xlabel("training step")
     axes[1].set_ylabel("class accuracy of samples (%)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Mechanism ablation on the embedded digits (mean ± std over seeds)")
+    fig.suptitle(title or "Mechanism ablation (mean ± std over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

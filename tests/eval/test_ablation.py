@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
-from diffit_toolkit.eval.ablation import load_suite, markdown_table, summarize
+from diffit_toolkit.eval.ablation import load_suite, markdown_table, summarize, welch_test
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "ablation"
 
@@ -26,7 +26,7 @@ def test_ablation_runner_tiny_budget(tmp_path):
         "seeds": [0, 1],
         "set": ["train.max_steps=4", "train.batch_size=8", "train.warmup_steps=0", "model.hidden_size=16",
                 "model.depth=1", "model.num_heads=2"],
-        "eval": {"every": 2, "num_images": 10, "steps": 2},
+        "eval": {"every": 2, "num_images": 10, "steps": 2, "guidance_scales": [1.0, 2.0]},
         "out": str(tmp_path / "abl"),
     }
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
@@ -40,6 +40,13 @@ def test_ablation_runner_tiny_budget(tmp_path):
     assert {r["step"] for r in runs} == {"4"}
     curves = list(csv.DictReader((out / "curves.csv").open()))
     assert len(curves) == 8  # steps 2 and 4 of every run
+    assert all(float(r["train_cpu_seconds"]) > 0 and int(float(r["params"])) > 0 for r in curves)
+    sweep = list(csv.DictReader((out / "guidance.csv").open()))
+    assert len(sweep) == 8 and {r["guidance_scale"] for r in sweep} == {"1", "2"}  # final step, 2 scales, 4 runs
+    assert (out / "guidance.png").stat().st_size > 0
+    for run in runs:  # the final row is the run's best scale
+        scales = [r for r in sweep if (r["recipe"], r["seed"]) == (run["recipe"], run["seed"])]
+        assert float(run["fd"]) == min(float(r["fd"]) for r in scales)
     table = list(csv.DictReader((out / "table.csv").open()))
     assert [r["mechanism"] for r in table] == ["tmsa", "adaln_zero"]
     md = (out / "table.md").read_text()
@@ -63,3 +70,19 @@ def test_bad_suite_and_missing_recipe_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "recipes" in result.output
     result = CliRunner().invoke(app, ["ablate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "nope.yaml" in result.output
+
+
+def test_welch_test_matches_scipy_and_the_table_reports_it():
+    from scipy import stats
+
+    a, b = [3.0, 3.5, 4.1], [2.0, 2.2, 2.1]
+    diff, half, p = welch_test(a, b)
+    assert diff == sum(a) / 3 - sum(b) / 3
+    assert p == stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert 0 < half and abs(diff) > half  # significant: the 95 % interval excludes 0
+    rows = [dict(recipe=name, mechanism=name, seed=s, step=10, accuracy=0.9, fd=fd, floor=1.0, num_images=10,
+                 train_seconds=1.0, loss=0.5, guidance_scale=1.5, train_cpu_seconds=2.0, params=1e5)
+            for name, fds in (("a", a), ("b", b)) for s, fd in enumerate(fds)]
+    table = summarize(rows)
+    assert table[1]["fd_diff_vs_best"] == 0 and table[0]["fd_p_vs_best"] == p
+    assert "p=" in markdown_table(table) and "0.100 M" in markdown_table(table)

@@ -1,0 +1,184 @@
+"""The offline judge of the embedded shapes: a small CNN trained on the generator's own images.
+
+Like the digits metric (:mod:`diffit_toolkit.eval.digits`) and nothing downloaded: for conditional
+samples it reports (a) the share classified as their requested class and (b) the Frechet distance
+in the classifier's penultimate feature space against the held-out shapes (``split="test"``, a
+disjoint random stream), next to the real-vs-real floor: the same distance for as many real train
+images as there are samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffit_toolkit.eval.frechet import fd_from_features
+
+#: Feature size of the classifier's penultimate layer.
+FEATURE_DIM = 64
+#: Training epochs of the judge (about two minutes on one CPU core).
+JUDGE_EPOCHS = 10
+
+
+class ShapesClassifier(nn.Module):
+    """Three conv + batch-norm stages on 3x32x32 images in [-1, 1]; ``features`` is its 64-d penultimate layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(
+            *stage(3, 24),   # (B, 24, 16, 16)
+            *stage(24, 48),  # (B, 48, 8, 8)
+            *stage(48, 64),  # (B, 64, 4, 4)
+            nn.Flatten(), nn.Linear(64 * 16, FEATURE_DIM), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_shapes_classifier(seed: int = 0, epochs: int = JUDGE_EPOCHS, num: int | None = None,
+                            batch: int = 128) -> ShapesClassifier:
+    """Train the judge on the shapes train split (seeded; the first ``num`` images, default all)."""
+    from diffit_toolkit.data.shapes import make_shapes
+
+    x, y = make_shapes("train", num=num)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ShapesClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(x) // batch))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch):
+            idx = order[start : start + batch]
+            xb = x[idx]
+            # light pixel noise makes it a little more robust to sample artefacts
+            xb = xb + 0.05 * torch.randn(xb.shape, generator=gen)
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+_MEMO: dict[int, ShapesClassifier] = {}
+
+
+def load_shapes_classifier(seed: int = 0, cache: str | Path | None = None) -> ShapesClassifier:
+    """The judge for ``seed``: memoised in the process and, with ``cache``, kept in that file."""
+    if seed in _MEMO:
+        return _MEMO[seed]
+    model = None
+    if cache is not None and Path(cache).is_file():
+        model = ShapesClassifier()
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        model.eval()
+    if model is None:
+        model = train_shapes_classifier(seed)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), cache)
+    _MEMO[seed] = model
+    return model
+
+
+@dataclass(frozen=True)
+class ShapesScore:
+    """Result of :meth:`ShapesMetric.score` (fields as :class:`~diffit_toolkit.eval.digits.DigitsScore`)."""
+
+    accuracy: float
+    fd: float
+    floor: float
+    num_images: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def line(self) -> str:
+        acc = "n/a" if np.isnan(self.accuracy) else f"{100 * self.accuracy:.1f}%"
+        return f"shapes: accuracy {acc}  FD {self.fd:.3f}  (real-vs-real floor {self.floor:.3f}, n={self.num_images})"
+
+
+def to_shapes_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Samples as float (B, 3, 32, 32) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW."""
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.float() / 127.5 - 1
+    x = x.float()
+    if tuple(x.shape[1:]) != (3, 32, 32):
+        raise ValueError(f"the shapes metric takes 32x32 RGB images, got {tuple(x.shape[1:])}")
+    return x
+
+
+class ShapesMetric:
+    """Accuracy and Frechet distance of shape samples in the feature space of :class:`ShapesClassifier`.
+
+    Args:
+        seed: Judge training seed.
+        cache: Optional file where the trained judge is kept.
+        classifier: Use this classifier instead of training one (tests).
+    """
+
+    def __init__(self, seed: int = 0, cache: str | Path | None = None, classifier: ShapesClassifier | None = None,
+                 num_test: int | None = None) -> None:
+        from diffit_toolkit.data.shapes import make_shapes
+
+        self.classifier = classifier if classifier is not None else load_shapes_classifier(seed, cache)
+        self.seed = seed
+        self.test_x, self.test_y = make_shapes("test", num=num_test)
+        self.test_features = self.features(self.test_x)
+        self._floors: dict[int, float] = {}
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        x = to_shapes_tensor(x)
+        return np.concatenate([self.classifier.features(x[i : i + 500]).double().numpy() for i in range(0, len(x), 500)])
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_shapes_tensor(x)
+        return torch.cat([self.classifier(x[i : i + 500]).argmax(dim=1) for i in range(0, len(x), 500)])
+
+    def test_accuracy(self) -> float:
+        """Accuracy of the judge on the held-out real shapes."""
+        return float((self.predict(self.test_x) == self.test_y).float().mean())
+
+    def floor(self, n: int) -> float:
+        """FD of ``n`` real train shapes (the first ``n`` of the train split) against the held-out ones."""
+        from diffit_toolkit.data.shapes import make_shapes
+
+        if n not in self._floors:
+            self._floors[n] = fd_from_features(self.features(make_shapes("train", num=n)[0]), self.test_features)
+        return self._floors[n]
+
+    def score(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> ShapesScore:
+        """Score samples (float [-1, 1] NCHW or uint8 NHWC as in an ADM ``.npz``) with their requested labels."""
+        x = to_shapes_tensor(images)
+        if len(x) < 2:
+            raise ValueError("the shapes metric needs at least 2 images")
+        accuracy = float("nan")
+        if labels is not None:
+            y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
+            if len(y) != len(x):
+                raise ValueError(f"{len(x)} images but {len(y)} labels")
+            accuracy = float((self.predict(x) == y).float().mean())
+        fd = fd_from_features(self.features(x), self.test_features)
+        return ShapesScore(accuracy, fd, self.floor(len(x)), len(x))

@@ -1,0 +1,104 @@
+"""`diffit-toolkit eval RUN --guidance-scales ...`: one checkpoint sampled and scored per scale, with a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffit_toolkit.cli import app
+from diffit_toolkit.eval.sweep import best_row, guidance_sweep, parse_scales
+from diffit_toolkit.generate import load_generator, save_npz
+from diffit_toolkit.recipe import load_recipe
+from diffit_toolkit.train import train
+
+runner = CliRunner()
+TINY = ["train.max_steps=3", "train.batch_size=8", "train.warmup_steps=0", "model.hidden_size=16", "model.depth=1",
+        "model.num_heads=2", "sample.num_images=10", "sample.steps=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    train(load_recipe("quickstart", [*TINY, f"output_dir={out}"]), device="cpu", progress=False)
+    return out
+
+
+def test_sweep_scores_every_scale_with_the_same_noise(run_dir):
+    gen = load_generator(run_dir, device="cpu")
+    seen = []
+
+    def judge(images, labels):
+        seen.append(images)
+        return {"fd": float(images.abs().mean()), "accuracy": 0.5}
+
+    rows = guidance_sweep(gen, [1.0, 1.0, 3.0], gen.recipe.sample, 6, judge, seed=1)
+    assert [r["guidance_scale"] for r in rows] == [1.0, 1.0, 3.0]
+    assert torch.equal(seen[0], seen[1])  # same noise and labels at every scale
+    assert not torch.equal(seen[0], seen[2])  # only the scale differs
+    assert best_row(rows)["fd"] == min(r["fd"] for r in rows)
+
+
+def test_eval_command_sweeps_a_run_and_writes_table_plot_and_json(run_dir, tmp_path):
+    result = runner.invoke(app, ["eval", str(run_dir), "--guidance-scales", "1,2", "--num", "20", "--steps", "2",
+                                 "--plot", str(tmp_path / "g.png"), "--csv", str(tmp_path / "g.csv"),
+                                 "--json", str(tmp_path / "g.json")])
+    assert result.exit_code == 0, result.output
+    assert "guidance 1:" in result.output and "guidance 2:" in result.output and "best FD" in result.output
+    rows = list(csv.DictReader((tmp_path / "g.csv").open()))
+    assert [float(r["guidance_scale"]) for r in rows] == [1.0, 2.0]
+    assert all(float(r["num_images"]) == 20 and float(r["fd"]) > 0 for r in rows)
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "g.json").read_text())) == 2
+    # a checkpoint folder works as well, at the recipe's own scale by default
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    one = runner.invoke(app, ["eval", str(ckpt), "--num", "10", "--steps", "2"])
+    assert one.exit_code == 0 and one.output.count("guidance ") == 1, one.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance-scales", "1,x"], "comma-separated numbers"),
+    (["--guidance-scales", "1,-2"], ">= 0"),
+    (["--sampler", "heun"], "does not sample"),
+    (["--ref", "nothere"], "no such file"),
+    (["--metric", "inception"], "need --ref"),
+    (["--metric", "shapes"], "32x32 RGB shapes"),
+])
+def test_sweep_errors_are_one_line(run_dir, args, message):
+    result = runner.invoke(app, ["eval", str(run_dir), "--num", "4", *args])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+def test_guidance_options_need_a_model_not_images(tmp_path):
+    save_npz(torch.zeros(4, 1, 8, 8), torch.arange(4), tmp_path / "s.npz")
+    result = runner.invoke(app, ["eval", str(tmp_path / "s.npz"), "--guidance-scales", "1,2"])
+    assert result.exit_code == 2 and "run or checkpoint folder" in result.output
+
+
+def test_parse_scales():
+    assert parse_scales("1, 1.5,2") == [1.0, 1.5, 2.0]
+    with pytest.raises(ValueError):
+        parse_scales("")
+
+
+def test_edm_guidance_interval_guides_only_inside_the_noise_range():
+    from diffit_toolkit.diffusion.edm import EDMPrecond
+    from diffit_toolkit.process import build_process
+    from diffit_toolkit.recipe import DiffusionSection, SampleSection
+
+    process = build_process(DiffusionSection(process="edm", learn_sigma=False))
+    sample = SampleSection(sampler="heun", guidance_scale=3.0, guidance_interval=(0.29, 0.59))
+
+    def model(x, t, y):  # conditional output 1, unconditional 0: the guided value is the scale
+        return (y != 10).to(x.dtype).view(-1, 1, 1, 1).expand_as(x).clone()
+
+    guided = process.guided(model, sample, null_class=10)
+    x, y = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long)
+    c_noise = EDMPrecond().c_noise(torch.tensor([0.1, 1.0, 20.0], dtype=torch.float64))  # below, inside, above
+    out = guided(x, c_noise, y)[:, 0, 0, 0]
+    assert out.tolist() == [1.0, 3.0, 1.0]
