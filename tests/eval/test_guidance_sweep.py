@@ -63,7 +63,7 @@ def test_eval_command_sweeps_a_run_and_writes_table_plot_and_json(run_dir, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--guidance-scales", "1,x"], "comma-separated numbers"),
     (["--guidance-scales", "1,-2"], ">= 0"),
-    (["--sampler", "heun"], "does not sample"),
+    (["--sampler", "ddim"], "does not sample"),
     (["--ref", "nothere"], "no such file"),
     (["--metric", "inception"], "need --ref"),
     (["--metric", "shapes"], "32x32 RGB shapes"),
