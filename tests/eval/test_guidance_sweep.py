@@ -28,19 +28,19 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_sweep_scores_every_scale_with_the_same_noise(run_dir):
+def test_sweep_samples_every_scale_with_the_same_seed_and_count(run_dir):
     gen = load_generator(run_dir, device="cpu")
-    seen = []
+    calls = []
 
-    def judge(images, labels):
-        seen.append(images)
-        return {"fd": float(images.abs().mean()), "accuracy": 0.5}
+    def sample(num_images, settings, batch_size=64, seed=0):
+        calls.append((settings.guidance_scale, seed, num_images, settings.sampler))
+        return torch.full((num_images, 1, 8, 8), settings.guidance_scale / 10), torch.arange(num_images) % 10
 
-    rows = guidance_sweep(gen, [1.0, 1.0, 3.0], gen.recipe.sample, 6, judge, seed=1)
-    assert [r["guidance_scale"] for r in rows] == [1.0, 1.0, 3.0]
-    assert torch.equal(seen[0], seen[1])  # same noise and labels at every scale
-    assert not torch.equal(seen[0], seen[2])  # only the scale differs
-    assert best_row(rows)["fd"] == min(r["fd"] for r in rows)
+    gen.sample = sample
+    rows = guidance_sweep(gen, [1.0, 3.0, 2.0], gen.recipe.sample, 6, lambda images, labels: {"fd": float(images.mean())}, seed=1)
+    assert calls == [(1.0, 1, 6, "heun"), (3.0, 1, 6, "heun"), (2.0, 1, 6, "heun")]  # same seed: same noise and labels
+    assert [r["guidance_scale"] for r in rows] == [1.0, 3.0, 2.0]
+    assert best_row(rows)["guidance_scale"] == 1.0 and all(r["sample_seconds"] >= 0 for r in rows)
 
 
 def test_eval_command_sweeps_a_run_and_writes_table_plot_and_json(run_dir, tmp_path):
@@ -63,7 +63,7 @@ def test_eval_command_sweeps_a_run_and_writes_table_plot_and_json(run_dir, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--guidance-scales", "1,x"], "comma-separated numbers"),
     (["--guidance-scales", "1,-2"], ">= 0"),
-    (["--sampler", "heun"], "does not sample"),
+    (["--sampler", "ddim"], "does not sample"),
     (["--ref", "nothere"], "no such file"),
     (["--metric", "inception"], "need --ref"),
     (["--metric", "shapes"], "32x32 RGB shapes"),

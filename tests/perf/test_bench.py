@@ -77,7 +77,7 @@ def test_recipe_without_dit(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["comparison"] is None and data["attention"] == []
     assert data["meta"]["model"]["label"] == "quickstart"
-    assert data["sampling"][0]["sampler"] == "ddim"  # the recipe's sampler
+    assert data["sampling"][0]["sampler"] == "heun"  # the recipe's sampler
 
 
 @pytest.mark.parametrize(
