@@ -62,7 +62,11 @@ class TrainSection(_Section):
     """Optimisation and bookkeeping.
 
     Attributes:
-        batch_size: global batch size (split over processes).
+        batch_size: global batch size per optimizer step (split over processes, then into
+            ``grad_accum_steps`` micro-batches).
+        grad_accum_steps: micro-batches per optimizer step: each process runs
+            ``batch_size / (processes * grad_accum_steps)`` images through the model at a time and
+            sums their gradients; under DDP they are synchronised once, after the last one.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -86,6 +90,7 @@ class TrainSection(_Section):
     """
 
     batch_size: int = Field(256, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
