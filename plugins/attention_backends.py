@@ -7,6 +7,7 @@ ones by priority at call time. ``math`` is the fp32 reference the others are tes
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 
 import torch
@@ -34,10 +35,9 @@ SDPA_BACKEND = AttentionBackend(
 
 
 def _flex_unavailable() -> str | None:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError as exc:  # torch < 2.5
-        return f"torch {torch.__version__} has no FlexAttention ({exc})"
+    # found, not imported: the import pulls in sympy and takes seconds
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:  # torch < 2.5
+        return f"torch {torch.__version__} has no FlexAttention"
     return None
 
 
