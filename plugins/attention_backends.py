@@ -16,6 +16,7 @@ from torch import Tensor
 
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.attention import MATH_BACKEND, AttentionBackend
+from diffit_toolkit.optional import missing
 
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -84,6 +85,8 @@ FLEX_BACKEND = AttentionBackend(
 def _xformers_unavailable() -> str | None:
     """xformers counts as available only if its kernel actually runs here (the PyPI wheel is
     built for one torch release and often fails to load its extensions)."""
+    if (reason := missing("xformers")) is not None:
+        return reason
     if not torch.cuda.is_available():
         return "needs a CUDA device"
     try:

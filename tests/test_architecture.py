@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffit_toolkit"
 
 #: Layers from the bottom up: a module may import its own layer and the ones below, never above.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "hookspecs", "registry"),
+    ("errors", "hookspecs", "registry", "optional"),
     ("nn", "diffusion", "data"),
     ("sampling",),
     ("backbones", "process", "recipe"),

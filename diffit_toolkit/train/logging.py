@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from diffit_toolkit.optional import missing
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -33,13 +36,14 @@ def _truncate_after(path: Path, step: int) -> None:
 class RunLogger:
     """Metrics to ``metrics.jsonl`` (one line per logged step; ``loss`` is the mean since the
     previous line), TensorBoard scalars when the
-    package is installed, and a progress bar with it/s, img/s, loss and ETA. Silent off rank 0."""
+    package is installed, and a progress bar with it/s, img/s, loss and ETA. Every method runs
+    on global rank 0 only (``@rank_zero_only``); elsewhere it does nothing."""
 
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, batch_size: int,
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, batch_size: int,
                  show_progress: bool = True) -> None:
-        self.enabled = is_main
         self.batch_size = batch_size
         self.start_step = start_step
+        self.total_steps = total_steps
         self.t0 = time.perf_counter()
         self.last_log = (self.t0, start_step)
         self.window: list[float] = []
@@ -47,18 +51,22 @@ class RunLogger:
         self.metrics = None
         self.tb = None
         self.progress = None
-        if not is_main:
-            return
+        self._open(run_dir, show_progress)
+
+    @rank_zero_only
+    def _open(self, run_dir: Path, show_progress: bool) -> None:
+        start_step, total_steps = self.start_step, self.total_steps
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         _truncate_after(path, start_step)
         self.metrics = open(path, "a")
-        try:
+        reason = missing("tensorboard")
+        if reason is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # TensorBoard is optional
-            self.tb = None
+        else:
+            rank_zero_warn(f"TensorBoard logging is off: {reason}", stacklevel=2)
         if show_progress and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -67,11 +75,9 @@ class RunLogger:
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, rates="", loss="-")
             self.progress.start()
-        self.total_steps = total_steps
 
+    @rank_zero_only
     def step(self, step: int, loss: float, log: bool, **extra: Any) -> None:
-        if not self.enabled:
-            return
         now = time.perf_counter()
         done = step - self.start_step
         rate = done / max(now - self.t0, 1e-9)
@@ -100,10 +106,11 @@ class RunLogger:
                 f"step {step}/{self.total_steps}  loss {loss:.4f}  {window_rate:.2f} it/s  "
                 f"{window_rate * self.batch_size:.1f} img/s  eta {eta / 60:.1f} min", highlight=False)
 
+    @rank_zero_only
     def message(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console if self.progress else self.console).print(text, highlight=False, soft_wrap=True)
+        (self.progress.console if self.progress else self.console).print(text, highlight=False, soft_wrap=True)
 
+    @rank_zero_only
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

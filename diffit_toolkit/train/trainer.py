@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -288,7 +289,7 @@ def train(
             train_model = torch.compile(train_model)
 
         config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts, "environment": environment}
-        logger = RunLogger(run_dir, env.is_main, total_steps=cfg.max_steps, start_step=step,
+        logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=step,
                            batch_size=cfg.batch_size, show_progress=progress)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,8 +340,8 @@ def train(
                     batches = iter(loader)
                     x, y = next(batches)
                 sampler.advance()
-                x = x.to(env.device, non_blocking=True)
-                y = y.to(env.device, non_blocking=True) if facts["num_classes"] else None
+                x, y = apply_to_collection((x, y), torch.Tensor, lambda t: t.to(env.device, non_blocking=True))
+                y = y if facts["num_classes"] else None
                 try:
                     optimizer.zero_grad(set_to_none=True)
                     loss = accumulate_gradients(train_model, process, x, y, generator, cfg.grad_accum_steps, scaler,
