@@ -143,6 +143,38 @@ class SampleSection(_Section):
     seed: int = 0
 
 
+class WandbSection(_Section):
+    """Weights & Biases logging (the ``[wandb]`` extra).
+
+    Attributes:
+        project: W&B project.
+        mode: ``offline`` (written under the run folder, upload later with ``wandb sync``),
+            ``online`` or ``disabled``.
+        entity: W&B team or user (``null``: your default).
+        name: run name shown in W&B (``null``: the recipe's name).
+        tags: run tags.
+    """
+
+    project: str
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingSection(_Section):
+    """Where a run's metrics and sample grids go besides ``metrics.jsonl`` (rank 0 only).
+
+    Attributes:
+        tensorboard: TensorBoard events under ``<run>/tensorboard`` (scalars, learning rate, sample
+            grids); ``null``: when the package is installed, ``true``: required, ``false``: off.
+        wandb: :class:`WandbSection`, or ``null`` (off).
+    """
+
+    tensorboard: bool | None = None
+    wandb: WandbSection | None = None
+
+
 class Recipe(_Section):
     """A resolved, validated recipe.
 
@@ -157,6 +189,7 @@ class Recipe(_Section):
         data: options of the dataset (``kind``, ``path``, ...), validated against the data config.
         train: :class:`TrainSection`.
         sample: :class:`SampleSection`.
+        logging: :class:`LoggingSection`.
     """
 
     name: str = "run"
@@ -167,6 +200,7 @@ class Recipe(_Section):
     data: dict[str, Any] = Field(default_factory=dict)
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @property
     def run_dir(self) -> Path:

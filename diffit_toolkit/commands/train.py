@@ -64,6 +64,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
+    from diffit_toolkit.optional import MissingDependencyError
     from diffit_toolkit.runs import CheckpointError, RunFolderError
     from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
@@ -74,7 +75,7 @@ def train(
     resolved, _ = _load(recipe, overrides)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
-    except (RecipeError, PluginError) as exc:
+    except (RecipeError, PluginError, MissingDependencyError) as exc:
         exit_with_error(exc, EXIT_USAGE)
     except (TrainingError, CheckpointError, RunFolderError) as exc:
         exit_with_error(exc, EXIT_FAILURE)

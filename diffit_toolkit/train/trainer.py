@@ -289,8 +289,8 @@ def train(
             train_model = torch.compile(train_model)
 
         config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts, "environment": environment}
-        logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=step,
-                           batch_size=cfg.batch_size, show_progress=progress)
+        logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=step, batch_size=cfg.batch_size,
+                           show_progress=progress, logging=recipe.logging, config=config, name=recipe.name)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -389,7 +389,9 @@ def train(
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     last_checkpoint = checkpoint_now()
                 if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-                    sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples" / f"step_{step:07d}.png")
+                    grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device,
+                                       run_dir / "samples" / f"step_{step:07d}.png")
+                    logger.image("samples", grid, step)
                     model.train()
                 requested = _agreed_stop(stop["signal"], env)
                 if requested:
@@ -403,6 +405,7 @@ def train(
                              model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
         if env.is_main and step >= cfg.max_steps:
             result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
+            logger.image("samples", result.grid, step)
             result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
             logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
         logger.close()

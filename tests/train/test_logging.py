@@ -51,3 +51,58 @@ def test_without_tensorboard_the_run_logs_and_says_so_once(tmp_path, monkeypatch
     logger.step(1, 0.5, log=True)
     logger.close()
     assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "tensorboard").exists()
+
+
+def _tensorboard_events(folder: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return {"scalars": events.Tags()["scalars"], "images": events.Tags()["images"],
+            "lr": [e.value for e in events.Scalars("train/lr")] if "train/lr" in events.Tags()["scalars"] else []}
+
+
+def test_tensorboard_gets_the_learning_rate_and_the_sample_grids(tmp_path, tiny_recipe):
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.train import train
+
+    train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=2, sample_every=1)), device="cpu", progress=False)
+    events = _tensorboard_events(tmp_path / "run" / "tensorboard")
+    assert events["images"] == ["samples"]
+    import json
+
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(events["lr"]) == 2 and events["lr"] == pytest.approx(logged)
+    assert {"train/loss", "train/grad_norm", "train/it_per_s"} <= set(events["scalars"])
+
+
+def test_a_logging_back_end_that_is_not_installed_is_a_recipe_error(tmp_path, monkeypatch, tiny_recipe):
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.recipe import RecipeError
+
+    monkeypatch.setitem(optional.OPTIONAL, "wandb", (RequirementCache("no-such-package-here"), "wandb"))
+    with pytest.raises(RecipeError, match=r"^recipe error at logging.wandb: needs wandb, which is not installed: "
+                                          r"pip install 'diffit-toolkit\[wandb\]', or remove logging.wandb$"):
+        load_recipe(tiny_recipe(tmp_path, "run"), ["logging.wandb.project=demo"])
+
+
+wandb_installed = pytest.mark.skipif(missing("wandb") is not None, reason="wandb is not installed (the [wandb] extra)")
+
+
+@wandb_installed
+def test_wandb_offline_gets_metrics_config_and_grids_and_resumes_the_same_run(tmp_path, tiny_recipe, monkeypatch):
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.train import train
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = tiny_recipe(tmp_path, "run", max_steps=3, sample_every=2)
+    overrides = ["logging.wandb.project=demo", "logging.wandb.mode=offline"]
+    train(load_recipe(path, overrides), device="cpu", progress=False, stop_after=2)
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    train(load_recipe(path, overrides), device="cpu", progress=False)
+    assert (tmp_path / "run" / "wandb_id.txt").read_text().strip() == run_id
+    runs = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # one folder per invocation, one W&B run id
+    files = [p for run in runs for p in run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)  # the offline log that `wandb sync` uploads
+    assert any(p.suffix == ".png" and "samples" in p.name for p in files)  # the grids
