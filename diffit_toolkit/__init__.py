@@ -4,42 +4,65 @@ swappable conditioning mechanisms.
 The public entry points for plugin authors are the ``register_*`` functions and the block API
 (:class:`~diffit_toolkit.nn.block.ConditioningMechanism`, :class:`~diffit_toolkit.nn.block.Injection`,
 :class:`~diffit_toolkit.nn.block.BlockSpec`, :class:`~diffit_toolkit.nn.block.DiffiTBlock`).
+
+Importing the package is cheap: each public name is imported from its module on first use
+(a module-level ``__getattr__``), so the command line starts without loading torch.
 """
 
-from diffit_toolkit.registry import (
-    DuplicatePluginError,
-    PluginBuildError,
-    PluginError,
-    UnknownPluginError,
-    get_registry,
-    register_attention_backend,
-    register_backbone,
-    register_conditioning,
-    register_time_embedding,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from diffit_toolkit.nn.attention import Attention, AttentionBackend  # noqa: E402
-from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, DiffiTBlock, Injection  # noqa: E402
-from diffit_toolkit.nn.embeddings import TimestepEmbedder  # noqa: E402
+#: Public name -> the module that defines it (imported on first access).
+_PUBLIC = {
+    "DuplicatePluginError": "diffit_toolkit.registry",
+    "PluginBuildError": "diffit_toolkit.registry",
+    "PluginError": "diffit_toolkit.registry",
+    "UnknownPluginError": "diffit_toolkit.registry",
+    "get_registry": "diffit_toolkit.registry",
+    "register_attention_backend": "diffit_toolkit.registry",
+    "register_backbone": "diffit_toolkit.registry",
+    "register_conditioning": "diffit_toolkit.registry",
+    "register_time_embedding": "diffit_toolkit.registry",
+    "Attention": "diffit_toolkit.nn.attention",
+    "AttentionBackend": "diffit_toolkit.nn.attention",
+    "BlockSpec": "diffit_toolkit.nn.block",
+    "ConditioningMechanism": "diffit_toolkit.nn.block",
+    "DiffiTBlock": "diffit_toolkit.nn.block",
+    "Injection": "diffit_toolkit.nn.block",
+    "TimestepEmbedder": "diffit_toolkit.nn.embeddings",
+}
 
-__all__ = [
-    "Attention",
-    "AttentionBackend",
-    "BlockSpec",
-    "ConditioningMechanism",
-    "DiffiTBlock",
-    "DuplicatePluginError",
-    "Injection",
-    "PluginBuildError",
-    "PluginError",
-    "TimestepEmbedder",
-    "UnknownPluginError",
-    "__version__",
-    "get_registry",
-    "register_attention_backend",
-    "register_backbone",
-    "register_conditioning",
-    "register_time_embedding",
-]
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily
+    from diffit_toolkit.nn.attention import Attention, AttentionBackend
+    from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, DiffiTBlock, Injection
+    from diffit_toolkit.nn.embeddings import TimestepEmbedder
+    from diffit_toolkit.registry import (
+        DuplicatePluginError,
+        PluginBuildError,
+        PluginError,
+        UnknownPluginError,
+        get_registry,
+        register_attention_backend,
+        register_backbone,
+        register_conditioning,
+        register_time_embedding,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffit_toolkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

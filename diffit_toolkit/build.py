@@ -24,6 +24,7 @@ import torch
 
 from diffit_toolkit.data import DataConfig
 from diffit_toolkit.errors import did_you_mean, first_line
+from diffit_toolkit.optional import OPTIONAL, missing
 from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class
 from diffit_toolkit.recipe import Recipe, RecipeError, format_validation_error, parse_recipe, read_recipe
 from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
@@ -168,11 +169,16 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module):
 
 
 def check_recipe(recipe: Recipe, *, read_data: bool = False) -> list[str]:
-    """Check everything that can go wrong before training: the process and its sampler, the data
+    """Check everything that can go wrong before training: the process and its sampler, the logging
+    back-ends it asks for (installed), the data
     section, and the model built on the meta device (shaped by the data when ``read_data`` and
     the data are there). Returns the checks that were skipped, as sentences."""
     skipped: list[str] = []
     build_process(recipe)
+    for key, name in (("logging.wandb", "wandb"), ("logging.tensorboard", "tensorboard")):
+        if getattr(recipe.logging, key.split(".")[1]) and missing(name) is not None:
+            raise RecipeError(f"recipe error at {key}: needs {name}, which is not installed: "
+                              f"pip install 'diffit-toolkit[{OPTIONAL[name][1]}]', or remove {key}")
     facts = None
     if recipe.data:
         config = data_config(recipe)

@@ -80,7 +80,11 @@ class TrainSection(_Section):
     """Optimisation and bookkeeping.
 
     Attributes:
-        batch_size: global batch size (split over processes).
+        batch_size: global batch size per optimizer step (split over processes, then into
+            ``grad_accum_steps`` micro-batches).
+        grad_accum_steps: micro-batches per optimizer step: each process runs
+            ``batch_size / (processes * grad_accum_steps)`` images through the model at a time and
+            sums their gradients; under DDP they are synchronised once, after the last one.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -104,6 +108,7 @@ class TrainSection(_Section):
     """
 
     batch_size: int = Field(256, gt=0, le=2**24)
+    grad_accum_steps: int = Field(1, gt=0, le=2**16)
     lr: float = Field(1e-4, gt=0, le=1e3)
     weight_decay: float = Field(0.0, ge=0, le=1e3)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -163,6 +168,38 @@ class SampleSection(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
 
 
+class WandbSection(_Section):
+    """Weights & Biases logging (the ``[wandb]`` extra).
+
+    Attributes:
+        project: W&B project.
+        mode: ``offline`` (written under the run folder, upload later with ``wandb sync``),
+            ``online`` or ``disabled``.
+        entity: W&B team or user (``null``: your default).
+        name: run name shown in W&B (``null``: the recipe's name).
+        tags: run tags.
+    """
+
+    project: str
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingSection(_Section):
+    """Where a run's metrics and sample grids go besides ``metrics.jsonl`` (rank 0 only).
+
+    Attributes:
+        tensorboard: TensorBoard events under ``<run>/tensorboard`` (scalars, learning rate, sample
+            grids); ``null``: when the package is installed, ``true``: required, ``false``: off.
+        wandb: :class:`WandbSection`, or ``null`` (off).
+    """
+
+    tensorboard: bool | None = None
+    wandb: WandbSection | None = None
+
+
 class Recipe(_Section):
     """A resolved, validated recipe.
 
@@ -177,6 +214,7 @@ class Recipe(_Section):
         data: options of the dataset (``kind``, ``path``, ...), validated against the data config.
         train: :class:`TrainSection`.
         sample: :class:`SampleSection`.
+        logging: :class:`LoggingSection`.
     """
 
     name: str = "run"
@@ -187,6 +225,7 @@ class Recipe(_Section):
     data: dict[str, Any] = Field(default_factory=dict)
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @property
     def run_dir(self) -> Path:

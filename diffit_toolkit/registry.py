@@ -310,7 +310,8 @@ def load_plugin_modules(targets: list[str]) -> None:
     """Load user plugin modules (dotted names or ``.py`` paths) into the current system and into
     every process this one starts (through ``DIFFIT_TOOLKIT_PLUGINS``)."""
     system = current_system()
-    system.ensure_loaded()
+    if targets:  # otherwise the registries load the installed plugins on first use
+        system.ensure_loaded()
     for target in targets:
         system.load_module(target)
     if targets:

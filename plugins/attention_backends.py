@@ -7,6 +7,7 @@ ones by priority at call time. ``math`` is the fp32 reference the others are tes
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.attention import MATH_BACKEND, AttentionBackend
+from diffit_toolkit.optional import missing
 
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -34,10 +36,9 @@ SDPA_BACKEND = AttentionBackend(
 
 
 def _flex_unavailable() -> str | None:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError as exc:  # torch < 2.5
-        return f"torch {torch.__version__} has no FlexAttention ({exc})"
+    # found, not imported: the import pulls in sympy and takes seconds
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:  # torch < 2.5
+        return f"torch {torch.__version__} has no FlexAttention"
     return None
 
 
@@ -84,6 +85,8 @@ FLEX_BACKEND = AttentionBackend(
 def _xformers_unavailable() -> str | None:
     """xformers counts as available only if its kernel actually runs here (the PyPI wheel is
     built for one torch release and often fails to load its extensions)."""
+    if (reason := missing("xformers")) is not None:
+        return reason
     if not torch.cuda.is_available():
         return "needs a CUDA device"
     try:

@@ -42,16 +42,17 @@ from torch import Tensor
 
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.nn.attention import AttentionBackend
+from diffit_toolkit.optional import missing
 
-try:  # triton is optional: on machines without it the backend reports itself unavailable
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR: str | None = None
-except Exception as exc:  # ImportError, or a broken install
-    triton = None
-    tl = None
-    _TRITON_ERROR = f"triton does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+# triton is optional: on machines without it the backend reports itself unavailable
+_TRITON_ERROR: str | None = missing("triton")
+triton = tl = None
+if _TRITON_ERROR is None:
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as exc:  # a broken install
+        _TRITON_ERROR = f"triton does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 #: Largest head dim the kernels take.
 MAX_HEAD_DIM = 256

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffit_toolkit"
 
 #: Layers from the bottom up: a module may import its own layer and the ones below, never above.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "hookspecs", "registry"),
+    ("errors", "hookspecs", "registry", "optional"),
     ("nn", "diffusion", "data"),
     ("sampling",),
     ("backbones", "process", "recipe"),
@@ -202,3 +202,33 @@ def test_dash_p_loads_a_user_module_before_the_recipe_is_read(tmp_path, monkeypa
     assert str(module) in os.environ[PLUGINS_ENV]  # processes it starts (torchrun ranks) load it too
     broken = runner.invoke(app, ["-p", "no_such_plugin_module", "plugins"], env={"COLUMNS": "300"})
     assert broken.exit_code == 2 and "plugin module 'no_such_plugin_module' failed to import" in broken.output
+
+
+# -- dependencies: what the code imports is declared; optional parts are extras -----------------
+
+def test_every_third_party_import_is_a_declared_dependency_or_a_guarded_extra():
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    from diffit_toolkit.optional import OPTIONAL
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    name = lambda requirement: re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+    declared = {name(r) for r in project["dependencies"]}
+    extras = {extra: {name(r) for r in reqs} for extra, reqs in project["optional-dependencies"].items()}
+    distributions = md.packages_distributions()
+    undeclared = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "plugins").rglob("*.py")]):
+        for line, module in _imports(path):
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names or top in ("diffit_toolkit", "diffit_plugins"):
+                continue
+            dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+            if dists & declared:
+                continue
+            optional = next((n for n in OPTIONAL if n == top or n in dists), None)
+            if optional is not None and OPTIONAL[optional][1] in extras:
+                continue
+            undeclared.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module} ({', '.join(sorted(dists))})")
+    assert not undeclared, "\n".join(undeclared)

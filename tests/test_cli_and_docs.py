@@ -51,3 +51,41 @@ def test_docs_pages_only_include_existing_snippets(page):
     for line in page.read_text().splitlines():
         if line.startswith("--8<--"):
             assert (ROOT / line.split('"')[1]).is_file(), line
+
+
+# -- start-up: the command line imports the model stack only when a command needs it -----------
+
+IMPORTED = """
+import sys
+from diffit_toolkit.cli import app
+app(sys.argv[1:], standalone_mode=False)
+print("IMPORTED", *sorted(m for m in ("torch", "timm", "torchvision", "sympy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(("args", "allowed"), [
+    (["--help"], []),
+    (["recipe", "show", "quickstart"], []),
+    (["--version"], []),
+    (["plugins", "--kind", "attention"], ["torch"]),  # the plugins are torch modules; not timm, torchvision, sympy
+])
+def test_light_commands_start_without_the_model_stack(args, allowed):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", IMPORTED, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = next(line for line in proc.stdout.splitlines() if line.startswith("IMPORTED")).split()[1:]
+    assert imported == allowed
+
+
+def test_version_option_and_lazy_package_root():
+    import diffit_toolkit
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == diffit_toolkit.__version__
+    from diffit_toolkit.nn.block import DiffiTBlock
+
+    assert diffit_toolkit.DiffiTBlock is DiffiTBlock and "DiffiTBlock" in dir(diffit_toolkit)
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        diffit_toolkit.NoSuchName  # noqa: B018

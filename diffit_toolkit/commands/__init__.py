@@ -1,6 +1,7 @@
 """The ``diffit-toolkit`` command line: the typer app, the global options, and how every command
 reports a failure. One module per feature area adds its commands to :data:`app`;
-:mod:`diffit_toolkit.cli` imports them all.
+:mod:`diffit_toolkit.cli` imports them all. Command modules import the model stack (torch, timm,
+...) inside the command functions, so ``--help`` and the light commands start quickly.
 
 Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not be written),
 2 a usage error (a bad option, recipe or path: fix the command and run it again).
@@ -41,8 +42,18 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from diffit_toolkit import __version__
+
+        console.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def global_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
     plugin: list[str] = typer.Option(
         None, "-p", "--plugin", metavar="MODULE",
         help=f"Load a plugin module (dotted name or .py file) before the command runs; repeatable. "

@@ -10,9 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from diffit_toolkit.commands import app, console, exit_with_error
-from diffit_toolkit.data.cache import cache_latents as _cache_latents
-from diffit_toolkit.data.image_folder import BadImageError
-from diffit_toolkit.data.vae import DEFAULT_VAE
 
 
 def _error(message: str) -> None:
@@ -23,7 +20,8 @@ def _error(message: str) -> None:
 def cache_latents(
     data_path: Path = typer.Argument(..., help="Image folder: class subfolders (--classes) or flat (--flat)."),
     out_dir: Path = typer.Argument(..., help="Cache folder to write (shards + meta.json); re-running resumes."),
-    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="diffusers AutoencoderKL folder, or a hub id already in the local cache."),
+    vae: str = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder, or a hub id already in the local cache "
+                                                "(default: stabilityai/sd-vae-ft-ema)."),
     resolution: int = typer.Option(256, "--resolution", help="Image side encoded (center crop + resize)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Images per shard file."),
@@ -36,6 +34,11 @@ def cache_latents(
     workers: int = typer.Option(0, "--workers", help="DataLoader workers reading images."),
 ) -> None:
     """Encode images (plain and mirrored) with a VAE into safetensors shards and record the latent scale."""
+    from diffit_toolkit.data.cache import cache_latents as _cache_latents
+    from diffit_toolkit.data.image_folder import BadImageError
+    from diffit_toolkit.data.vae import DEFAULT_VAE
+
+    vae = vae or DEFAULT_VAE
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=True) as bar:

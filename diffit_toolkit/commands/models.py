@@ -9,17 +9,19 @@ import typer
 import yaml
 from rich.table import Table
 
-from diffit_toolkit.backbones.image import IMAGE_PRESETS
-from diffit_toolkit.backbones.info import model_facts
-from diffit_toolkit.backbones.latent import LATENT_PRESETS
 from diffit_toolkit.commands import app, console, exit_with_error
 
-#: Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown.
-_LISTED: dict[str, tuple[str, list[str]]] = {
-    "latent_diffit": ("DiffiT", list(LATENT_PRESETS)),
-    "dit": ("DiT", list(LATENT_PRESETS)),
-    "image_diffit": ("DiffiT", list(IMAGE_PRESETS)),
-}
+
+def _listed() -> dict[str, tuple[str, list[str]]]:
+    """Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown."""
+    from diffit_toolkit.backbones.image import IMAGE_PRESETS
+    from diffit_toolkit.backbones.latent import LATENT_PRESETS
+
+    return {
+        "latent_diffit": ("DiffiT", list(LATENT_PRESETS)),
+        "dit": ("DiT", list(LATENT_PRESETS)),
+        "image_diffit": ("DiffiT", list(IMAGE_PRESETS)),
+    }
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -47,18 +49,21 @@ def model_info(
     sets: list[str] = typer.Option(None, "--set", help="Any backbone option as key=value (repeatable)."),
 ) -> None:
     """Print parameters, MACs and FLOPs (one forward pass, batch 1) per preset."""
+    from diffit_toolkit.backbones.info import model_facts
+
+    listed = _listed()
     options = _parse_sets(sets)
     for key, value in (("mechanism", mechanism), ("input_size", input_size), ("num_classes", num_classes)):
         if value is not None:
             options[key] = value
-    chosen = backbone or list(_LISTED)
+    chosen = backbone or list(listed)
     table = Table(caption="batch 1; MACs are what DiT calls 'Gflops'; FLOPs = 2 x MACs", caption_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("mechanism", no_wrap=True)
     for column in ("params (M)", "GMACs", "GFLOPs"):
         table.add_column(column, justify="right", no_wrap=True)
     for name in chosen:
-        prefix, presets = _LISTED.get(name, (name, []))
+        prefix, presets = listed.get(name, (name, []))
         for p in preset or presets:
             if preset and presets and p not in presets:
                 continue  # a preset of another backbone
@@ -70,7 +75,7 @@ def model_info(
                 f"{prefix}-{p}", facts.mechanism or "", f"{facts.params / 1e6:.2f}", f"{facts.gmacs:.2f}", f"{facts.gflops:.2f}"
             )
     if not table.rows:
-        valid = sorted({p for name in chosen for p in _LISTED.get(name, ("", []))[1]})
+        valid = sorted({p for name in chosen for p in listed.get(name, ("", []))[1]})
         _error(f"unknown preset(s) {', '.join(preset)} for backbone(s) {', '.join(chosen)} (valid: {', '.join(valid)})")
     console.print(table)
 

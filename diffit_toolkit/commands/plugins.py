@@ -1,4 +1,4 @@
-"""``diffit-toolkit plugins`` and ``diffit-toolkit version``."""
+"""``diffit-toolkit plugins`` (the version is ``diffit-toolkit --version``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffit_toolkit import __version__
 from diffit_toolkit.commands import app, console
 from diffit_toolkit.registry import KIND_LABELS, all_registries, get_registry, plugin_failures
 
@@ -43,9 +42,3 @@ def plugins(kind: str = typer.Option(None, help=f"Only this kind ({', '.join(KIN
         console.print(table)
     for failure in failures:
         console.print(f"[red]error:[/red] {escape(failure.message())}", soft_wrap=True, highlight=False)
-
-
-@app.command()
-def version() -> None:
-    """Print the toolkit version."""
-    console.print(__version__)

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from diffit_toolkit.build import check_recipe
 from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, exit_with_error
 from diffit_toolkit.recipe import RecipeError, read_recipe
 from diffit_toolkit.registry import PluginError
@@ -20,11 +19,15 @@ app.add_typer(recipe_app, name="recipe")
 SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
 
 
-def _load(recipe: str, overrides: list[str] | None, read_data: bool = False):
-    """The recipe, checked as training will build it (with the data's facts when ``read_data``),
-    and the sentences naming the checks that had to be skipped."""
+def _load(recipe: str, overrides: list[str] | None, read_data: bool = False, build: bool = True):
+    """The recipe, checked as training will build it (with the data's facts when ``read_data``;
+    types only without ``build``), and the sentences naming the checks that had to be skipped."""
     try:
         resolved = read_recipe(recipe, overrides or [])
+        if not build:
+            return resolved, []
+        from diffit_toolkit.build import check_recipe  # the model stack: only when building
+
         return resolved, check_recipe(resolved, read_data=read_data)
     except (RecipeError, PluginError) as exc:
         exit_with_error(exc, EXIT_USAGE)
@@ -33,8 +36,9 @@ def _load(recipe: str, overrides: list[str] | None, read_data: bool = False):
 @recipe_app.command("show")
 def recipe_show(recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
                 set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
-    """Print the resolved recipe (extends and overrides applied, defaults filled in)."""
-    console.print(Syntax(_load(recipe, set_)[0].to_yaml(), "yaml"))
+    """Print the resolved recipe (extends and overrides applied, defaults filled in, types checked;
+    `recipe validate` checks it as training builds it)."""
+    console.print(Syntax(_load(recipe, set_, build=False)[0].to_yaml(), "yaml"))
 
 
 @recipe_app.command("validate")
@@ -60,6 +64,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
+    from diffit_toolkit.optional import MissingDependencyError
     from diffit_toolkit.runs import CheckpointError, RunFolderError
     from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
@@ -76,7 +81,7 @@ def train(
         exit_with_error(exc, EXIT_USAGE)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress)
-    except (RecipeError, PluginError) as exc:
+    except (RecipeError, PluginError, MissingDependencyError) as exc:
         exit_with_error(exc, EXIT_USAGE)
     except (TrainingError, CheckpointError, RunFolderError) as exc:
         exit_with_error(exc, EXIT_FAILURE)

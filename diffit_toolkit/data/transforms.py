@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 #: The 8-bit pixel range maps onto [-1, 1] as ``x / PIXEL_HALF_RANGE - 1``.
@@ -71,6 +70,8 @@ def pil_to_model(image: Image.Image, resolution: int, channels: int = 3) -> torc
         float32 tensor (channels, resolution, resolution) in [-1, 1].
     """
     image = center_crop_arr(to_8bit(image).convert(PIL_MODES[channels]), resolution)
+    import torchvision.transforms.v2.functional as TF  # torchvision imports slowly: on first use
+
     return to_model_range(TF.pil_to_tensor(image))  # (C, H, W)
 
 
@@ -83,6 +84,8 @@ def match_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
     """
     if channels is None or x.shape[-3] == channels:
         return x
+    import torchvision.transforms.v2.functional as TF
+
     return TF.grayscale_to_rgb(x) if channels == 3 else TF.rgb_to_grayscale(x, num_output_channels=1)
 
 
@@ -96,6 +99,8 @@ def resize_images(x: torch.Tensor, resolution: int, interpolation: str = "biline
     """
     if x.shape[-1] == resolution and x.shape[-2] == resolution:
         return x
+    import torchvision.transforms.v2.functional as TF
+
     mode = TF.InterpolationMode(interpolation.lower())
     return TF.resize(x, [resolution, resolution], interpolation=mode, antialias=True)
 

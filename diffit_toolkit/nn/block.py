@@ -32,11 +32,21 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from timm.layers import Mlp
 from torch import Tensor, nn
 
 from diffit_toolkit.nn.attention import Attention, as_pair, bias_table_rows, check_window
 from diffit_toolkit.registry import PluginError, conditioning
+
+
+class Mlp(nn.Sequential):
+    """The transformer MLP ``fc2(act(fc1(x)))`` (DiT's and timm's ``Mlp`` without dropout, same
+    parameter names), defined here so that building a model does not import timm and torchvision."""
+
+    def __init__(self, dim: int, hidden: int, act_layer: Any = nn.GELU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, dim)
 
 
 @dataclass(frozen=True)

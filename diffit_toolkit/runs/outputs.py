@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 #: Grids upscale small images (8x8 digits) with nearest neighbours to at least this many pixels.
 MIN_GRID_CELL = 32
@@ -21,6 +20,8 @@ def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
     if x.shape[-1] < MIN_GRID_CELL:
         x = F.interpolate(x, scale_factor=math.ceil(MIN_GRID_CELL / x.shape[-1]), mode="nearest")
     cols = math.ceil(x.shape[0] / rows)
+    from torchvision.utils import save_image  # torchvision imports slowly: on first use
+
     save_image(x, str(path), nrow=cols, padding=2, pad_value=1.0)
     return path
 

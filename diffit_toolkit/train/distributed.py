@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_only
 
 from diffit_toolkit.runs.environment import parse_device
 
@@ -22,7 +23,7 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the only process that logs and writes files."""
+        """Rank 0: the only process that writes files (output goes through ``@rank_zero_only``)."""
         return self.rank == 0
 
     @property
@@ -51,6 +52,7 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     _from_slurm(os.environ)  # type: ignore[arg-type]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    rank_zero_only.rank = rank  # what @rank_zero_only and rank_zero_warn check
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = parse_device(device).type == "cuda"
     if use_cuda:

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from diffit_toolkit.optional import missing, require
+from diffit_toolkit.recipe import LoggingSection, WandbSection
+
+
+def _start_wandb(section: WandbSection, run_dir: Path, config: dict[str, Any], name: str):
+    """A W&B run under ``<run>/wandb``; its id is kept in the run folder, so a resumed training
+    run continues the same W&B run."""
+    import wandb
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=section.project, entity=section.entity, name=section.name or name, tags=section.tags,
+                      mode=section.mode, dir=str(run_dir), id=run_id, resume="allow", config=config)
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -32,14 +50,26 @@ def _truncate_after(path: Path, step: int) -> None:
 
 class RunLogger:
     """Metrics to ``metrics.jsonl`` (one line per logged step; ``loss`` is the mean since the
-    previous line), TensorBoard scalars when the
-    package is installed, and a progress bar with it/s, img/s, loss and ETA. Silent off rank 0."""
+    previous line); TensorBoard (scalars, among them the learning rate, and sample grids) and
+    Weights & Biases as the recipe's ``logging`` section asks; a progress bar with it/s, img/s,
+    loss and ETA. Every method runs on global rank 0 only (``@rank_zero_only``); elsewhere it
+    does nothing.
 
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, batch_size: int,
-                 show_progress: bool = True) -> None:
-        self.enabled = is_main
+    Args:
+        logging: the recipe's :class:`~diffit_toolkit.recipe.LoggingSection` (default: TensorBoard
+            when installed, no W&B).
+        config: what W&B records as the run's config (the resolved recipe).
+        name: the W&B run name when the section gives none.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, batch_size: int,
+                 show_progress: bool = True, logging: LoggingSection | None = None,
+                 config: dict[str, Any] | None = None, name: str = "run") -> None:
+        self.logging = logging or LoggingSection()
+        self.wandb = None
         self.batch_size = batch_size
         self.start_step = start_step
+        self.total_steps = total_steps
         self.t0 = time.perf_counter()
         self.last_log = (self.t0, start_step)
         self.window: list[float] = []
@@ -47,18 +77,30 @@ class RunLogger:
         self.metrics = None
         self.tb = None
         self.progress = None
-        if not is_main:
-            return
+        self._open(run_dir, show_progress, config or {}, name)
+
+    @rank_zero_only
+    def _open(self, run_dir: Path, show_progress: bool, config: dict[str, Any], name: str) -> None:
+        start_step, total_steps = self.start_step, self.total_steps
+        if self.logging.tensorboard:
+            require("tensorboard", "logging.tensorboard")
+        if self.logging.wandb is not None:
+            require("wandb", "logging.wandb")
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         _truncate_after(path, start_step)
         self.metrics = open(path, "a")
-        try:
+        reason = missing("tensorboard")
+        if self.logging.tensorboard is False:
+            pass
+        elif reason is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # TensorBoard is optional
-            self.tb = None
+        else:
+            rank_zero_warn(f"TensorBoard logging is off: {reason}", stacklevel=2)
+        if self.logging.wandb is not None:
+            self.wandb = _start_wandb(self.logging.wandb, run_dir, config, name)
         if show_progress and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -67,11 +109,9 @@ class RunLogger:
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, rates="", loss="-")
             self.progress.start()
-        self.total_steps = total_steps
 
+    @rank_zero_only
     def step(self, step: int, loss: float, log: bool, **extra: Any) -> None:
-        if not self.enabled:
-            return
         now = time.perf_counter()
         done = step - self.start_step
         rate = done / max(now - self.t0, 1e-9)
@@ -95,15 +135,35 @@ class RunLogger:
             for key, value in record.items():
                 if key != "step":
                     self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         if self.progress is None:
             self.console.print(
                 f"step {step}/{self.total_steps}  loss {loss:.4f}  {window_rate:.2f} it/s  "
                 f"{window_rate * self.batch_size:.1f} img/s  eta {eta / 60:.1f} min", highlight=False)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console if self.progress else self.console).print(text, highlight=False, soft_wrap=True)
+    @rank_zero_only
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A sample grid (a PNG written by the run) to TensorBoard and W&B."""
+        if self.tb is None and self.wandb is None:
+            return
+        from PIL import Image
 
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        if self.tb is not None:
+            self.tb.add_image(tag, pixels, step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(pixels, caption=f"step {step}")}, step=step)
+
+    @rank_zero_only
+    def message(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(text, highlight=False, soft_wrap=True)
+
+    @rank_zero_only
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -111,3 +171,5 @@ class RunLogger:
             self.metrics.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

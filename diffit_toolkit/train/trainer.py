@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -145,6 +146,32 @@ def _autocast(env: DistEnv, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def accumulate_gradients(train_model: torch.nn.Module, process, x: torch.Tensor, y: torch.Tensor | None,
+                         generator: torch.Generator, micro_batches: int, scaler: torch.amp.GradScaler,
+                         autocast, sync_model: DistributedDataParallel | None = None) -> torch.Tensor:
+    """Forward and backward ``x`` (this process's share of the batch) as ``micro_batches`` equal
+    slices, accumulating into ``.grad`` the gradient of the mean loss over all of ``x``.
+
+    Each slice's mean loss is scaled by ``1 / micro_batches``, so the gradient equals that of one
+    pass over ``x``. Under DDP (``sync_model``) the slices before the last run in ``no_sync()``:
+    gradients are all-reduced once per step, not once per slice. Returns the (detached) mean loss.
+    """
+    total = torch.zeros((), device=x.device)
+    xs = x.chunk(micro_batches)
+    ys = y.chunk(micro_batches) if y is not None else (None,) * micro_batches
+    for i, (xm, ym) in enumerate(zip(xs, ys)):
+        last = i == micro_batches - 1
+        sync = contextlib.nullcontext() if sync_model is None or last else sync_model.no_sync()
+        with sync:
+            with autocast():
+                loss = process.loss(train_model, xm, ym, generator).mean()
+                if micro_batches > 1:
+                    loss = loss / micro_batches
+            scaler.scale(loss).backward()
+        total += loss.detach().float()
+    return total
+
+
 @torch.no_grad()
 def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device, path: Path) -> Path:
     """Sample ``recipe.sample.num_images`` images with the EMA model and save a grid (one row per
@@ -200,6 +227,12 @@ def train(
                 f"processes; choose a multiple of the process count"
             )
         per_rank = cfg.batch_size // env.world_size
+        if per_rank % cfg.grad_accum_steps:
+            raise RecipeError(
+                f"recipe error at train.grad_accum_steps: {per_rank} images per process "
+                f"(train.batch_size {cfg.batch_size} / {env.world_size} processes) do not split into "
+                f"{cfg.grad_accum_steps} equal micro-batches; choose a divisor of {per_rank}"
+            )
         if len(dataset) < cfg.batch_size:
             raise RecipeError(
                 f"recipe error at train.batch_size: {cfg.batch_size} is larger than the dataset ({len(dataset)} items)"
@@ -253,14 +286,16 @@ def train(
             resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
 
         train_model: torch.nn.Module = model
+        ddp_model = None
         if env.distributed:
-            train_model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+            train_model = ddp_model = DistributedDataParallel(
+                model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         if cfg.compile:
             train_model = torch.compile(train_model)
 
         config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts, "environment": environment}
-        logger = RunLogger(run_dir, env.is_main, total_steps=cfg.max_steps, start_step=step,
-                           batch_size=cfg.batch_size, show_progress=progress)
+        logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=step, batch_size=cfg.batch_size,
+                           show_progress=progress, logging=recipe.logging, config=config, name=recipe.name)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -310,22 +345,21 @@ def train(
                     batches = iter(loader)
                     x, y = next(batches)
                 sampler.advance()
-                x = x.to(env.device, non_blocking=True)
-                y = y.to(env.device, non_blocking=True) if facts["num_classes"] else None
+                x, y = apply_to_collection((x, y), torch.Tensor, lambda t: t.to(env.device, non_blocking=True))
+                y = y if facts["num_classes"] else None
                 try:
-                    with _autocast(env, cfg.precision):
-                        loss = process.loss(train_model, x, y, generator).mean()
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
+                    loss = accumulate_gradients(train_model, process, x, y, generator, cfg.grad_accum_steps, scaler,
+                                                lambda: _autocast(env, cfg.precision), ddp_model)
                 except torch.OutOfMemoryError:
                     raise TrainingError(
-                        f"out of {env.device.type.upper()} memory at step {step + 1} with {per_rank} images per "
-                        f"process: lower train.batch_size, set model.grad_checkpointing: true, or use "
-                        f"train.precision: bf16"
+                        f"out of {env.device.type.upper()} memory at step {step + 1} with "
+                        f"{per_rank // cfg.grad_accum_steps} images per process: lower train.batch_size or raise "
+                        f"train.grad_accum_steps, set model.grad_checkpointing: true, or use train.precision: bf16"
                     ) from None
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                value = loss.detach().float()
+                value = loss.clone()
                 if env.distributed:  # every rank sees the same mean loss and so agrees on a skip
                     dist.all_reduce(value, op=dist.ReduceOp.AVG)
                 loss_value = float(value)
@@ -360,7 +394,9 @@ def train(
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     last_checkpoint = checkpoint_now()
                 if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-                    sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples" / f"step_{step:07d}.png")
+                    grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device,
+                                       run_dir / "samples" / f"step_{step:07d}.png")
+                    logger.image("samples", grid, step)
                     model.train()
                 requested = _agreed_stop(stop["signal"], env)
                 if requested:
@@ -374,6 +410,7 @@ def train(
                              model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
         if env.is_main and step >= cfg.max_steps:
             result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
+            logger.image("samples", result.grid, step)
             result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
             logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
         logger.close()

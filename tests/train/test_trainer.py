@@ -17,16 +17,24 @@ import torch
 from diffit_toolkit.generate import load_generator, save_npz
 from diffit_toolkit.build import load_recipe
 from diffit_toolkit.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from diffit_toolkit.registry import PLUGINS_ENV, PluginSystem, use_plugin_system
+from diffit_toolkit.recipe import RecipeError
 from diffit_toolkit.train import train
+
+#: A process whose noise is a function of each sample, so a batch's loss is the same however
+#: the batch is split; with label dropout off, k micro-batches then equal one batch up to rounding.
+PER_SAMPLE = Path(__file__).with_name("per_sample_noise.py")
+SPLIT_FREE = ["diffusion.process=per_sample_noise", "model.class_dropout_prob=0"]
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("stop_at", [3, 5])  # 5 = exactly the end of an epoch (1437 // 256 = 5 batches)
-def test_resume_equals_training_straight_through(tmp_path, stop_at, tiny_recipe):
-    straight = train(load_recipe(tiny_recipe(tmp_path, "straight", batch_size=256, max_steps=8)), device="cpu", progress=False)
-    path = tiny_recipe(tmp_path, "resumed", batch_size=256, max_steps=8)
+@pytest.mark.parametrize(("stop_at", "accum"), [(3, 1), (5, 1), (3, 4)])  # 5 = exactly the end of an epoch (1437 // 256 = 5 batches)
+def test_resume_equals_training_straight_through(tmp_path, stop_at, accum, tiny_recipe):
+    straight = train(load_recipe(tiny_recipe(tmp_path, "straight", batch_size=256, max_steps=8, grad_accum_steps=accum)),
+                     device="cpu", progress=False)
+    path = tiny_recipe(tmp_path, "resumed", batch_size=256, max_steps=8, grad_accum_steps=accum)
     first = train(load_recipe(path), device="cpu", progress=False, stop_after=stop_at)
     assert first.step == stop_at and first.grid is None
     assert [c.name for c in list_checkpoints(tmp_path / "resumed")] == [f"step_{stop_at:07d}"]
@@ -66,6 +74,40 @@ def test_sample_from_run_writes_grid_and_adm_npz(tmp_path, tiny_recipe):
         gen.labels([12], 4)
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture
+def split_free(monkeypatch):
+    """A plugin system with the per-sample-noise process registered (also for torchrun workers)."""
+    monkeypatch.setenv(PLUGINS_ENV, str(PER_SAMPLE))
+    with use_plugin_system(PluginSystem()):
+        yield
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_micro_batches_give_the_weights_of_one_batch(tmp_path, accum, tiny_recipe, split_free):
+    one = train(load_recipe(tiny_recipe(tmp_path, "one", max_steps=4), SPLIT_FREE), device="cpu", progress=False)
+    split = train(load_recipe(tiny_recipe(tmp_path, "split", max_steps=4, grad_accum_steps=accum), SPLIT_FREE),
+                  device="cpu", progress=False)
+    assert_close_weights(one.model.state_dict(), split.model.state_dict())
+    # the logged loss and gradient norm are those of the whole batch (each slice's loss is scaled by 1/k)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "split"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_micro_batches_that_do_not_divide_the_batch_are_a_recipe_error(tmp_path, tiny_recipe):
+    with pytest.raises(RecipeError, match="train.grad_accum_steps: 64 images per process .* choose a divisor of 64"):
+        train(load_recipe(tiny_recipe(tmp_path, "run", grad_accum_steps=3)), device="cpu", progress=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +126,22 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path, tiny_recipe):
     # rank 0 alone wrote the run folder: one metrics line per step, one checkpoint
     assert [s for s, _ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
     assert [c.name for c in list_checkpoints(tmp_path / "ddp")] == ["step_0000004"]
+
+
+def test_two_process_ddp_with_micro_batches_syncs_once_per_step(tmp_path, tiny_recipe, split_free):
+    # 2 processes x 2 micro-batches of 16 = the single-process batch of 64, the same samples
+    reference = train(load_recipe(tiny_recipe(tmp_path, "one", max_steps=4), SPLIT_FREE), device="cpu", progress=False)
+    recipe = tiny_recipe(tmp_path, "ddp", max_steps=4, batch_size=64, grad_accum_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(Path(__file__).with_name("ddp_worker.py")), str(recipe), str(tmp_path / "ddp"), str(tmp_path), *SPLIT_FREE]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len({(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}) == 1
+    # no_sync on the first micro-batch: one all-reduce (one bucket: a tiny model) per step, not two
+    assert [(tmp_path / f"allreduces{r}.txt").read_text() for r in (0, 1)] == ["4", "4"]
+    trained = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))["model"]
+    assert_close_weights(reference.model.state_dict(), trained)
 
 
 KILLER = """
