@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
 from diffit_toolkit.backbones.latent import DEFAULT_CLASS_DROPOUT
 from diffit_toolkit.backbones.layers import LabelEmbedder
+from diffit_toolkit.backbones.pretrained import PretrainedMixin
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
 from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM, TimestepEmbedder
 
@@ -270,7 +271,7 @@ class DecoderStage(nn.Module):
         return self.merge(torch.cat([x, skip], dim=1)) if self.merge is not None else x + skip
 
 
-class ImageDiffiT(nn.Module):
+class ImageDiffiT(PretrainedMixin, nn.Module):
     """U-shaped image-space DiffiT (SPEC 3); any registered mechanism conditions its blocks.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) images, ``t`` (B,) noise levels (e.g. EDM's

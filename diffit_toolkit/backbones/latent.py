@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
 from diffit_toolkit.backbones.layers import FINAL_LAYERS, LabelEmbedder, PatchEmbed, sincos_2d, unpatchify
+from diffit_toolkit.backbones.pretrained import PretrainedMixin
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
 from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM, TimestepEmbedder
 
@@ -145,7 +146,7 @@ class LatentDiffiTConfig:
         return LatentDiffiT(self, backbone=backbone)
 
 
-class LatentDiffiT(nn.Module):
+class LatentDiffiT(PretrainedMixin, nn.Module):
     """Isotropic latent diffusion transformer: DiffiT (TMSA) or DiT (adaLN-Zero) or any mechanism.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) latents, ``t`` (B,) timesteps, ``y`` (B,) class

@@ -58,6 +58,8 @@ def train(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     output_dir: str = typer.Option(None, help="Run folder (default: the recipe's output_dir or runs/<name>)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
+    init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (run, step or exported folder, "
+                                   "or a weights file) with a new optimizer: fine-tuning. Ignored when resuming."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
     from diffit_toolkit.runs import CheckpointError, RunFolderError
@@ -69,7 +71,7 @@ def train(
         overrides.append(f"output_dir={output_dir}")
     resolved, _ = _load(recipe, overrides)
     try:
-        result = run(resolved, resume=resume, device=device, progress=not no_progress)
+        result = run(resolved, resume=resume, device=device, progress=not no_progress, init_from=init_from)
     except (RecipeError, PluginError) as exc:
         exit_with_error(exc, EXIT_USAGE)
     except (TrainingError, CheckpointError, RunFolderError) as exc:

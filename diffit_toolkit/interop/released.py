@@ -56,8 +56,9 @@ def detect_layout(state: Mapping[str, Tensor]) -> str:
     if any(re.match(r"^blocks\.\d+\.adaLN_modulation\.", k) for k in state):
         return "dit"
     raise ValueError(
-        "cannot tell the checkpoint layout: no 'blocks.N.attn.qkv_temb' (DiffiT) nor "
-        "'blocks.N.adaLN_modulation' (DiT) keys; pass layout='diffit' or 'dit'"
+        "cannot tell the checkpoint layout: no 'blocks.N.attn.qkv_temb' (DiffiT), "
+        "'blocks.N.adaLN_modulation' (DiT) nor 'transformer_blocks.N.norm1.linear' (diffusers DiT) keys; "
+        "pass layout='diffit' or 'dit'"
     )
 
 
@@ -123,8 +124,9 @@ def load_released(
     """A toolkit model holding a released DiffiT or DiT checkpoint.
 
     Args:
-        source: a ``.pt``/``.pth`` (read with ``weights_only=True``) or ``.safetensors`` file, or a
-            state dict.
+        source: a ``.pt``/``.pth`` (read with ``weights_only=True``) or ``.safetensors`` file, a
+            diffusers ``DiTTransformer2DModel`` folder or state dict (see
+            :mod:`~diffit_toolkit.interop.diffusers_dit`), or a state dict.
         layout: ``"diffit"``, ``"dit"`` or ``"auto"`` (detected from the keys).
         **overrides: backbone options that the tensors do not determine (e.g. ``num_heads`` for a
             DiT of non-preset width, ``attention_backend``, ``class_dropout_prob``).
@@ -134,8 +136,21 @@ def load_released(
         whose forward equals the source model's. Wrong files raise one ValueError line naming the
         missing, unexpected and mis-shaped keys.
     """
+    from diffit_toolkit.interop.diffusers_dit import diffusers_to_dit, is_diffusers_dit, read_diffusers_dit
+
     name = f"'{source}'" if isinstance(source, (str, Path)) else "state dict"
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(source, (str, Path)) and Path(source).is_dir():  # a diffusers DiTTransformer2DModel folder
+        state, from_config = read_diffusers_dit(source)
+        overrides = {**from_config, **overrides}
+        layout = "dit"
+    else:
+        state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+        if is_diffusers_dit(state):
+            from diffit_toolkit.interop.diffusers_dit import DIFFUSERS_TIME_OPTIONS
+
+            state = diffusers_to_dit(state, overrides.get("input_size"))
+            overrides = {"time_feature_options": dict(DIFFUSERS_TIME_OPTIONS), **overrides}
+            layout = "dit"
     layout = detect_layout(state) if layout == "auto" else layout
     if layout not in LAYOUT_BACKBONES:
         raise ValueError(f"unknown checkpoint layout '{layout}' (valid: auto, {', '.join(LAYOUT_BACKBONES)})")
