@@ -119,6 +119,12 @@ def _bare_recipe(recipe: str | Path | None, model: torch.nn.Module) -> Recipe:
     return parse_recipe({**data, "data": {}})
 
 
+def _is_diffusers_dir(path: Path) -> bool:
+    from diffit_toolkit.interop.diffusers_dit import DIFFUSERS_WEIGHTS
+
+    return (path / DIFFUSERS_WEIGHTS).is_file() and (path / "config.json").is_file()
+
+
 def _load_bare_file(path: Path) -> torch.nn.Module:
     """A toolkit model file, else released DiT / DiffiT / diffusers DiT weights (converted on load)."""
     from diffit_toolkit.runs.model_file import load_model_file, read_config
@@ -138,8 +144,9 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
 
     * a run folder (its newest checkpoint) or a checkpoint step folder (``ema`` or ``model`` weights);
     * an exported folder (``config.json`` + ``model.safetensors`` + ``sampling.json``);
-    * a ``save_pretrained`` folder or a single ``.safetensors`` file (toolkit model file or
-      released weights): these carry no sampling settings, so ``recipe`` gives them (default:
+    * a ``save_pretrained`` folder, a diffusers ``DiTTransformer2DModel`` folder or a single
+      weights file (toolkit model file or released DiT / DiffiT / diffusers DiT weights): these
+      carry no sampling settings, so ``recipe`` gives them (default:
       the DiT settings, Gaussian linear 1000 steps, epsilon prediction).
 
     Args:
@@ -156,7 +163,7 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if path.is_file() or (is_pretrained_dir(path) and not (path / "state.pt").is_file()):
+    if path.is_file() or ((is_pretrained_dir(path) or _is_diffusers_dir(path)) and not (path / "state.pt").is_file()):
         return _load_exported(path, dev, recipe, vae)
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)
@@ -185,7 +192,14 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
 
 def _load_exported(path: Path, dev: torch.device, recipe: str | Path | None, vae: str | None) -> Generator:
     """An exported / ``save_pretrained`` folder or a single weights file."""
-    model = from_pretrained(path) if path.is_dir() else _load_bare_file(path)
+    if path.is_file():
+        model = _load_bare_file(path)
+    elif is_pretrained_dir(path):
+        model = from_pretrained(path)
+    else:  # a diffusers DiTTransformer2DModel folder
+        from diffit_toolkit.interop.released import load_released
+
+        model = load_released(path)
     settings_file = path / SAMPLING_NAME if path.is_dir() else None
     if settings_file is not None and settings_file.is_file() and recipe is None:
         try:
@@ -218,6 +232,10 @@ def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tens
         from safetensors.torch import load_file
 
         return load_file(str(path / "model.safetensors"), device="cpu")
+    if _is_diffusers_dir(path):
+        from diffit_toolkit.interop.released import load_released
+
+        return load_released(path).state_dict()
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)
         if found is None:

@@ -14,6 +14,8 @@ def export(
     run: Path = typer.Argument(..., help="Run folder (newest checkpoint) or a checkpoint step folder."),
     out: Path = typer.Argument(..., help="Folder to write: config.json, model.safetensors, sampling.json."),
     weights: str = typer.Option("ema", help="ema or model weights."),
+    diffusers: bool = typer.Option(False, "--diffusers", help="Write a diffusers DiTTransformer2DModel folder "
+                                   "(config.json + diffusion_pytorch_model.safetensors) instead; DiT models only."),
 ) -> None:
     """Export a trained model as config.json + model.safetensors (+ its sampling settings)."""
     from diffit_toolkit.generate import export_model, load_generator
@@ -29,6 +31,15 @@ def export(
         exit_with_error(exc, EXIT_USAGE)
     if not (run / "checkpoints").is_dir() and not (run / "state.pt").is_file():
         exit_with_error(f"{run} is not a run or checkpoint folder (it is already exported weights)", EXIT_USAGE)
+    if diffusers:
+        from diffit_toolkit.interop.diffusers_dit import save_diffusers_dit
+
+        try:
+            path = save_diffusers_dit(gen.model, out)
+        except ValueError as exc:
+            exit_with_error(exc, EXIT_USAGE)
+        console.print(f"wrote {path}: diffusers DiTTransformer2DModel ({weights} weights)", highlight=False)
+        return
     path = export_model(gen, out)
     cfg = gen.model.config
     vae = f", VAE {gen.facts['vae']}" if gen.facts.get("vae") else ""

@@ -91,6 +91,8 @@ def test_train_export_from_pretrained_gives_identical_outputs(tiny_run):
     assert torch.equal(ia, ib)
     again = RUNNER.invoke(app, ["export", str(folder / "run"), str(folder / "exported")], env=WIDE)
     assert again.exit_code == 2 and "not an empty folder" in again.output
+    tmsa = RUNNER.invoke(app, ["export", str(folder / "run"), str(folder / "as_diffusers"), "--diffusers"], env=WIDE)
+    assert tmsa.exit_code == 2 and "only DiT models (mechanism adaln_zero" in tmsa.output
 
 
 def test_export_model_weights_differ_from_ema(tiny_run):
