@@ -54,7 +54,8 @@ class Generator:
         an image's noise depends on its seed and index only, never on the batch it is drawn in."""
         if seed < 0:
             raise ValueError(f"the sampling seed must be >= 0, got {seed}")
-        return [torch.Generator(device=self.device).manual_seed((seed % 2**31) * 2**32 + i)
+        # SeedSequence mixes (seed, index) into 32 bits: the CPU generator keeps only 32 seed bits
+        return [torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
                 for i in range(start, start + count)]
 
     @torch.no_grad()
