@@ -12,7 +12,7 @@ from rich.table import Table
 from diffit_toolkit.backbones.image import IMAGE_PRESETS
 from diffit_toolkit.backbones.info import model_facts
 from diffit_toolkit.backbones.latent import LATENT_PRESETS
-from diffit_toolkit.commands import app, console, exit_with_error
+from diffit_toolkit.commands import EXIT_USAGE, app, console, exit_with_error
 
 #: Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown.
 _LISTED: dict[str, tuple[str, list[str]]] = {
@@ -34,7 +34,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _error(message: str) -> None:
-    exit_with_error(message, 1)
+    exit_with_error(message, EXIT_USAGE)  # a wrong name, option or file: fix the command
 
 
 @app.command("model-info")
@@ -52,6 +52,13 @@ def model_info(
         if value is not None:
             options[key] = value
     chosen = backbone or list(_LISTED)
+    from diffit_toolkit.registry import PluginError, backbones
+
+    for name in chosen:
+        try:
+            backbones.get(name)
+        except PluginError as exc:
+            _error(str(exc))
     table = Table(caption="batch 1; MACs are what DiT calls 'Gflops'; FLOPs = 2 x MACs", caption_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("mechanism", no_wrap=True)

@@ -61,6 +61,9 @@ def sample(
     from diffit_toolkit.registry import PluginError
     from diffit_toolkit.runs import CheckpointError
 
+    from diffit_toolkit.commands import check_device
+
+    check_device(device)
     try:
         gen = load_generator(run, device=device, weights=weights, recipe=recipe, vae=vae)
         overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,

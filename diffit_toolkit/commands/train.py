@@ -66,6 +66,9 @@ def train(
     from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
 
+    from diffit_toolkit.commands import check_device
+
+    check_device(device)
     overrides = list(set_ or [])
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
