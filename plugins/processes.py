@@ -24,7 +24,7 @@ from diffit_toolkit.diffusion import (
     VPPrecond,
     create_gaussian_diffusion,
 )
-from diffit_toolkit.diffusion.edm import RHO, SIGMA_MAX, SIGMA_MIN
+from diffit_toolkit.diffusion.edm import RHO, sampling_sigma_range
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.process import Process
 from diffit_toolkit.sampling import (
@@ -90,7 +90,8 @@ class EDMProcess(Process):
 
     def noise_level(self, t: Tensor) -> Tensor:
         sigma = self.precond.sigma_from_c_noise(t.to(torch.float64))
-        lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+        sigma_min, sigma_max = sampling_sigma_range(self.precond)
+        lo, hi = sigma_min ** (1 / RHO), sigma_max ** (1 / RHO)
         return ((sigma ** (1 / RHO) - lo) / (hi - lo)).clamp(0, 1)
 
 
@@ -186,8 +187,11 @@ def _diffusers_scheduler(class_name: str, config: Any, clip_denoised: bool = Fal
 
 
 def edm_heun(process: EDMProcess, model, noise, y, settings, generator) -> Tensor:
-    """EDM's Heun sampler (Algorithm 2) on the rho-warped sigma schedule."""
-    return edm_heun_sample(EDMDenoiser(model, process.precond), noise, y, num_steps=settings.steps, generator=generator)
+    """EDM's Heun sampler (Algorithm 2) on the rho-warped sigma schedule, its range clamped to
+    the preconditioning's trained range (VP / VE) as NVlabs/edm does."""
+    lo, hi = sampling_sigma_range(process.precond)
+    return edm_heun_sample(EDMDenoiser(model, process.precond), noise, y, num_steps=settings.steps,
+                           sigma_min=lo, sigma_max=hi, generator=generator)
 
 
 def flow_euler(process: FlowProcess, model, noise, y, settings, generator) -> Tensor:
