@@ -49,6 +49,13 @@ class Generator:
         per = -(-num_images // len(chosen))
         return torch.tensor(chosen, device=self.device).repeat_interleave(per)[:num_images]
 
+    def check_guidance(self, sample: SampleSection) -> None:
+        """Refuse classifier-free guidance for a model whose null class was never trained."""
+        config = getattr(self.model, "config", {})
+        if self.num_classes and sample.guidance_scale != 1.0 and config.get("class_dropout_prob", 0.1) == 0:
+            raise ValueError("this model was trained without label dropout (class_dropout_prob 0): its null class is "
+                             "untrained, so classifier-free guidance is undefined; sample with --guidance-scale 1")
+
     def image_generators(self, seed: int, start: int, count: int) -> list[torch.Generator]:
         """One generator per image ``start .. start + count - 1``, seeded from ``(seed, index)``:
         an image's noise depends on its seed and index only, never on the batch it is drawn in."""
@@ -295,6 +302,7 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     """
     import zipfile
 
+    generator.check_guidance(sample)
     tmp_images = tmp_labels = None
     images_file = labels_file = None
     conditional = bool(generator.num_classes)

@@ -89,8 +89,10 @@ def convert(
     layout: str = typer.Option("auto", "--layout", help="auto, diffit (released latent DiffiT) or dit (DiT reference)."),
     num_heads: int = typer.Option(None, "--num-heads", help="Heads, for a DiT whose width matches no preset."),
     sets: list[str] = typer.Option(None, "--set", help="Other backbone options as key=value (e.g. attention_backend=sdpa)."),
+    no_null_class: bool = typer.Option(False, "--no-null-class", help="The label table has no null-class row (trained "
+                                       "with class dropout 0): every row is a class; guidance is refused."),
 ) -> None:
-    """Convert a released DiffiT or DiT checkpoint into a toolkit checkpoint."""
+    """Convert a released DiffiT, DiT or diffusers DiT checkpoint (file or diffusers folder) into a toolkit checkpoint."""
     from diffit_toolkit.backbones.info import count_parameters
     from diffit_toolkit.runs.model_file import save_model_file
     from diffit_toolkit.interop.released import load_released
@@ -99,7 +101,7 @@ def convert(
     if num_heads is not None:
         options["num_heads"] = num_heads
     try:
-        model = load_released(source, layout=layout, **options)
+        model = load_released(source, layout=layout, null_class=not no_null_class, **options)
     except (ValueError, FileNotFoundError) as exc:
         _error(str(exc).splitlines()[0])
     path = save_model_file(model, output, metadata={"diffit_toolkit.converted_from": source.name})

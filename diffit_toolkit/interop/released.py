@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from diffit_toolkit.backbones.latent import DIT_DEFAULTS, LATENT_SIZES, LatentDiffiT, latent_config
@@ -119,7 +120,7 @@ def infer_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def load_released(
-    source: str | Path | Mapping[str, Tensor], layout: str = "auto", **overrides: Any
+    source: str | Path | Mapping[str, Tensor], layout: str = "auto", null_class: bool = True, **overrides: Any
 ) -> LatentDiffiT:
     """A toolkit model holding a released DiffiT or DiT checkpoint.
 
@@ -128,6 +129,10 @@ def load_released(
             diffusers ``DiTTransformer2DModel`` folder or state dict (see
             :mod:`~diffit_toolkit.interop.diffusers_dit`), or a state dict.
         layout: ``"diffit"``, ``"dit"`` or ``"auto"`` (detected from the keys).
+        null_class: whether the label table's last row is the null class (trained with label
+            dropout, as DiT and DiffiT were). ``False`` for checkpoints trained with class dropout
+            0: every row is a real class, a zero null row is appended and the model gets
+            ``class_dropout_prob=0``, so sampling refuses classifier-free guidance.
         **overrides: backbone options that the tensors do not determine (e.g. ``num_heads`` for a
             DiT of non-preset width, ``attention_backend``, ``class_dropout_prob``).
 
@@ -155,6 +160,11 @@ def load_released(
     if layout not in LAYOUT_BACKBONES:
         raise ValueError(f"unknown checkpoint layout '{layout}' (valid: auto, {', '.join(LAYOUT_BACKBONES)})")
     backbone, defaults = LAYOUT_BACKBONES[layout]
+    table_key = "y_embedder.embedding_table.weight"
+    if not null_class and table_key in state:
+        table = state[table_key]
+        state = {**state, table_key: torch.cat([table, torch.zeros_like(table[:1])])}
+        overrides = {"class_dropout_prob": 0.0, **overrides}
     options = {**defaults, **infer_options(state), **overrides}
     if "num_heads" not in options:
         raise ValueError(f"{name}: the head count of a width-{options['hidden_size']} DiT is unknown: pass num_heads=")
