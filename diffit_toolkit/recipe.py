@@ -11,6 +11,7 @@ Every problem is a one-line :class:`RecipeError` with the key path and a hint, e
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffit_toolkit.errors import did_you_mean
 
-#: Where the shipped recipes live (``recipes/`` at the repository root).
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: Where the shipped recipes live: the package ``diffit_toolkit.recipes`` (``recipes/`` in a source
+#: checkout, installed inside the package by a wheel).
+RECIPES_DIR = Path(str(importlib.resources.files("diffit_toolkit.recipes")))
 
 
 class RecipeError(ValueError):
