@@ -4,19 +4,22 @@ Used by ``diffit-toolkit sample`` and by the trainer for its sample grids."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffit_toolkit.backbones import build_backbone
+from diffit_toolkit.backbones import build_backbone, from_pretrained, is_pretrained_dir, save_pretrained
 from diffit_toolkit.build import build_process
 from diffit_toolkit.errors import first_line
 from diffit_toolkit.process import Process
 from diffit_toolkit.recipe import Recipe, SampleSection, parse_recipe
 from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint, parse_device, save_grid
+from diffit_toolkit.sampling.noise import randn
 
 
 @dataclass
@@ -46,44 +49,135 @@ class Generator:
         per = -(-num_images // len(chosen))
         return torch.tensor(chosen, device=self.device).repeat_interleave(per)[:num_images]
 
+    def check_guidance(self, sample: SampleSection) -> None:
+        """Refuse classifier-free guidance for a model whose null class was never trained."""
+        config = getattr(self.model, "config", {})
+        if self.num_classes and sample.guidance_scale != 1.0 and config.get("class_dropout_prob", 0.1) == 0:
+            raise ValueError("this model was trained without label dropout (class_dropout_prob 0): its null class is "
+                             "untrained, so classifier-free guidance is undefined; sample with --guidance-scale 1")
+
+    def image_generators(self, seed: int, start: int, count: int) -> list[torch.Generator]:
+        """One generator per image ``start .. start + count - 1``, seeded from ``(seed, index)``:
+        an image's noise depends on its seed and index only, never on the batch it is drawn in."""
+        if seed < 0:
+            raise ValueError(f"the sampling seed must be >= 0, got {seed}")
+        # SeedSequence mixes (seed, index) into 32 bits: the CPU generator keeps only 32 seed bits
+        return [torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                for i in range(start, start + count)]
+
     @torch.no_grad()
-    def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
-               batch_size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``num_images`` images in [-1, 1] (decoded from latents when the data were latents)."""
+    def batches(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
+                batch_size: int = 64, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(images, labels)`` batches: images in [-1, 1] (decoded from latents when the data
+        were latents), on the CPU as float32; only one batch is held at a time."""
         y_all = self.labels(classes, num_images)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         size, channels = self.facts["resolution"], self.facts["channels"]
         null_class = getattr(self.model, "null_class", None)
         vae = None
-        if self.facts.get("latent_scale"):
+        scale = self.facts.get("latent_scale")
+        if channels not in (1, 3) and not self.facts.get("vae"):
+            raise ValueError(f"the model makes {channels}-channel latents and no VAE is recorded: pass --vae FOLDER "
+                             f"(the VAE that decodes them)")
+        if self.facts.get("vae"):
             from diffit_toolkit.data import load_vae
 
             vae = load_vae(self.facts["vae"], device=self.device)
-        out = []
+            scale = scale or float(vae.config.scaling_factor)
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             y = None if y_all is None else y_all[start : start + n]
-            noise = torch.randn((n, channels, size, size), generator=gen, device=self.device)
-            x = self.process.sample(self.model, noise, y, sample, gen, null_class=null_class)
+            gens = self.image_generators(seed, start, n)
+            noise = randn((n, channels, size, size), gens, self.device)
+            x = self.process.sample(self.model, noise, y, sample, gens, null_class=null_class)
             if vae is not None:
                 from diffit_toolkit.data import decode_latents
 
-                x = decode_latents(vae, x, self.facts["latent_scale"])
-            out.append(x.float().clamp(-1, 1).cpu())
-        return torch.cat(out), None if y_all is None else y_all.cpu()
+                x = decode_latents(vae, x, scale)
+            yield x.float().clamp(-1, 1).cpu(), None if y is None else y.cpu()
+
+    def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
+               batch_size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: :meth:`batches`
+        or :func:`write_samples`). Image ``i`` is the same whatever ``batch_size``."""
+        parts = list(self.batches(num_images, sample, classes, batch_size, seed))
+        labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return torch.cat([p[0] for p in parts]), labels
 
 
-def load_generator(run_or_checkpoint: str | Path, device: str | None = None, weights: str = "ema") -> Generator:
-    """Load a run folder (its newest checkpoint) or a checkpoint folder for sampling."""
+#: The sampling settings next to an exported model (``config.json`` + ``model.safetensors``).
+SAMPLING_NAME = "sampling.json"
+#: Recipe sections an export keeps: what sampling needs, not the data paths or training options.
+EXPORTED_SECTIONS = ("name", "model", "diffusion", "sample")
+
+
+def _facts_from_model(model: torch.nn.Module, vae: str | None) -> dict[str, Any]:
+    """Data facts of a model file or folder that carries no run: its own input shape and classes."""
+    cfg = model.config
+    return {"num_classes": int(cfg.get("num_classes", 0)), "channels": int(cfg["in_channels"]),
+            "resolution": int(cfg["input_size"]), "class_names": None, "latent_scale": None, "vae": vae}
+
+
+def _bare_recipe(recipe: str | Path | None, model: torch.nn.Module) -> Recipe:
+    """The recipe for weights that carry none: ``recipe`` (a file or shipped name) or the DiT defaults."""
+    from diffit_toolkit.recipe import read_recipe
+
+    parsed = read_recipe(recipe) if recipe is not None else Recipe()
+    data = parsed.to_dict()
+    data["diffusion"]["learn_sigma"] = bool(model.config.get("learn_sigma", False))
+    return parse_recipe({**data, "data": {}})
+
+
+def _is_diffusers_dir(path: Path) -> bool:
+    from diffit_toolkit.interop.diffusers_dit import DIFFUSERS_WEIGHTS
+
+    return (path / DIFFUSERS_WEIGHTS).is_file() and (path / "config.json").is_file()
+
+
+def _load_bare_file(path: Path) -> torch.nn.Module:
+    """A toolkit model file, else released DiT / DiffiT / diffusers DiT weights (converted on load)."""
+    from diffit_toolkit.runs.model_file import load_model_file, read_config
+
+    try:
+        read_config(path)
+    except ValueError:
+        from diffit_toolkit.interop.released import load_released
+
+        return load_released(path)
+    return load_model_file(path)
+
+
+def load_generator(run_or_checkpoint: str | Path, device: str | None = None, weights: str = "ema",
+                   recipe: str | Path | None = None, vae: str | None = None) -> Generator:
+    """Load weights for sampling from any of:
+
+    * a run folder (its newest checkpoint) or a checkpoint step folder (``ema`` or ``model`` weights);
+    * an exported folder (``config.json`` + ``model.safetensors`` + ``sampling.json``);
+    * a ``save_pretrained`` folder, a diffusers ``DiTTransformer2DModel`` folder or a single
+      weights file (toolkit model file or released DiT / DiffiT / diffusers DiT weights): these
+      carry no sampling settings, so ``recipe`` gives them (default:
+      the DiT settings, Gaussian linear 1000 steps, epsilon prediction).
+
+    Args:
+        run_or_checkpoint: the path.
+        device: ``cpu`` / ``cuda`` (default: CUDA when available).
+        weights: ``ema`` or ``model`` (checkpoints only).
+        recipe: a recipe whose ``diffusion`` and ``sample`` sections apply (required settings for
+            bare weights; overrides an export's).
+        vae: the VAE folder or hub id for a latent model (overrides the recorded one).
+    """
     path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"no such {'file' if path.suffix else 'folder'}: {path}")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
+    dev = parse_device(device)
+    if path.is_file() or ((is_pretrained_dir(path) or _is_diffusers_dir(path)) and not (path / "state.pt").is_file()):
+        return _load_exported(path, dev, recipe, vae)
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"run folder {path} has no complete checkpoint yet")
         path = found
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
-    dev = parse_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     config = ckpt["config"]
     lacking = [k for k in ("model", "recipe", "data") if not isinstance(config.get(k), dict)]
@@ -93,12 +187,80 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     try:
         model = build_backbone(config["model"]).to(dev)
         model.load_state_dict(ckpt[weights])
-        recipe = parse_recipe({**config["recipe"], "data": {}})
-        process = build_process(recipe)
+        recipe_obj = parse_recipe({**config["recipe"], "data": {}}) if recipe is None else _bare_recipe(recipe, model)
+        process = build_process(recipe_obj)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}: config.json does not describe its weights ({first_line(exc)})") from None
     model.eval()
-    return Generator(model, process, recipe, config["data"], dev)
+    facts = dict(config["data"])
+    if vae is not None:
+        facts["vae"] = vae
+    return Generator(model, process, recipe_obj, facts, dev)
+
+
+def _load_exported(path: Path, dev: torch.device, recipe: str | Path | None, vae: str | None) -> Generator:
+    """An exported / ``save_pretrained`` folder or a single weights file."""
+    if path.is_file():
+        model = _load_bare_file(path)
+    elif is_pretrained_dir(path):
+        model = from_pretrained(path)
+    else:  # a diffusers DiTTransformer2DModel folder
+        from diffit_toolkit.interop.released import load_released
+
+        model = load_released(path)
+    settings_file = path / SAMPLING_NAME if path.is_dir() else None
+    if settings_file is not None and settings_file.is_file() and recipe is None:
+        try:
+            saved = json.loads(settings_file.read_text())
+            recipe_obj = parse_recipe({**saved["recipe"], "data": {}})
+            facts = dict(saved["data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{settings_file} does not describe the sampling settings ({first_line(exc)})") from None
+        if vae is not None:
+            facts["vae"] = vae
+    else:
+        recipe_obj = _bare_recipe(recipe, model)
+        facts = _facts_from_model(model, vae)
+    process = build_process(recipe_obj)
+    return Generator(model.to(dev).eval(), process, recipe_obj, facts, dev)
+
+
+def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The weights at ``path`` in the toolkit's key names, for ``train --init-from``: a run folder
+    (newest checkpoint) or step folder (``weights``: ``ema`` or ``model``), a pretrained/exported
+    folder, a toolkit model file, or released DiT / DiffiT / diffusers DiT weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such {'file' if path.suffix else 'folder'}: {path}")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
+    if path.is_file():
+        return _load_bare_file(path).state_dict()
+    if is_pretrained_dir(path) and not (path / "state.pt").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"), device="cpu")
+    if _is_diffusers_dir(path):
+        from diffit_toolkit.interop.released import load_released
+
+        return load_released(path).state_dict()
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no complete checkpoint yet")
+        path = found
+    return load_checkpoint(path)[weights]
+
+
+def export_model(generator: Generator, out: str | Path) -> Path:
+    """Write ``generator``'s weights as a pretrained folder plus ``sampling.json`` (the recipe's
+    model, diffusion and sample sections and the data facts, with the VAE reference)."""
+    out = Path(out)
+    save_pretrained(generator.model, out)
+    recipe = generator.recipe.to_dict()
+    settings = {"recipe": {k: recipe[k] for k in EXPORTED_SECTIONS}, "data": generator.facts}
+    (out / SAMPLING_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    return out
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -117,6 +279,81 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> P
         arrays["arr_1"] = labels.numpy().astype(np.int64)
     np.savez(path, **arrays)
     return path
+
+
+#: Images kept for the PNG grid of :func:`write_samples` (the ``.npz`` holds all of them).
+GRID_MAX_IMAGES = 256
+
+
+def write_samples(generator: Generator, num_images: int, sample: SampleSection, *, npz: Path | None = None,
+                  grid: Path | None = None, classes: list[int] | None = None, batch_size: int = 64, seed: int = 0,
+                  progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Sample ``num_images`` images straight to disk, one batch at a time.
+
+    The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
+    as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
+    with ``num_images``; the grid shows the first :data:`GRID_MAX_IMAGES` images.
+
+    Args:
+        progress: called with the number of images finished after every batch.
+
+    Returns:
+        The files written.
+    """
+    import zipfile
+
+    generator.check_guidance(sample)
+    tmp_images = tmp_labels = None
+    images_file = labels_file = None
+    conditional = bool(generator.num_classes)
+    if npz is not None:
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        size = generator.facts["resolution"]
+        tmp_images, tmp_labels = npz.with_name(npz.name + ".arr_0.tmp"), npz.with_name(npz.name + ".arr_1.tmp")
+        images_file = open(tmp_images, "wb")
+        np.lib.format.write_array_header_1_0(images_file, {"descr": "|u1", "fortran_order": False,
+                                                           "shape": (num_images, size, size, 3)})
+        if conditional:
+            labels_file = open(tmp_labels, "wb")
+            np.lib.format.write_array_header_1_0(labels_file, {"descr": np.dtype(np.int64).str, "fortran_order": False,
+                                                               "shape": (num_images,)})
+    kept: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
+    done = 0
+    written: list[Path] = []
+    try:
+        for images, labels in generator.batches(num_images, sample, classes, batch_size, seed):
+            if images_file is not None:
+                images_file.write(to_uint8_nhwc(images).tobytes())
+                if labels_file is not None and labels is not None:
+                    labels_file.write(labels.numpy().astype(np.int64).tobytes())
+            if grid is not None and done < GRID_MAX_IMAGES:
+                kept.append(images[: GRID_MAX_IMAGES - done])
+                if labels is not None:
+                    kept_labels.append(labels[: GRID_MAX_IMAGES - done])
+            done += len(images)
+            if progress is not None:
+                progress(done)
+        if images_file is not None:
+            images_file.close()
+            if labels_file is not None:
+                labels_file.close()
+            with zipfile.ZipFile(npz.with_name(npz.name + ".tmp"), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(tmp_images, "arr_0.npy")
+                if labels_file is not None:
+                    zf.write(tmp_labels, "arr_1.npy")
+            npz.with_name(npz.name + ".tmp").replace(npz)
+            written.append(npz)
+    finally:
+        for f in (images_file, labels_file):
+            if f is not None and not f.closed:
+                f.close()
+        for tmp in (tmp_images, tmp_labels):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+    if grid is not None:
+        written.append(save_sample_grid(torch.cat(kept), torch.cat(kept_labels) if kept_labels else None, grid))
+    return written
 
 
 def save_sample_grid(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:

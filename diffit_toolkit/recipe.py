@@ -11,6 +11,7 @@ Every problem is a one-line :class:`RecipeError` with the key path and a hint, e
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffit_toolkit.errors import did_you_mean
 
-#: Where the shipped recipes live (``recipes/`` at the repository root).
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: Where the shipped recipes live: the package ``diffit_toolkit.recipes`` (``recipes/`` in a source
+#: checkout, installed inside the package by a wheel).
+RECIPES_DIR = Path(str(importlib.resources.files("diffit_toolkit.recipes")))
 
 
 #: Largest recipe file read (a real recipe is a few KiB; pure-Python YAML takes seconds per MiB).

@@ -24,7 +24,7 @@ from diffit_toolkit.diffusion import (
     VPPrecond,
     create_gaussian_diffusion,
 )
-from diffit_toolkit.diffusion.edm import RHO, SIGMA_MAX, SIGMA_MIN
+from diffit_toolkit.diffusion.edm import RHO, sampling_sigma_range
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.process import Process
 from diffit_toolkit.sampling import (
@@ -90,7 +90,8 @@ class EDMProcess(Process):
 
     def noise_level(self, t: Tensor) -> Tensor:
         sigma = self.precond.sigma_from_c_noise(t.to(torch.float64))
-        lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+        sigma_min, sigma_max = sampling_sigma_range(self.precond)
+        lo, hi = sigma_min ** (1 / RHO), sigma_max ** (1 / RHO)
         return ((sigma ** (1 / RHO) - lo) / (hi - lo)).clamp(0, 1)
 
 
@@ -131,25 +132,66 @@ def gaussian_dpm_solver(process: GaussianProcess, model, noise, y, settings, gen
 
 
 def gaussian_diffusers(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
-    """Any diffusers scheduler, named as ``diffusers:<SchedulerClass>``, built for the training schedule."""
-    scheduler = _diffusers_scheduler(settings.sampler.split(":", 1)[1], process.config)
-    return diffusers_sample(scheduler, model, noise, y, num_inference_steps=settings.steps, generator=generator)
+    """Any diffusers scheduler, named as ``diffusers:<SchedulerClass>``, built for the training
+    schedule with the recipe's ``clip_denoised`` (see :func:`_diffusers_scheduler`); DDIM's
+    ``step`` gets the recipe's ``eta`` and, when clipping, ``use_clipped_model_output``."""
+    import inspect
+
+    scheduler = _diffusers_scheduler(settings.sampler.split(":", 1)[1], process.config, settings.clip_denoised)
+    step_params = inspect.signature(scheduler.step).parameters
+    step_kwargs: dict[str, Any] = {}
+    if "eta" in step_params:  # DDIM: the recipe's sample.eta
+        step_kwargs["eta"] = float(getattr(settings, "eta", 0.0))
+    if settings.clip_denoised and "use_clipped_model_output" in step_params:
+        step_kwargs["use_clipped_model_output"] = True  # eps re-derived from the clipped x_0, as ADM's DDIM
+    return diffusers_sample(scheduler, model, noise, y, num_inference_steps=settings.steps, generator=generator,
+                            step_kwargs=step_kwargs)
 
 
-def _diffusers_scheduler(class_name: str, config: Any) -> Any:
+def _diffusers_scheduler(class_name: str, config: Any, clip_denoised: bool = False) -> Any:
+    """The diffusers scheduler ``class_name`` configured like the toolkit's own samplers.
+
+    The training schedule (``num_train_timesteps``, ``beta_schedule``, ``prediction_type``) is
+    always set. ``clip_denoised`` becomes ``clip_sample`` (range 1, ``thresholding`` off) on
+    schedulers that have it (DDPM, DDIM, ...); on schedulers with only ``thresholding``
+    (DPM-Solver, UniPC, ...) it becomes dynamic thresholding with ``sample_max_value=1``, which
+    is exactly clipping the x_0 estimate to [-1, 1]. A model with a learned variance gets
+    ``variance_type="learned_range"`` where the scheduler takes one (DDPM uses it, DPM-Solver
+    drops the variance channels).
+    """
+    import inspect
+
     import diffusers
 
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise ValueError(f"sampler 'diffusers:{class_name}': diffusers has no scheduler of that name (e.g. diffusers:DPMSolverMultistepScheduler)")
+    params = inspect.signature(cls.__init__).parameters
     schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.schedule]
     prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[config.prediction]
-    return cls(num_train_timesteps=config.num_timesteps, beta_schedule=schedule, prediction_type=prediction)
+    options: dict[str, Any] = dict(num_train_timesteps=config.num_timesteps, beta_schedule=schedule, prediction_type=prediction)
+    if "clip_sample" in params:
+        options.update(clip_sample=clip_denoised, clip_sample_range=1.0)
+        if "thresholding" in params:
+            options["thresholding"] = False
+    elif "thresholding" in params:
+        options["thresholding"] = clip_denoised
+        if clip_denoised:
+            options["sample_max_value"] = 1.0  # threshold s clamped to [1, 1]: plain clipping
+    elif clip_denoised:
+        raise ValueError(f"sampler 'diffusers:{class_name}' cannot clip its x_0 estimate (no clip_sample or "
+                         f"thresholding option); set sample.clip_denoised: false or choose another scheduler")
+    if config.learn_sigma and "variance_type" in params:
+        options["variance_type"] = "learned_range"
+    return cls(**{k: v for k, v in options.items() if k in params})
 
 
 def edm_heun(process: EDMProcess, model, noise, y, settings, generator) -> Tensor:
-    """EDM's Heun sampler (Algorithm 2) on the rho-warped sigma schedule."""
-    return edm_heun_sample(EDMDenoiser(model, process.precond), noise, y, num_steps=settings.steps, generator=generator)
+    """EDM's Heun sampler (Algorithm 2) on the rho-warped sigma schedule, its range clamped to
+    the preconditioning's trained range (VP / VE) as NVlabs/edm does."""
+    lo, hi = sampling_sigma_range(process.precond)
+    return edm_heun_sample(EDMDenoiser(model, process.precond), noise, y, num_steps=settings.steps,
+                           sigma_min=lo, sigma_max=hi, generator=generator)
 
 
 def flow_euler(process: FlowProcess, model, noise, y, settings, generator) -> Tensor:

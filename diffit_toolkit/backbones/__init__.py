@@ -22,6 +22,7 @@ from diffit_toolkit.backbones.latent import (
     dit,
     latent_diffit,
 )
+from diffit_toolkit.backbones.pretrained import from_pretrained, is_pretrained_dir, save_pretrained
 
 
 def build_backbone(config: dict[str, Any]) -> nn.Module:
@@ -45,6 +46,9 @@ __all__ = [
     "LatentDiffiT",
     "LatentDiffiTConfig",
     "build_backbone",
+    "from_pretrained",
+    "is_pretrained_dir",
+    "save_pretrained",
     "dit",
     "image_diffit",
     "latent_diffit",

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from diffit_toolkit.backbones.conditioning import DEFAULT_CLASS_DROPOUT, ConditionedBackbone, check_conditioning_options
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
+from diffit_toolkit.backbones.pretrained import PretrainedMixin
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
 from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM
 
@@ -265,7 +266,7 @@ class DecoderStage(nn.Module):
         return self.merge(torch.cat([x, skip], dim=1)) if self.merge is not None else x + skip
 
 
-class ImageDiffiT(ConditionedBackbone):
+class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
     """U-shaped image-space DiffiT (SPEC 3); any registered mechanism conditions its blocks.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) images, ``t`` (B,) noise levels (e.g. EDM's

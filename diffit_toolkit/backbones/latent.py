@@ -29,6 +29,7 @@ from diffit_toolkit.backbones.conditioning import (
 )
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
 from diffit_toolkit.backbones.layers import FINAL_LAYERS, PatchEmbed, sincos_2d, unpatchify
+from diffit_toolkit.backbones.pretrained import PretrainedMixin
 from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
 from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM
 
@@ -143,7 +144,7 @@ class LatentDiffiTConfig:
         return LatentDiffiT(self, backbone=backbone)
 
 
-class LatentDiffiT(ConditionedBackbone):
+class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
     """Isotropic latent diffusion transformer: DiffiT (TMSA) or DiT (adaLN-Zero) or any mechanism.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) latents, ``t`` (B,) timesteps, ``y`` (B,) class

@@ -9,7 +9,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from diffit_toolkit.commands import app, console, exit_with_error
+from diffit_toolkit.commands import EXIT_USAGE, app, console, exit_with_error
 
 
 def _listed() -> dict[str, tuple[str, list[str]]]:
@@ -36,7 +36,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _error(message: str) -> None:
-    exit_with_error(message, 1)
+    exit_with_error(message, EXIT_USAGE)  # a wrong name, option or file: fix the command
 
 
 @app.command("model-info")
@@ -57,6 +57,13 @@ def model_info(
         if value is not None:
             options[key] = value
     chosen = backbone or list(listed)
+    from diffit_toolkit.registry import PluginError, backbones
+
+    for name in chosen:
+        try:
+            backbones.get(name)
+        except PluginError as exc:
+            _error(str(exc))
     table = Table(caption="batch 1; MACs are what DiT calls 'Gflops'; FLOPs = 2 x MACs", caption_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("mechanism", no_wrap=True)
@@ -87,8 +94,10 @@ def convert(
     layout: str = typer.Option("auto", "--layout", help="auto, diffit (released latent DiffiT) or dit (DiT reference)."),
     num_heads: int = typer.Option(None, "--num-heads", help="Heads, for a DiT whose width matches no preset."),
     sets: list[str] = typer.Option(None, "--set", help="Other backbone options as key=value (e.g. attention_backend=sdpa)."),
+    no_null_class: bool = typer.Option(False, "--no-null-class", help="The label table has no null-class row (trained "
+                                       "with class dropout 0): every row is a class; guidance is refused."),
 ) -> None:
-    """Convert a released DiffiT or DiT checkpoint into a toolkit checkpoint."""
+    """Convert a released DiffiT, DiT or diffusers DiT checkpoint (file or diffusers folder) into a toolkit checkpoint."""
     from diffit_toolkit.backbones.info import count_parameters
     from diffit_toolkit.runs.model_file import save_model_file
     from diffit_toolkit.interop.released import load_released
@@ -99,7 +108,7 @@ def convert(
     if output.is_dir():
         _error(f"output {output} is a folder; give a file path ending in .safetensors")
     try:
-        model = load_released(source, layout=layout, **options)
+        model = load_released(source, layout=layout, null_class=not no_null_class, **options)
     except (ValueError, FileNotFoundError) as exc:
         _error(str(exc).splitlines()[0])
     try:

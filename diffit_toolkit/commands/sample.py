@@ -21,27 +21,42 @@ def _classes(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--classes takes comma-separated integers, got '{text}'") from None
 
 
+def _default_grid(run: Path) -> Path:
+    """``<run>/samples/sample.png`` for a run or step folder, ``<name>_samples.png`` beside other weights."""
+    if (run / "checkpoints").is_dir():
+        return run / "samples" / "sample.png"
+    if (run / "state.pt").is_file():
+        return run.parent.parent / "samples" / "sample.png"
+    return run.parent / f"{run.stem}_samples.png"
+
+
 @app.command()
 def sample(
-    run: Path = typer.Argument(..., help="Run folder (newest checkpoint) or a checkpoint folder."),
+    run: Path = typer.Argument(..., help="Run folder (newest checkpoint), checkpoint step folder, exported folder "
+                                         "or a single .safetensors / .pt weights file."),
     out: Path = typer.Option(None, help="PNG grid to write (default: <run>/samples/sample.png unless --npz is given)."),
     npz: Path = typer.Option(None, help="Also write the images as an ADM-layout .npz (uint8 NHWC + labels)."),
     num: int = typer.Option(64, min=1, help="Number of images."),
     classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
-    sampler: str = typer.Option(None, help="Sampler (default: the recipe's), e.g. ddpm, ddim, dpm_solver++, heun."),
+    sampler: str = typer.Option(None, help="Sampler (default: the recipe's): ddpm, ddim, dpm_solver++, "
+                                           "diffusers:<SchedulerClass> (Gaussian); heun (EDM); euler, heun (flow)."),
     steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's)."),
     guidance_scale: float = typer.Option(None, callback=finite, help="Classifier-free guidance scale (1: off)."),
     guidance_schedule: str = typer.Option(None, help="constant or power_cosine."),
     guided_channels: int = typer.Option(None, min=1, help="Guide only the first k output channels."),
-    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed (image i is drawn from seed and i: the same whatever --batch-size)."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward batch."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     weights: str = typer.Option("ema", help="ema or model weights."),
+    recipe: Path = typer.Option(None, help="Recipe (file or shipped name) whose diffusion and sample settings apply: "
+                                           "needed for bare weights, which carry none (default: DiT's)."),
+    vae: str = typer.Option(None, help="VAE folder or hub id that decodes a latent model's samples (overrides the recorded one)."),
 ) -> None:
     """Sample images from a trained model."""
     import pydantic
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from diffit_toolkit.generate import load_generator, save_npz, save_sample_grid
+    from diffit_toolkit.generate import load_generator, write_samples
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
@@ -49,15 +64,18 @@ def sample(
 
     from PIL import Image
 
+    from diffit_toolkit.commands import check_device
+
     for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
         if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
             what = "a folder" if path.is_dir() else "not an image file name" if option == "--out" else "not an .npz file name"
             exit_with_error(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}", 2)
+    check_device(device)
     overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                        guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
                  if v is not None}
     try:
-        gen = load_generator(run, device=device, weights=weights)
+        gen = load_generator(run, device=device, weights=weights, recipe=recipe, vae=vae)
         try:
             settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
         except pydantic.ValidationError as exc:
@@ -66,16 +84,22 @@ def sample(
             flag = f"--{name.replace('_', '-')}" if name in overrides else f"the run's sample.{name}"
             raise ValueError(f"{flag}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')})") from None
         resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
-        images, labels = gen.sample(num, settings, classes=_classes(classes), batch_size=batch_size, seed=seed)
+        chosen = _classes(classes)
+        gen.labels(chosen, 1)  # a wrong class is reported before any sampling
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {seed}")
     except (CheckpointError, PluginError, ValueError) as exc:
         exit_with_error(exc, 2)
-    written = []
+    grid = out or (_default_grid(run) if npz is None else None)
+    columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
     try:
-        if npz is not None:
-            written.append(save_npz(images, labels, npz))
-        if out is not None or npz is None:
-            target = out or (run if run.is_dir() and (run / "checkpoints").is_dir() else run.parent.parent) / "samples" / "sample.png"
-            written.append(save_sample_grid(images, labels, target))
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("sample", total=num)
+            written = write_samples(gen, num, settings, npz=npz, grid=grid, classes=chosen, batch_size=batch_size,
+                                    seed=seed, progress=lambda done: bar.update(task, completed=done))
+    except ValueError as exc:  # e.g. a VAE that cannot be loaded, a latent model without one
+        exit_with_error(exc, 2)
     except OSError as exc:
         exit_with_error(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})", 1)
     for path in written:

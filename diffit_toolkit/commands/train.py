@@ -62,6 +62,8 @@ def train(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     output_dir: str = typer.Option(None, help="Run folder (default: the recipe's output_dir or runs/<name>)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Log lines instead of a progress bar."),
+    init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (run, step or exported folder, "
+                                   "or a weights file) with a new optimizer: fine-tuning. Ignored when resuming."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
     from diffit_toolkit.optional import MissingDependencyError
@@ -69,6 +71,9 @@ def train(
     from diffit_toolkit.train import TrainingError
     from diffit_toolkit.train import train as run
 
+    from diffit_toolkit.commands import check_device
+
+    check_device(device)
     overrides = list(set_ or [])
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
@@ -80,7 +85,7 @@ def train(
     except ValueError as exc:
         exit_with_error(exc, EXIT_USAGE)
     try:
-        result = run(resolved, resume=resume, device=device, progress=not no_progress)
+        result = run(resolved, resume=resume, device=device, progress=not no_progress, init_from=init_from)
     except (RecipeError, PluginError, MissingDependencyError) as exc:
         exit_with_error(exc, EXIT_USAGE)
     except (TrainingError, CheckpointError, RunFolderError) as exc:

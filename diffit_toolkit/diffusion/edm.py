@@ -8,6 +8,8 @@ Data is noised as ``x = y + sigma n`` (the sigma form; VP's scaling ``s(t)`` liv
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -93,6 +95,16 @@ class VPPrecond:
     def sigma_from_c_noise(self, c_noise: torch.Tensor) -> torch.Tensor:
         return vp_sigma(c_noise / (self.M - 1), self.beta_d, self.beta_min)
 
+    @property
+    def sigma_min(self) -> float:
+        """Smallest trained noise level, ``sigma(epsilon_t)`` (NVlabs/edm ``VPPrecond.sigma_min``)."""
+        return float(vp_sigma(torch.tensor(VP_EPSILON_T, dtype=torch.float64), self.beta_d, self.beta_min))
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest trained noise level, ``sigma(1)``."""
+        return float(vp_sigma(torch.tensor(1.0, dtype=torch.float64), self.beta_d, self.beta_min))
+
 
 @dataclass(frozen=True)
 class VEPrecond:
@@ -112,6 +124,10 @@ class VEPrecond:
 
     def sigma_from_c_noise(self, c_noise: torch.Tensor) -> torch.Tensor:
         return 2 * torch.exp(c_noise)
+
+    #: The trained noise range (NVlabs/edm ``VEPrecond``).
+    sigma_min: float = VE_SIGMA_MIN
+    sigma_max: float = VE_SIGMA_MAX
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,19 @@ class EDMPrecond:
 
     def sigma_from_c_noise(self, c_noise: torch.Tensor) -> torch.Tensor:
         return torch.exp(4 * c_noise)
+
+    #: EDM's preconditioning supports every noise level (NVlabs/edm: 0 and inf).
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+
+
+def sampling_sigma_range(precond: object, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> tuple[float, float]:
+    """The Heun sampler's sigma range clamped to what ``precond`` was trained on, as NVlabs/edm
+    does: ``max(sigma_min, precond.sigma_min)``, ``min(sigma_max, precond.sigma_max)``. With the
+    defaults: VE 0.02 .. 80 (trained 0.02 .. 100), VP 0.002 .. 80 (trained about 0.001 .. 152),
+    EDM 0.002 .. 80."""
+    return (max(sigma_min, float(getattr(precond, "sigma_min", 0.0))),
+            min(sigma_max, float(getattr(precond, "sigma_max", math.inf))))
 
 
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

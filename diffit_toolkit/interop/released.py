@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from diffit_toolkit.backbones.latent import DIT_DEFAULTS, LATENT_SIZES, LatentDiffiT, latent_config
@@ -56,8 +57,9 @@ def detect_layout(state: Mapping[str, Tensor]) -> str:
     if any(re.match(r"^blocks\.\d+\.adaLN_modulation\.", k) for k in state):
         return "dit"
     raise ValueError(
-        "cannot tell the checkpoint layout: no 'blocks.N.attn.qkv_temb' (DiffiT) nor "
-        "'blocks.N.adaLN_modulation' (DiT) keys; pass layout='diffit' or 'dit'"
+        "cannot tell the checkpoint layout: no 'blocks.N.attn.qkv_temb' (DiffiT), "
+        "'blocks.N.adaLN_modulation' (DiT) nor 'transformer_blocks.N.norm1.linear' (diffusers DiT) keys; "
+        "pass layout='diffit' or 'dit'"
     )
 
 
@@ -118,14 +120,19 @@ def infer_options(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def load_released(
-    source: str | Path | Mapping[str, Tensor], layout: str = "auto", **overrides: Any
+    source: str | Path | Mapping[str, Tensor], layout: str = "auto", null_class: bool = True, **overrides: Any
 ) -> LatentDiffiT:
     """A toolkit model holding a released DiffiT or DiT checkpoint.
 
     Args:
-        source: a ``.pt``/``.pth`` (read with ``weights_only=True``) or ``.safetensors`` file, or a
-            state dict.
+        source: a ``.pt``/``.pth`` (read with ``weights_only=True``) or ``.safetensors`` file, a
+            diffusers ``DiTTransformer2DModel`` folder or state dict (see
+            :mod:`~diffit_toolkit.interop.diffusers_dit`), or a state dict.
         layout: ``"diffit"``, ``"dit"`` or ``"auto"`` (detected from the keys).
+        null_class: whether the label table's last row is the null class (trained with label
+            dropout, as DiT and DiffiT were). ``False`` for checkpoints trained with class dropout
+            0: every row is a real class, a zero null row is appended and the model gets
+            ``class_dropout_prob=0``, so sampling refuses classifier-free guidance.
         **overrides: backbone options that the tensors do not determine (e.g. ``num_heads`` for a
             DiT of non-preset width, ``attention_backend``, ``class_dropout_prob``).
 
@@ -134,12 +141,30 @@ def load_released(
         whose forward equals the source model's. Wrong files raise one ValueError line naming the
         missing, unexpected and mis-shaped keys.
     """
+    from diffit_toolkit.interop.diffusers_dit import diffusers_to_dit, is_diffusers_dit, read_diffusers_dit
+
     name = f"'{source}'" if isinstance(source, (str, Path)) else "state dict"
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(source, (str, Path)) and Path(source).is_dir():  # a diffusers DiTTransformer2DModel folder
+        state, from_config = read_diffusers_dit(source)
+        overrides = {**from_config, **overrides}
+        layout = "dit"
+    else:
+        state = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+        if is_diffusers_dit(state):
+            from diffit_toolkit.interop.diffusers_dit import DIFFUSERS_TIME_OPTIONS
+
+            state = diffusers_to_dit(state, overrides.get("input_size"))
+            overrides = {"time_feature_options": dict(DIFFUSERS_TIME_OPTIONS), **overrides}
+            layout = "dit"
     layout = detect_layout(state) if layout == "auto" else layout
     if layout not in LAYOUT_BACKBONES:
         raise ValueError(f"unknown checkpoint layout '{layout}' (valid: auto, {', '.join(LAYOUT_BACKBONES)})")
     backbone, defaults = LAYOUT_BACKBONES[layout]
+    table_key = "y_embedder.embedding_table.weight"
+    if not null_class and table_key in state:
+        table = state[table_key]
+        state = {**state, table_key: torch.cat([table, torch.zeros_like(table[:1])])}
+        overrides = {"class_dropout_prob": 0.0, **overrides}
     options = {**defaults, **infer_options(state), **overrides}
     if "num_heads" not in options:
         raise ValueError(f"{name}: the head count of a width-{options['hidden_size']} DiT is unknown: pass num_heads=")

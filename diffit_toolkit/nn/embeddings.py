@@ -18,13 +18,15 @@ from diffit_toolkit.registry import time_embeddings
 DEFAULT_FREQUENCY_DIM = 256
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal features of ``t`` (B,) -> (B, dim): cos half first, then sin (SPEC 2, DiT).
 
-    Frequencies are ``exp(-ln(max_period) * i / (dim // 2))`` for ``i < dim // 2``.
+    Frequencies are ``exp(-ln(max_period) * i / (dim // 2 - freq_shift))`` for ``i < dim // 2``;
+    DiT uses ``freq_shift = 0``, diffusers' ``DiTTransformer2DModel`` ``1`` (its
+    ``downscale_freq_shift``).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -35,13 +37,14 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
 class PositionalFeatures(nn.Module):
     """Sinusoidal (transformer positional) features of the timestep, no parameters."""
 
-    def __init__(self, dim: int = DEFAULT_FREQUENCY_DIM, max_period: float = 10000.0) -> None:
+    def __init__(self, dim: int = DEFAULT_FREQUENCY_DIM, max_period: float = 10000.0, freq_shift: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
         self.max_period = max_period
+        self.freq_shift = freq_shift
 
     def forward(self, t: Tensor) -> Tensor:
-        return sinusoidal_embedding(t, self.dim, self.max_period)
+        return sinusoidal_embedding(t, self.dim, self.max_period, self.freq_shift)
 
 
 class FourierFeatures(nn.Module):

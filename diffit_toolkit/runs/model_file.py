@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from diffit_toolkit.backbones.pretrained import KEYS_SHOWN, check_state_dict, load_weights  # noqa: F401  (re-exported)
+
 #: Header metadata keys of a toolkit checkpoint.
 CONFIG_KEY = "diffit_toolkit.config"
 FORMAT_KEY = "diffit_toolkit.format"
@@ -27,8 +29,6 @@ FORMAT_VERSION = "1"
 #: Wrapper keys of training checkpoints, in order of preference (EMA weights first, as DiT samples with EMA).
 WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
 
-#: How many offending keys an error message names per kind.
-KEYS_SHOWN = 4
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -70,54 +70,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:KEYS_SHOWN])
-    more = f", ... {len(items) - KEYS_SHOWN} more" if len(items) > KEYS_SHOWN else ""
-    return f"[{shown}{more}]"
-
-
-def check_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()
-) -> None:
-    """Raise one ValueError line naming missing, unexpected and mis-shaped keys (if any).
-
-    Args:
-        model: the model the weights are for.
-        state: the weights (already in the model's key names).
-        source: what the weights are (file name, layout) for the message.
-        optional: key suffixes that may be absent (derived buffers like ``relative_position_index``).
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith(optional)]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} in file vs {tuple(expected[k].shape)} in model"
-        for k in state
-        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped key(s) {_listing(misshaped)}")
-    if problems:
-        name = getattr(model, "config", {}).get("backbone", type(model).__name__)
-        raise ValueError(f"{source} does not fit the {name} model: " + "; ".join(problems))
-
-
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()) -> nn.Module:
-    """Check ``state`` against ``model`` (one-line error) and copy it in."""
-    check_state_dict(model, state, source, optional)
-    expected = model.state_dict()
-    for key in state:
-        if key.endswith(optional) and not torch.equal(state[key].to(expected[key].dtype), expected[key].cpu()):
-            raise ValueError(f"{source}: derived buffer '{key}' differs from the model's (another window layout?)")
-    model.load_state_dict(dict(state), strict=False)
-    return model
 
 
 def save_model_file(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:

@@ -14,6 +14,7 @@ from diffit_toolkit.diffusion.edm import (
     Denoiser,
     karras_sigmas,
 )
+from diffit_toolkit.sampling.noise import Generators, randn
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def edm_heun_sample(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Heun's 2nd-order sampler on ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Algorithm 2).
 
@@ -66,7 +67,7 @@ def edm_heun_sample(
         t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
         if gamma > 0:
-            eps = s_noise * torch.randn(x_cur.shape, generator=generator, device=x_cur.device, dtype=x_cur.dtype)
+            eps = s_noise * randn(x_cur.shape, generator, x_cur.device, x_cur.dtype)
             x_hat = x_cur + torch.sqrt(t_hat**2 - t_cur**2) * eps
         # Lines 7-8: Euler step.
         d_cur = (x_hat - denoiser(x_hat, t_hat.expand(x_hat.shape[0]), y)) / t_hat

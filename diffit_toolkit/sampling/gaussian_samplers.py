@@ -12,10 +12,11 @@ import math
 import torch
 
 from diffit_toolkit.diffusion.gaussian import GaussianDiffusion, Model
+from diffit_toolkit.sampling.noise import Generators, randn
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _step(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def ddpm_sample(
     model: Model,
     noise: torch.Tensor,
     y: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling ``x_{t-1} ~ p(x_{t-1} | x_t)`` (Ho et al., 2020, Algorithm 2).
@@ -38,7 +39,7 @@ def ddpm_sample(
         model: ``model(x, t_original, y)``.
         noise: ``(B, C, ...)`` standard normal ``x_T``.
         y: Labels.
-        generator: Randomness of the ancestral noise.
+        generator: Randomness of the ancestral noise (or one generator per image).
         clip_denoised: Clip the x_0 estimate to [-1, 1].
 
     Returns:
@@ -60,7 +61,7 @@ def ddim_sample(
     noise: torch.Tensor,
     y: torch.Tensor | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
     """DDIM (Song et al., 2021, eq. 12); ``eta = 0`` is the deterministic ODE sampler.

@@ -181,6 +181,19 @@ def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: t
     return save_sample_grid(images, labels, path)
 
 
+def _init_weights(model: torch.nn.Module, ema: AveragedModel, path: str | Path) -> None:
+    """Copy the weights at ``path`` into ``model`` and its EMA; a mismatch names the keys."""
+    from diffit_toolkit.generate import read_weights
+
+    try:
+        state = read_weights(path)
+        check_state_dict(model, state, f"--init-from {path}")
+    except (ValueError, CheckpointError) as exc:
+        raise RecipeError(f"{str(exc).strip().splitlines()[0]}; initialise from weights of the recipe's model") from None
+    model.load_state_dict(state)
+    ema.module.load_state_dict(state)
+
+
 def train(
     recipe: Recipe,
     *,
@@ -188,6 +201,7 @@ def train(
     device: str | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``recipe``; resumes from ``resume`` or, when ``None``, from the run folder's newest
     checkpoint if there is one.
@@ -198,6 +212,9 @@ def train(
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
         stop_after: stop (with a checkpoint) after this many steps of this invocation.
         progress: show the progress bar (rank 0, interactive terminals).
+        init_from: start a new run from these weights (a run, step, exported folder or weights
+            file; EMA weights where there are two) with a new optimizer; ignored when the run
+            folder already has a checkpoint to resume.
     """
     start_time = time.perf_counter()
     env = setup_distributed(device)
@@ -284,6 +301,8 @@ def train(
                 raise CheckpointError(f"checkpoint {checkpoint_path}: state.pt is malformed ({one_line(exc)}); "
                                       f"resume from another checkpoint with --resume") from None
             resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
+        elif init_from is not None:
+            _init_weights(model, ema, init_from)
 
         train_model: torch.nn.Module = model
         ddp_model = None

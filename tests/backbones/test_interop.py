@@ -263,11 +263,11 @@ def test_cli_convert_then_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), reference_forward(sd, "diffit", x, t, y), atol=1e-5, rtol=0)
     bad = CliRunner().invoke(app, ["convert", str(tmp_path / "missing.pt"), str(dst)])
-    assert bad.exit_code == 1 and "does not exist" in bad.output
+    assert bad.exit_code == 2 and "does not exist" in bad.output
     del sd["blocks.1.mlp.fc2.bias"]
     torch.save(sd, src)
     broken = CliRunner().invoke(app, ["convert", str(src), str(dst)])
-    assert broken.exit_code == 1 and "1 missing key(s) [blocks.1.mlp.fc2.bias]" in broken.output
+    assert broken.exit_code == 2 and "1 missing key(s) [blocks.1.mlp.fc2.bias]" in broken.output
 
 
 def test_cli_model_info_prints_params_and_compute():
@@ -276,4 +276,25 @@ def test_cli_model_info_prints_params_and_compute():
     assert "DiffiT-XL/2" in result.output and "561.33" in result.output
     assert "DiT-XL/2" in result.output and "675.13" in result.output and "118.62" in result.output
     bad = CliRunner().invoke(app, ["model-info", "-p", "XXL/2"])
-    assert bad.exit_code == 1 and "valid:" in bad.output
+    assert bad.exit_code == 2 and "valid:" in bad.output
+
+
+def test_no_null_class_keeps_every_row_a_class_and_refuses_guidance():
+    from types import SimpleNamespace
+
+    from diffit_toolkit.generate import Generator
+
+    sd = released_state_dict("dit")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    assumed = load_released(dict(sd), num_heads=HEADS)
+    assert assumed.num_classes == rows - 1  # default: the last row is the null class
+    model = load_released(dict(sd), null_class=False, num_heads=HEADS)
+    assert model.num_classes == rows and model.config["class_dropout_prob"] == 0
+    x, t, _ = inputs()
+    y = torch.tensor([0, 7, rows - 1])  # the last row is a real class now
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference_forward(sd, "dit", x, t, y), atol=1e-5, rtol=0)
+    gen = Generator(model, None, None, {"num_classes": rows}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="guidance-scale 1"):
+        gen.check_guidance(SimpleNamespace(guidance_scale=4.0))
+    gen.check_guidance(SimpleNamespace(guidance_scale=1.0))

@@ -1,0 +1,1 @@
+"""The recipes shipped with diffit-toolkit (package data: ``diffit-toolkit train quickstart`` works from a wheel)."""
