@@ -16,6 +16,7 @@ OPTIONAL: dict[str, tuple[RequirementCache, str]] = {
     "triton": (RequirementCache("triton"), "triton"),
     "tensorboard": (RequirementCache("tensorboard"), "tensorboard"),
     "wandb": (RequirementCache("wandb"), "wandb"),
+    "hypothesis": (RequirementCache("hypothesis"), "testing"),
 }
 
 

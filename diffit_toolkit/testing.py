@@ -40,9 +40,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 from torch import Tensor
+
+from diffit_toolkit.optional import require
+
+require("hypothesis", "the conformance kit (diffit_toolkit.testing)")
+
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (checked just above)
+from hypothesis import strategies as st  # noqa: E402
 
 from diffit_toolkit.nn.attention import Attention, AttentionBackend, BackendChoice, attention_math
 from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, DiffiTBlock, Injection, resolve_mechanism

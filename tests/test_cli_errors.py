@@ -35,4 +35,4 @@ def test_cuda_without_a_gpu_is_one_line(command):
 
 def test_unknown_device_name_is_one_line():
     out = RUNNER.invoke(app, ["sample", "runs/nothere", "--device", "gpu0"], env=WIDE)
-    assert out.exit_code == 2 and "--device gpu0: not a device name" in out.output
+    assert out.exit_code == 2 and "unknown device 'gpu0': use cpu, cuda or cuda:N" in out.output

@@ -52,11 +52,11 @@ def test_convert_a_malformed_safetensors_is_one_line(tmp_path, content):
     else:
         src.write_bytes(content)
     code, output = run("convert", str(src), str(tmp_path / "out.safetensors"))
-    assert code == 1 and "as safetensors" in one_line(output)
+    assert code == 2 and "as safetensors" in one_line(output)  # a bad input file is a usage error
 
 
 def test_convert_into_a_folder_is_one_line(tmp_path):
     src = tmp_path / "weights.safetensors"
     save_file({"w": torch.randn(4)}, str(src))
     code, output = run("convert", str(src), str(tmp_path))
-    assert code == 1 and "is a folder" in one_line(output)
+    assert code == 2 and "is a folder" in one_line(output)

@@ -71,18 +71,9 @@ def check_device(device: str | None) -> None:
     """Exit 2 with one line when ``--device`` names a device this machine does not have."""
     if device is None:
         return
-    import torch
+    from diffit_toolkit.runs import parse_device
 
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        exit_with_error(f"--device {device}: not a device name; use cpu, cuda or cuda:N", EXIT_USAGE)
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            built = torch.version.cuda or "no CUDA"
-            exit_with_error(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, built with "
-                            f"{built}); use --device cpu or run on a machine with a GPU", EXIT_USAGE)
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            exit_with_error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here", EXIT_USAGE)
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        exit_with_error(f"--device {device}: MPS is not available here; use --device cpu", EXIT_USAGE)
+        parse_device(device)
+    except ValueError as exc:
+        exit_with_error(exc, EXIT_USAGE)

@@ -137,8 +137,10 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         write_sweep_csv,
     )
     from diffit_toolkit.generate import load_generator
-    from diffit_toolkit.recipe import SAMPLERS, SampleSection
-    from diffit_toolkit.train.checkpoint import CheckpointError
+    from diffit_toolkit.process import resolve_sampler
+    from diffit_toolkit.recipe import SampleSection
+    from diffit_toolkit.registry import PluginError
+    from diffit_toolkit.runs import CheckpointError
 
     try:
         gen = load_generator(run, device=device)
@@ -164,13 +166,11 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         if interval_text is not None:
             overrides["guidance_interval"] = _interval(interval_text)
         settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
-        valid = SAMPLERS[gen.recipe.diffusion.process]
-        if settings.sampler not in valid and not settings.sampler.startswith("diffusers:"):
-            raise ValueError(f"sampler '{settings.sampler}' does not sample the {gen.recipe.diffusion.process} process (valid: {', '.join(valid)})")
+        resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
         scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
         rows = guidance_sweep(gen, scales, settings, num, judge, seed=seed,
                               log=lambda line: console.print(line, highlight=False))
-    except (InputError, MissingWeightsError, CheckpointError, ValueError, OSError) as exc:
+    except (InputError, MissingWeightsError, CheckpointError, PluginError, ValueError, OSError) as exc:
         _fail(str(exc))
     if len(rows) > 1:
         best = best_row(rows, key)

@@ -44,7 +44,9 @@ def parse_device(device: str | None) -> torch.device:
         raise ValueError(f"unknown device '{device}': use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device '{device}' was requested but no CUDA device is visible: use --device cpu")
+            built = torch.version.cuda or "no CUDA"
+            raise ValueError(f"device '{device}' was requested but PyTorch sees no CUDA GPU here (torch "
+                             f"{torch.__version__}, built with {built}): use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev

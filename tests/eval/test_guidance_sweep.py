@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from diffit_toolkit.cli import app
 from diffit_toolkit.eval.sweep import best_row, guidance_sweep, parse_scales
 from diffit_toolkit.generate import load_generator, save_npz
-from diffit_toolkit.recipe import load_recipe
+from diffit_toolkit.build import load_recipe
 from diffit_toolkit.train import train
 
 runner = CliRunner()
