@@ -223,7 +223,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, tiny_recipe):
     marker = tmp_path / "pwned.txt"
     with open(result.checkpoint / "state.pt", "wb") as f:
         pickle.dump({"step": 1, "payload": _Exploit(marker)}, f)
-    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+    with pytest.raises(CheckpointError, match="could not read checkpoint|does not match the SHA-256"):  # checksums refuse it first
         load_checkpoint(result.checkpoint)
     assert not marker.exists()
 
