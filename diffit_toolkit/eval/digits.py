@@ -8,8 +8,10 @@ the same distance for as many *real* train digits as there are samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -78,32 +80,54 @@ def train_digits_classifier(seed: int = 0, epochs: int = 30) -> DigitsClassifier
 _MEMO: dict[int, DigitsClassifier] = {}
 
 
-def load_digits_classifier(seed: int = 0, cache: str | Path | None = None) -> DigitsClassifier:
-    """The classifier for ``seed``: memoised in the process and, with ``cache``, saved to that file."""
-    if seed in _MEMO:
-        return _MEMO[seed]
+def load_judge(memo: dict[int, nn.Module], seed: int, cache: str | Path | None,
+               make: Callable[[], nn.Module], train: Callable[[int], nn.Module]) -> nn.Module:
+    """An offline judge for ``seed``: memoised in ``memo`` and, with ``cache``, kept in that file
+    (``make()`` builds an untrained one to load into, ``train(seed)`` trains one)."""
+    if seed in memo:
+        return memo[seed]
     model = None
     if cache is not None and Path(cache).is_file():
-        model = DigitsClassifier()
+        model = make()
         model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         model.eval()
     if model is None:
-        model = train_digits_classifier(seed)
+        model = train(seed)
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), cache)
-    _MEMO[seed] = model
+    memo[seed] = model
     return model
 
 
+def load_digits_classifier(seed: int = 0, cache: str | Path | None = None) -> DigitsClassifier:
+    """The classifier for ``seed``: memoised in the process and, with ``cache``, saved to that file."""
+    return load_judge(_MEMO, seed, cache, DigitsClassifier, train_digits_classifier)
+
+
+def accuracy_and_fd(x: torch.Tensor, labels, predict: Callable[[torch.Tensor], torch.Tensor],
+                    features: Callable[[torch.Tensor], np.ndarray], test_features: np.ndarray, what: str) -> tuple[float, float]:
+    """Share of samples ``x`` classified as their requested ``labels`` (``nan`` without labels) and
+    the Frechet distance of their features to ``test_features``; one-line errors name ``what``."""
+    if len(x) < 2:
+        raise ValueError(f"the {what} metric needs at least 2 images")
+    accuracy = float("nan")
+    if labels is not None:
+        y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
+        if len(y) != len(x):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        accuracy = float((predict(x) == y).float().mean())
+    return accuracy, fd_from_features(features(x), test_features)
+
+
 @dataclass(frozen=True)
-class DigitsScore:
-    """Result of :meth:`DigitsMetric.score`.
+class JudgeScore:
+    """Result of an offline judge's ``score``.
 
     Attributes:
         accuracy: share of samples classified as their requested class (``nan`` without labels).
-        fd: Frechet distance to the held-out real digits in the classifier's feature space.
-        floor: the same distance for as many real (train) digits: the best a generator can expect.
+        fd: Frechet distance to the held-out real images in the classifier's feature space.
+        floor: the same distance for as many real (train) images: the best a generator can expect.
         num_images: number of samples scored.
     """
 
@@ -111,13 +135,21 @@ class DigitsScore:
     fd: float
     floor: float
     num_images: int
+    #: The judge's name at the start of :meth:`line`.
+    name: ClassVar[str] = "judge"
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
     def line(self) -> str:
         acc = "n/a" if np.isnan(self.accuracy) else f"{100 * self.accuracy:.1f}%"
-        return f"digits: accuracy {acc}  FD {self.fd:.3f}  (real-vs-real floor {self.floor:.3f}, n={self.num_images})"
+        return f"{self.name}: accuracy {acc}  FD {self.fd:.3f}  (real-vs-real floor {self.floor:.3f}, n={self.num_images})"
+
+
+class DigitsScore(JudgeScore):
+    """Result of :meth:`DigitsMetric.score` (fields as :class:`JudgeScore`)."""
+
+    name = "digits"
 
 
 def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -179,13 +211,5 @@ class DigitsMetric:
     def score(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> DigitsScore:
         """Score samples (float [-1, 1] NCHW or uint8 NHWC as in an ADM ``.npz``) with their requested labels."""
         x = to_digits_tensor(images)
-        if len(x) < 2:
-            raise ValueError("the digits metric needs at least 2 images")
-        accuracy = float("nan")
-        if labels is not None:
-            y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
-            if len(y) != len(x):
-                raise ValueError(f"{len(x)} images but {len(y)} labels")
-            accuracy = float((self.predict(x) == y).float().mean())
-        fd = fd_from_features(self.features(x), self.test_features)
+        accuracy, fd = accuracy_and_fd(x, labels, self.predict, self.features, self.test_features, "digits")
         return DigitsScore(accuracy, fd, self.floor(len(x)), len(x))

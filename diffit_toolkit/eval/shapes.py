@@ -9,13 +9,13 @@ images as there are samples.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from diffit_toolkit.eval.digits import JudgeScore, accuracy_and_fd, load_judge
 from diffit_toolkit.eval.frechet import fd_from_features
 
 #: Feature size of the classifier's penultimate layer.
@@ -80,37 +80,13 @@ _MEMO: dict[int, ShapesClassifier] = {}
 
 def load_shapes_classifier(seed: int = 0, cache: str | Path | None = None) -> ShapesClassifier:
     """The judge for ``seed``: memoised in the process and, with ``cache``, kept in that file."""
-    if seed in _MEMO:
-        return _MEMO[seed]
-    model = None
-    if cache is not None and Path(cache).is_file():
-        model = ShapesClassifier()
-        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-        model.eval()
-    if model is None:
-        model = train_shapes_classifier(seed)
-        if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), cache)
-    _MEMO[seed] = model
-    return model
+    return load_judge(_MEMO, seed, cache, ShapesClassifier, train_shapes_classifier)
 
 
-@dataclass(frozen=True)
-class ShapesScore:
-    """Result of :meth:`ShapesMetric.score` (fields as :class:`~diffit_toolkit.eval.digits.DigitsScore`)."""
+class ShapesScore(JudgeScore):
+    """Result of :meth:`ShapesMetric.score` (fields as :class:`~diffit_toolkit.eval.digits.JudgeScore`)."""
 
-    accuracy: float
-    fd: float
-    floor: float
-    num_images: int
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    def line(self) -> str:
-        acc = "n/a" if np.isnan(self.accuracy) else f"{100 * self.accuracy:.1f}%"
-        return f"shapes: accuracy {acc}  FD {self.fd:.3f}  (real-vs-real floor {self.floor:.3f}, n={self.num_images})"
+    name = "shapes"
 
 
 def to_shapes_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -172,13 +148,5 @@ class ShapesMetric:
     def score(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> ShapesScore:
         """Score samples (float [-1, 1] NCHW or uint8 NHWC as in an ADM ``.npz``) with their requested labels."""
         x = to_shapes_tensor(images)
-        if len(x) < 2:
-            raise ValueError("the shapes metric needs at least 2 images")
-        accuracy = float("nan")
-        if labels is not None:
-            y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
-            if len(y) != len(x):
-                raise ValueError(f"{len(x)} images but {len(y)} labels")
-            accuracy = float((self.predict(x) == y).float().mean())
-        fd = fd_from_features(self.features(x), self.test_features)
+        accuracy, fd = accuracy_and_fd(x, labels, self.predict, self.features, self.test_features, "shapes")
         return ShapesScore(accuracy, fd, self.floor(len(x)), len(x))
