@@ -25,7 +25,7 @@ import torch
 from diffit_toolkit.data import DataConfig
 from diffit_toolkit.errors import did_you_mean, first_line
 from diffit_toolkit.optional import OPTIONAL, missing
-from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class
+from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class, resolve_sampler
 from diffit_toolkit.recipe import Recipe, RecipeError, format_validation_error, parse_recipe, read_recipe
 from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
 
@@ -149,11 +149,17 @@ def build_model(recipe: Recipe, facts: Mapping[str, Any] | None = None, device: 
 def build_process(recipe: Recipe) -> Process:
     """The recipe's diffusion process (its sampler checked too)."""
     try:
-        check_process(recipe.diffusion, recipe.sample)
+        check_process(recipe.diffusion)
+    except (PluginError, ValueError) as exc:
+        raise _recipe_error("diffusion.process", exc) from None
+    try:
+        resolve_sampler(recipe.diffusion.process, recipe.sample.sampler)
+    except PluginError as exc:
+        raise _recipe_error("sample.sampler", exc) from None
+    try:
         return _build_process(recipe.diffusion)
     except (PluginError, ValueError) as exc:
-        key = "sample.sampler" if "does not sample" in str(exc) else "diffusion.process"
-        raise _recipe_error(key, exc) from None
+        raise _recipe_error("diffusion.process", exc) from None
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module):

@@ -133,11 +133,9 @@ def build_process(config: DiffusionSection) -> Process:
     return processes.build(config.process, config)
 
 
-def check_process(config: DiffusionSection, sample: SampleSection | None = None) -> type[Process]:
-    """Check a diffusion section (and the sampler that will draw from it) without building."""
+def check_process(config: DiffusionSection) -> type[Process]:
+    """Check a diffusion section (the process exists, its options fit) without building it."""
     cls = process_class(config.process)
     cls.check(config)
-    if sample is not None:
-        resolve_sampler(config.process, sample.sampler)
     return cls
 
