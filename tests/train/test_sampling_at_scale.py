@@ -144,3 +144,18 @@ def test_torchrun_sampling_on_two_gloo_processes_equals_one_process(tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert sorted(p.name for p in out.iterdir()) == ["g.png", "s.npz"]  # one .npz, one grid, no shards
     assert two.stdout.count("wrote") == 2  # rank 0 reports; rank 1 writes nothing of its own
+
+
+@pytest.mark.parametrize(("device", "world", "expected"), [("cuda:1", 1, 1), ("cuda", 1, 0), ("cuda:1", 2, 0)])
+def test_a_single_process_keeps_the_gpu_it_was_given(monkeypatch, device, world, expected):
+    import diffit_toolkit.train.distributed as distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed, "parse_device", lambda name: torch.device(name))  # no GPU here: accept the name
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group is started
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    env = distributed.setup_distributed(device)
+    assert env.device == torch.device("cuda", expected) and chosen == [expected]  # under torchrun: cuda:LOCAL_RANK
