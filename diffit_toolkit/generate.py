@@ -67,9 +67,18 @@ class Generator:
 
     @torch.no_grad()
     def batches(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
-                batch_size: int = 64, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+                batch_size: int = 64, seed: int = 0,
+                images: range | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield ``(images, labels)`` batches: images in [-1, 1] (decoded from latents when the data
-        were latents), on the CPU as float32; only one batch is held at a time."""
+        were latents), on the CPU as float32; only one batch is held at a time.
+
+        Args:
+            images: the indices to draw, a contiguous part of ``range(num_images)`` (default: all);
+                image ``i`` is the same whichever part it is drawn in (see :func:`shard_range`).
+        """
+        images = range(num_images) if images is None else images
+        if images.step != 1 or (len(images) and not 0 <= images.start < images.stop <= num_images):
+            raise ValueError(f"images must be a contiguous part of range({num_images}), got {images}")
         y_all = self.labels(classes, num_images)
         size, channels = self.facts["resolution"], self.facts["channels"]
         null_class = getattr(self.model, "null_class", None)
@@ -83,8 +92,8 @@ class Generator:
 
             vae = load_vae(self.facts["vae"], device=self.device)
             scale = scale or float(vae.config.scaling_factor)
-        for start in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - start)
+        for start in range(images.start, images.stop, batch_size):
+            n = min(batch_size, images.stop - start)
             y = None if y_all is None else y_all[start : start + n]
             gens = self.image_generators(seed, start, n)
             noise = randn((n, channels, size, size), gens, self.device)
@@ -96,10 +105,19 @@ class Generator:
             yield x.float().clamp(-1, 1).cpu(), None if y is None else y.cpu()
 
     def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
-               batch_size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+               batch_size: int = 64, seed: int = 0,
+               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: :meth:`batches`
-        or :func:`write_samples`). Image ``i`` is the same whatever ``batch_size``."""
-        parts = list(self.batches(num_images, sample, classes, batch_size, seed))
+        or :func:`write_samples`). Image ``i`` is the same whatever ``batch_size``.
+
+        Args:
+            progress: called with the number of images finished after every batch.
+        """
+        parts = []
+        for batch in self.batches(num_images, sample, classes, batch_size, seed):
+            parts.append(batch)
+            if progress is not None:
+                progress(sum(len(p[0]) for p in parts))
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return torch.cat([p[0] for p in parts]), labels
 
@@ -283,77 +301,146 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> P
 
 #: Images kept for the PNG grid of :func:`write_samples` (the ``.npz`` holds all of them).
 GRID_MAX_IMAGES = 256
+#: Bytes copied at a time when the shards of several processes are joined into one ``.npz``.
+_COPY_CHUNK = 16 << 20
+
+
+def shard_range(num_images: int, batch_size: int, rank: int, world_size: int) -> range:
+    """The images process ``rank`` of ``world_size`` draws: a contiguous run of the batches a single
+    process would draw (batch ``k`` holds images ``k * batch_size ..``), so every batch, and with it
+    every image to the bit, is the same whatever the number of processes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    batches = -(-num_images // batch_size)
+    first, last = rank * batches // world_size, (rank + 1) * batches // world_size
+    return range(min(first * batch_size, num_images), min(last * batch_size, num_images))
+
+
+def _part_file(npz: Path, key: str, rank: int) -> Path:
+    """Where a rank streams one array of the ``.npz``: rank 0 into the whole array, the others into a shard."""
+    return npz.with_name(f"{npz.name}.{key}.tmp" if rank == 0 else f"{npz.name}.rank{rank}.{key}.tmp")
+
+
+def _open_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """An ``.npy`` file opened to receive its rows one batch at a time (the header, for ``shape``, first)."""
+    handle = open(path, "wb")
+    np.lib.format.write_array_header_1_0(handle, {"descr": dtype.str, "fortran_order": False, "shape": shape})
+    return handle
+
+
+def _append_rows(target: Any, shard: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Copy the rows of the ``.npy`` file ``shard`` (checked to hold ``shape``) to the end of ``target``."""
+    import shutil
+
+    with open(shard, "rb") as src:
+        np.lib.format.read_magic(src)
+        found, _, _ = np.lib.format.read_array_header_1_0(src)
+        body = shard.stat().st_size - src.tell()
+        if tuple(found) != shape or body != int(np.prod(shape)) * dtype.itemsize:
+            raise OSError(f"the shard {shard} holds {body} bytes of shape {found}, not {shape}: its process did not finish it")
+        shutil.copyfileobj(src, target, _COPY_CHUNK)
 
 
 def write_samples(generator: Generator, num_images: int, sample: SampleSection, *, npz: Path | None = None,
                   grid: Path | None = None, classes: list[int] | None = None, batch_size: int = 64, seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> list[Path]:
+                  progress: Callable[[int], None] | None = None, rank: int = 0, world_size: int = 1,
+                  barrier: Callable[[], None] | None = None) -> list[Path]:
     """Sample ``num_images`` images straight to disk, one batch at a time.
 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
     as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
-    with ``num_images``; the grid shows the first :data:`GRID_MAX_IMAGES` images.
+    with ``num_images``; the grid shows the first :data:`GRID_MAX_IMAGES` images. The ``.npz``
+    appears under its name only once complete (written under a temporary name, then renamed).
+
+    Several processes (``torchrun``): process ``rank`` of ``world_size`` draws the batches
+    :func:`shard_range` gives it into a shard beside ``npz``; once ``barrier()`` returns on every
+    rank (all shards written), rank 0 appends the shards in rank order, writes the ``.npz`` and the
+    grid, and removes the shards. The ``.npz`` is the one a single process writes, byte for byte.
 
     Args:
-        progress: called with the number of images finished after every batch.
+        progress: called with the number of this process's images finished after every batch.
+        rank, world_size: this process and the number of processes (1: a plain run).
+        barrier: returns once every process has called it (required with ``world_size > 1``).
 
     Returns:
-        The files written.
+        The files written (none on ranks other than 0).
     """
     import zipfile
 
+    part = shard_range(num_images, batch_size, rank, world_size)
+    distributed = world_size > 1
+    if distributed and (npz is None or barrier is None):
+        raise ValueError("sampling on several processes writes an .npz: give --npz PATH (the grid is drawn from it)")
     generator.check_guidance(sample)
-    tmp_images = tmp_labels = None
-    images_file = labels_file = None
-    conditional = bool(generator.num_classes)
-    if npz is not None:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        size = generator.facts["resolution"]
-        tmp_images, tmp_labels = npz.with_name(npz.name + ".arr_0.tmp"), npz.with_name(npz.name + ".arr_1.tmp")
-        images_file = open(tmp_images, "wb")
-        np.lib.format.write_array_header_1_0(images_file, {"descr": "|u1", "fortran_order": False,
-                                                           "shape": (num_images, size, size, 3)})
-        if conditional:
-            labels_file = open(tmp_labels, "wb")
-            np.lib.format.write_array_header_1_0(labels_file, {"descr": np.dtype(np.int64).str, "fortran_order": False,
-                                                               "shape": (num_images,)})
+    size = generator.facts["resolution"]
+    arrays = {"arr_0": ((size, size, 3), np.dtype(np.uint8))}
+    if generator.num_classes:
+        arrays["arr_1"] = ((), np.dtype(np.int64))
+    files: dict[str, Any] = {}
     kept: list[torch.Tensor] = []
     kept_labels: list[torch.Tensor] = []
     done = 0
     written: list[Path] = []
+    handed_over = False  # every rank has finished its shard: rank 0 owns them all (and removes them)
     try:
-        for images, labels in generator.batches(num_images, sample, classes, batch_size, seed):
-            if images_file is not None:
-                images_file.write(to_uint8_nhwc(images).tobytes())
-                if labels_file is not None and labels is not None:
-                    labels_file.write(labels.numpy().astype(np.int64).tobytes())
-            if grid is not None and done < GRID_MAX_IMAGES:
+        if npz is not None:
+            npz.parent.mkdir(parents=True, exist_ok=True)
+            rows = num_images if rank == 0 else len(part)  # rank 0's file becomes the whole array
+            for key, (shape, dtype) in arrays.items():
+                files[key] = _open_npy(_part_file(npz, key, rank), (rows, *shape), dtype)
+        for images, labels in generator.batches(num_images, sample, classes, batch_size, seed, images=part):
+            if files:
+                files["arr_0"].write(to_uint8_nhwc(images).tobytes())
+                if labels is not None:
+                    files["arr_1"].write(labels.numpy().astype(np.int64).tobytes())
+            if grid is not None and not distributed and done < GRID_MAX_IMAGES:
                 kept.append(images[: GRID_MAX_IMAGES - done])
                 if labels is not None:
                     kept_labels.append(labels[: GRID_MAX_IMAGES - done])
             done += len(images)
             if progress is not None:
                 progress(done)
-        if images_file is not None:
-            images_file.close()
-            if labels_file is not None:
-                labels_file.close()
+        for handle in files.values():
+            handle.close()
+        if distributed:
+            barrier()
+            handed_over = True
+            if rank != 0:
+                return []
+            for other in range(1, world_size):
+                count = len(shard_range(num_images, batch_size, other, world_size))
+                for key, (shape, dtype) in arrays.items():
+                    with open(_part_file(npz, key, 0), "ab") as target:
+                        _append_rows(target, _part_file(npz, key, other), (count, *shape), dtype)
+            if grid is not None:
+                first = np.load(_part_file(npz, "arr_0", 0), mmap_mode="r")[:GRID_MAX_IMAGES]
+                pixels = torch.from_numpy(np.array(first)).permute(0, 3, 1, 2)[:, : _image_channels(generator)]
+                kept = [pixels.float() / 127.5 - 1]
+                if "arr_1" in arrays:
+                    kept_labels = [torch.from_numpy(np.array(np.load(_part_file(npz, "arr_1", 0), mmap_mode="r")[:GRID_MAX_IMAGES]))]
+        if npz is not None:
             with zipfile.ZipFile(npz.with_name(npz.name + ".tmp"), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                zf.write(tmp_images, "arr_0.npy")
-                if labels_file is not None:
-                    zf.write(tmp_labels, "arr_1.npy")
+                for key in arrays:
+                    zf.write(_part_file(npz, key, 0), f"{key}.npy")
             npz.with_name(npz.name + ".tmp").replace(npz)
             written.append(npz)
     finally:
-        for f in (images_file, labels_file):
-            if f is not None and not f.closed:
-                f.close()
-        for tmp in (tmp_images, tmp_labels):
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
+        for handle in files.values():
+            handle.close()
+        if npz is not None and (rank == 0 or not handed_over):
+            ranks = range(world_size) if handed_over else [rank]  # after the barrier rank 0 removes every shard
+            for key in arrays:
+                for r in ranks:
+                    _part_file(npz, key, r).unlink(missing_ok=True)
+            npz.with_name(npz.name + ".tmp").unlink(missing_ok=True)
     if grid is not None:
         written.append(save_sample_grid(torch.cat(kept), torch.cat(kept_labels) if kept_labels else None, grid))
     return written
+
+
+def _image_channels(generator: Generator) -> int:
+    """Channels of the images ``generator`` makes: 3 when a VAE decodes its latents, else the model's."""
+    return 3 if generator.facts.get("vae") else int(generator.facts["channels"])
 
 
 def save_sample_grid(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:

@@ -26,7 +26,8 @@ def test_convert_of_a_wrong_file_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-@pytest.mark.parametrize("command", [["train", "quickstart"], ["sample", "runs/nothere"]])
+@pytest.mark.parametrize("command", [["train", "quickstart"], ["sample", "runs/nothere"], ["eval", "s.npz"],
+                                     ["cache-latents", "images", "latents"], ["ablate", "r.yaml"]])
 def test_cuda_without_a_gpu_is_one_line(command):
     out = RUNNER.invoke(app, [*command, "--device", "cuda"], env=WIDE)
     assert out.exit_code == 2 and "PyTorch sees no CUDA GPU here" in out.output and "--device cpu" in out.output
@@ -36,3 +37,61 @@ def test_cuda_without_a_gpu_is_one_line(command):
 def test_unknown_device_name_is_one_line():
     out = RUNNER.invoke(app, ["sample", "runs/nothere", "--device", "gpu0"], env=WIDE)
     assert out.exit_code == 2 and "unknown device 'gpu0': use cpu, cuda or cuda:N" in out.output
+
+
+def _stop(record: list, name: str):
+    def stand_in(*args, device=None, **kwargs):
+        record.append((name, str(device)))
+        raise ValueError("stopped here")
+
+    return stand_in
+
+
+@pytest.mark.parametrize("given", [[], ["--device", "cpu"]])
+def test_every_model_command_takes_cuda_when_available_unless_told(tmp_path, monkeypatch, given):
+    import diffit_toolkit.data.cache as cache
+    import diffit_toolkit.eval.ablation as ablation
+    import diffit_toolkit.eval.metrics as metrics
+    import diffit_toolkit.generate as generate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU is touched: the stand-ins stop first
+    seen: list = []
+    monkeypatch.setattr(cache, "cache_latents", _stop(seen, "cache-latents"))
+    monkeypatch.setattr(metrics, "inception_extractor", _stop(seen, "eval"))
+    monkeypatch.setattr(generate, "load_generator", _stop(seen, "eval RUN"))
+    monkeypatch.setattr(ablation, "run_ablation", _stop(seen, "ablate"))
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for command in (["cache-latents", str(tmp_path / "images"), str(tmp_path / "latents")],
+                    ["eval", str(tmp_path / "s.npz"), "--metric", "inception"], ["eval", str(tmp_path / "run")],
+                    ["ablate", str(tmp_path / "r.yaml")]):
+        out = RUNNER.invoke(app, [*command, *given], env=WIDE)
+        assert out.exit_code == 2 and "stopped here" in out.output, out.output
+    expected = "cpu" if given else "cuda"
+    assert seen == [("cache-latents", expected), ("eval", expected), ("eval RUN", expected), ("ablate", expected)]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_progress_bar_shows_counts_and_eta_on_a_terminal_only(monkeypatch, enabled):
+    import io
+
+    from rich.console import Console
+
+    import diffit_toolkit.commands as commands
+
+    screen = io.StringIO()
+    monkeypatch.setattr(commands, "console", Console(file=screen, force_terminal=True, width=120))
+    with commands.progress_bar("encoding", enabled=enabled) as update:
+        update(2, 8)
+        update(8, label="features")
+    shown = screen.getvalue()
+    if enabled:
+        assert "features" in shown and "8/8" in shown and "ETA" in shown
+    else:
+        assert shown == ""
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "cache-latents", "train"])
+def test_every_command_with_a_progress_bar_can_turn_it_off(command):
+    out = RUNNER.invoke(app, [command, "--help"], env=WIDE)
+    assert out.exit_code == 0 and "--no-progress" in out.output

@@ -10,13 +10,18 @@ Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not
 from __future__ import annotations
 
 import math
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from diffit_toolkit.registry import PLUGINS_ENV, PluginError, load_plugin_modules
+
+if TYPE_CHECKING:
+    import torch
 
 app = typer.Typer(help="DiffiT / DiT diffusion transformers: train, sample, evaluate, extend.", no_args_is_help=True)
 console = Console()
@@ -67,13 +72,39 @@ def global_options(
         exit_with_error(exc, EXIT_USAGE)
 
 
-def check_device(device: str | None) -> None:
-    """Exit 2 with one line when ``--device`` names a device this machine does not have."""
-    if device is None:
-        return
+def check_device(device: str | None) -> torch.device:
+    """The device a command runs on: ``--device`` (``cpu``, ``cuda``, ``cuda:N``) or, when it is not
+    given, CUDA when available. Exit 2 with one line when it names a device this machine does not have."""
     from diffit_toolkit.runs import parse_device
 
     try:
-        parse_device(device)
+        return parse_device(device)
     except ValueError as exc:
         exit_with_error(exc, EXIT_USAGE)
+
+
+#: Help of the ``--no-progress`` option of every command with a progress bar.
+NO_PROGRESS_HELP = "No progress bar (it is shown only on an interactive terminal anyway)."
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None = None, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A progress bar with counts, elapsed time and ETA, shown on interactive terminals only; how
+    every command shows progress. Yields ``update(done, total=None, label=None)``: ``done`` items of
+    ``total`` (``None`` keeps the current total); ``label`` renames the phase (e.g. "features")."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal)) as bar:
+        task = bar.add_task(label, total=total)
+
+        def update(done: int, total: int | None = None, label: str | None = None) -> None:
+            changes: dict = {"completed": done}
+            if total is not None:
+                changes["total"] = total
+            if label is not None:
+                changes["description"] = label
+            bar.update(task, **changes)
+
+        yield update

@@ -6,14 +6,10 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from diffit_toolkit.commands import app, console, exit_with_error
-
-
-def _error(message: str) -> None:
-    exit_with_error(message, 1)
+from diffit_toolkit.commands import (EXIT_FAILURE, EXIT_USAGE, NO_PROGRESS_HELP, app, check_device, console,
+                                     exit_with_error, progress_bar)
 
 
 @app.command("cache-latents")
@@ -25,13 +21,14 @@ def cache_latents(
     resolution: int = typer.Option(256, "--resolution", help="Image side encoded (center crop + resize)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Images per shard file."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
     conditional: bool = typer.Option(True, "--classes/--flat", help="Class subfolders as labels, or one flat unconditional folder."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 or float32."),
     sample: bool = typer.Option(False, "--sample/--mean", help="Store a posterior sample (DiT) or the posterior mean."),
     seed: int = typer.Option(0, "--seed", help="Seed of posterior samples."),
     on_bad_file: str = typer.Option("skip", "--on-bad-file", help="skip (count and list) or stop at unreadable images."),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers reading images."),
+    no_progress: bool = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP),
 ) -> None:
     """Encode images (plain and mirrored) with a VAE into safetensors shards and record the latent scale."""
     from diffit_toolkit.data.cache import cache_latents as _cache_latents
@@ -39,17 +36,20 @@ def cache_latents(
     from diffit_toolkit.data.vae import DEFAULT_VAE
 
     vae = vae or DEFAULT_VAE
-    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    device = str(check_device(device))
     try:
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("encode", total=None)
+        with progress_bar("encoding", enabled=not no_progress) as update:
             meta = _cache_latents(
                 data_path, out_dir, vae, resolution=resolution, batch_size=batch_size, shard_size=shard_size, device=device,
                 conditional=conditional, dtype=dtype, sample=sample, seed=seed, on_bad_file=on_bad_file, num_workers=workers,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=update,
             )
-    except (ValueError, BadImageError) as exc:
-        _error(str(exc).splitlines()[0])
+    except BadImageError as exc:  # --on-bad-file stop met an unreadable image
+        exit_with_error(exc, EXIT_FAILURE)
+    except ValueError as exc:  # a wrong --vae, data folder or option
+        exit_with_error(exc, EXIT_USAGE)
+    except OSError as exc:
+        exit_with_error(f"could not write {exc.filename or out_dir} ({exc.strerror or exc})", EXIT_FAILURE)
     table = Table(title=f"latent cache {escape(str(out_dir))}", title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")

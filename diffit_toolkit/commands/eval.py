@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from diffit_toolkit.commands import app, exit_with_error, finite
-
-console = Console()
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite, progress_bar
 
 
 def _fail(message: str) -> None:
@@ -37,7 +34,8 @@ def eval_(
     prc: bool = typer.Option(True, "--prc/--no-prc", help="Precision and recall (needs reference images)."),
     kid_subset_size: int = typer.Option(1000, min=2, help="KID subset size (capped at the smaller set)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP),
     guidance_scales: str = typer.Option(None, "--guidance-scales", help="Run or checkpoint input: sample at each of these comma-separated guidance scales and score each (default: the recipe's scale)."),
     num: int = typer.Option(1000, min=2, help="Run or checkpoint input: samples per guidance scale."),
     sampler: str = typer.Option(None, help="Run or checkpoint input: sampler (default: the recipe's)."),
@@ -61,21 +59,23 @@ def eval_(
         _fail(f"--metric must be auto, inception, digits or shapes, got '{metric}'")
     if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
         _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
+    device = str(check_device(device))
     if _is_checkpoint_input(samples):
         _sweep(samples, ref, metric, inception_weights, json_out, device, guidance_scales, num, sampler, steps, seed,
-               plot, csv_out, guidance_interval)
+               plot, csv_out, guidance_interval, not no_progress)
         return
     if guidance_scales is not None or plot is not None or csv_out is not None or guidance_interval is not None:
         _fail(f"{samples}: --guidance-scales, --guidance-interval, --plot and --csv sample a model: give a run or checkpoint folder, not images")
     try:
         if metric == "inception" or (metric == "auto" and ref is not None):
-            extractor = inception_extractor(inception_weights, device=device)  # fails fast without weights
-            fake = load_image_set(samples)
-            reference = load_image_set(ref) if ref is not None else None
-            if reference is None and not isc:
-                raise InputError("nothing to compute: give --ref for FID/KID/PR or keep --is")
-            result = evaluate_sets(fake, reference, extractor, fid=fid, kid=kid, isc=isc, prc=prc,
-                                   kid_subset_size=kid_subset_size)
+            with progress_bar("Inception features", enabled=not no_progress) as update:
+                extractor = inception_extractor(inception_weights, device=device, progress=update)  # fails fast without weights
+                fake = load_image_set(samples)
+                reference = load_image_set(ref) if ref is not None else None
+                if reference is None and not isc:
+                    raise InputError("nothing to compute: give --ref for FID/KID/PR or keep --is")
+                result = evaluate_sets(fake, reference, extractor, fid=fid, kid=kid, isc=isc, prc=prc,
+                                       kid_subset_size=kid_subset_size)
             names = {"fid": "FID", "kid_mean": "KID", "is_mean": "IS", "precision": "precision", "recall": "recall"}
             parts = []
             for key, label in names.items():
@@ -120,7 +120,7 @@ def _is_checkpoint_input(path: Path) -> bool:
 
 def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | None, json_out: Path | None, device: str,
            scales_text: str | None, num: int, sampler: str | None, steps: int | None, seed: int,
-           plot: Path | None, csv_out: Path | None, interval_text: str | None = None) -> None:
+           plot: Path | None, csv_out: Path | None, interval_text: str | None = None, show_progress: bool = True) -> None:
     """``eval RUN``: sample a checkpoint at one or more guidance scales and score every scale."""
     import json
 
@@ -143,33 +143,34 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
     from diffit_toolkit.runs import CheckpointError
 
     try:
-        gen = load_generator(run, device=device)
-        if not gen.num_classes:
-            raise InputError(f"{run}: the model is unconditional: there is no guidance to sweep")
-        if metric == "auto":
-            metric = "inception" if ref is not None else _offline_metric(gen.facts)
-        if metric == "inception":
-            if ref is None:
-                raise InputError("the Inception metrics of a run need --ref (the real images or an ADM reference batch)")
-            judge = inception_judge(load_image_set(ref), inception_extractor(inception_weights, device=device))
-            x_key, y_key, key = "is_mean", "fid", "fid"
-        else:
-            if ref is not None:
-                raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
-            fitting = _offline_metric(gen.facts)
-            if metric != fitting:
-                takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes"}[metric]
-                raise InputError(f"the {metric} metric takes {takes}, this model makes {fitting}: use --metric {fitting}")
-            judge = digits_judge() if metric == "digits" else shapes_judge()
-            x_key, y_key, key = "accuracy", "fd", "fd"
-        overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
-        if interval_text is not None:
-            overrides["guidance_interval"] = _interval(interval_text)
-        settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
-        resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
-        scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
-        rows = guidance_sweep(gen, scales, settings, num, judge, seed=seed,
-                              log=lambda line: console.print(line, highlight=False))
+        with progress_bar("sampling", enabled=show_progress) as update:
+            gen = load_generator(run, device=device)
+            if not gen.num_classes:
+                raise InputError(f"{run}: the model is unconditional: there is no guidance to sweep")
+            if metric == "auto":
+                metric = "inception" if ref is not None else _offline_metric(gen.facts)
+            if metric == "inception":
+                if ref is None:
+                    raise InputError("the Inception metrics of a run need --ref (the real images or an ADM reference batch)")
+                judge = inception_judge(load_image_set(ref), inception_extractor(inception_weights, device=device, progress=update))
+                x_key, y_key, key = "is_mean", "fid", "fid"
+            else:
+                if ref is not None:
+                    raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
+                fitting = _offline_metric(gen.facts)
+                if metric != fitting:
+                    takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes"}[metric]
+                    raise InputError(f"the {metric} metric takes {takes}, this model makes {fitting}: use --metric {fitting}")
+                judge = digits_judge() if metric == "digits" else shapes_judge()
+                x_key, y_key, key = "accuracy", "fd", "fd"
+            overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
+            if interval_text is not None:
+                overrides["guidance_interval"] = _interval(interval_text)
+            settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+            resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
+            scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
+            rows = guidance_sweep(gen, scales, settings, num, judge, seed=seed,
+                                  log=lambda line: console.print(line, highlight=False), progress=update)
     except (InputError, MissingWeightsError, CheckpointError, PluginError, ValueError, OSError) as exc:
         _fail(str(exc))
     if len(rows) > 1:
@@ -224,12 +225,13 @@ def ablate(
     guidance_scale: float = typer.Option(None, min=0, callback=finite, help="Guidance scale (default: the suite's, else each recipe's)."),
     guidance_scales: str = typer.Option(None, "--guidance-scales", help="Sweep these comma-separated scales at the final checkpoint and report each recipe at its best FD."),
     out: Path = typer.Option(None, help="Output folder (default: the suite's, else runs/ablation)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
 ) -> None:
     """Train each recipe for the same budget with several seeds, sample, score, and write a table and a plot."""
     from diffit_toolkit.eval.ablation import AblationSuite, is_suite_file, load_suite, run_ablation
     from diffit_toolkit.recipe import RecipeError
 
+    device = str(check_device(device))
     try:
         missing = [p for p in recipes if not p.is_file()]
         if missing:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import app, exit_with_error, finite
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, exit_with_error, finite
 
 console = Console()
 
@@ -36,7 +36,8 @@ def sample(
                                          "or a single .safetensors / .pt weights file."),
     out: Path = typer.Option(None, help="PNG grid to write (default: <run>/samples/sample.png unless --npz is given)."),
     npz: Path = typer.Option(None, help="Also write the images as an ADM-layout .npz (uint8 NHWC + labels)."),
-    num: int = typer.Option(64, min=1, help="Number of images."),
+    num: int = typer.Option(64, "--num", "-n", min=1, help="Number of images (under torchrun write -n: torchrun's own "
+                                                            "parser takes --num for its --numa-binding)."),
     classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
     sampler: str = typer.Option(None, help="Sampler (default: the recipe's): ddpm, ddim, dpm_solver++, "
                                            "diffusers:<SchedulerClass> (Gaussian); heun (EDM); euler, heun (flow)."),
@@ -51,20 +52,23 @@ def sample(
     recipe: Path = typer.Option(None, help="Recipe (file or shipped name) whose diffusion and sample settings apply: "
                                            "needed for bare weights, which carry none (default: DiT's)."),
     vae: str = typer.Option(None, help="VAE folder or hub id that decodes a latent model's samples (overrides the recorded one)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP),
 ) -> None:
-    """Sample images from a trained model."""
-    import pydantic
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Sample images from a trained model.
 
-    from diffit_toolkit.generate import load_generator, write_samples
+    Under ``torchrun --nproc_per_node=N`` every process draws its share of the images and rank 0
+    joins the shards into one ``--npz``: the same file, byte for byte, as one process writes.
+    """
+    import pydantic
+    from PIL import Image
+
+    from diffit_toolkit.commands import check_device, progress_bar
+    from diffit_toolkit.generate import load_generator, shard_range, write_samples
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
     from diffit_toolkit.runs import CheckpointError
-
-    from PIL import Image
-
-    from diffit_toolkit.commands import check_device
+    from diffit_toolkit.train.distributed import barrier, cleanup_distributed, setup_distributed
 
     for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
         if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
@@ -74,33 +78,38 @@ def sample(
     overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                        guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
                  if v is not None}
+    env = setup_distributed(device)  # one process, or this process's rank under torchrun / SLURM
     try:
-        gen = load_generator(run, device=device, weights=weights, recipe=recipe, vae=vae)
+        if env.distributed and npz is None:
+            exit_with_error(f"sampling on {env.world_size} processes writes an .npz: give --npz PATH "
+                            f"(and --out for a grid, drawn by rank 0)", 2)
         try:
-            settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
-        except pydantic.ValidationError as exc:
-            err = exc.errors()[0]
-            name = str(err["loc"][0]) if err["loc"] else "sample"
-            flag = f"--{name.replace('_', '-')}" if name in overrides else f"the run's sample.{name}"
-            raise ValueError(f"{flag}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')})") from None
-        resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
-        chosen = _classes(classes)
-        gen.labels(chosen, 1)  # a wrong class is reported before any sampling
-        if seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {seed}")
-    except (CheckpointError, PluginError, ValueError) as exc:
-        exit_with_error(exc, 2)
-    grid = out or (_default_grid(run) if npz is None else None)
-    columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-            task = bar.add_task("sample", total=num)
-            written = write_samples(gen, num, settings, npz=npz, grid=grid, classes=chosen, batch_size=batch_size,
-                                    seed=seed, progress=lambda done: bar.update(task, completed=done))
-    except ValueError as exc:  # e.g. a VAE that cannot be loaded, a latent model without one
-        exit_with_error(exc, 2)
-    except OSError as exc:
-        exit_with_error(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})", 1)
+            gen = load_generator(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
+            try:
+                settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
+            except pydantic.ValidationError as exc:
+                err = exc.errors()[0]
+                name = str(err["loc"][0]) if err["loc"] else "sample"
+                flag = f"--{name.replace('_', '-')}" if name in overrides else f"the run's sample.{name}"
+                raise ValueError(f"{flag}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')})") from None
+            resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
+            chosen = _classes(classes)
+            gen.labels(chosen, 1)  # a wrong class is reported before any sampling
+        except (CheckpointError, PluginError, ValueError) as exc:
+            exit_with_error(exc, 2)
+        grid = out or (_default_grid(run) if npz is None else None)
+        share = len(shard_range(num, batch_size, env.rank, env.world_size))  # this process's images
+        label = f"sampling (rank 0 of {env.world_size})" if env.distributed else "sampling"
+        try:
+            with progress_bar(label, total=share, enabled=env.is_main and not no_progress) as update:
+                written = write_samples(gen, num, settings, npz=npz, grid=grid, classes=chosen, batch_size=batch_size,
+                                        seed=seed, progress=update, rank=env.rank, world_size=env.world_size,
+                                        barrier=lambda: barrier(env))
+        except ValueError as exc:  # e.g. a VAE that cannot be loaded, a latent model without one
+            exit_with_error(exc, 2)
+        except OSError as exc:
+            exit_with_error(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})", 1)
+    finally:
+        cleanup_distributed()
     for path in written:
         console.print(f"wrote {path}", highlight=False)

@@ -83,8 +83,8 @@ def cache_latents(
         raise ValueError(f"dtype must be one of {', '.join(LATENT_DTYPES)}, got '{dtype}'")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    model = load_vae(vae, device=device)  # a wrong VAE fails at once, before the image folder is scanned
     dataset = ImageFolderDataset(data_path, resolution, channels=3, conditional=conditional, on_bad_file=on_bad_file)
-    model = load_vae(vae, device=device)
     scale = vae_latent_scale(model) if latent_scale is None else float(latent_scale)
     recorded_vae = str(Path(vae).expanduser().resolve()) if Path(vae).expanduser().is_dir() else vae  # usable from any folder
     out = Path(out_dir)

@@ -61,8 +61,13 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     raise MissingWeightsError(f"no Inception weights (nothing is downloaded): fetch {INCEPTION_WEIGHTS_URL} and pass --inception-weights PATH or put it at {cached}")
 
 
-def inception_extractor(weights: str | Path | None = None, device: str = "cpu", batch_size: int = 64) -> Extractor:
-    """torch-fidelity's ``inception-v3-compat`` (2048-d pool features + unbiased logits) from local weights."""
+def inception_extractor(weights: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
+                        progress: Callable[[int, int, str], None] | None = None) -> Extractor:
+    """torch-fidelity's ``inception-v3-compat`` (2048-d pool features + unbiased logits) from local weights.
+
+    Args:
+        progress: called as ``progress(done, total, "Inception features")`` after every batch.
+    """
     path = find_inception_weights(weights)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -79,6 +84,8 @@ def inception_extractor(weights: str | Path | None = None, device: str = "cpu", 
             f, lg = net(images[start : start + batch_size].to(device))
             feats.append(f.double().cpu().numpy())
             logits.append(lg.double().cpu().numpy())
+            if progress is not None:
+                progress(min(start + batch_size, len(images)), len(images), "Inception features")
         return np.concatenate(feats), np.concatenate(logits)
 
     return extract

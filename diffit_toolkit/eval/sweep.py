@@ -38,7 +38,8 @@ def parse_scales(text: str) -> list[float]:
 
 
 def guidance_sweep(generator: Any, scales: Sequence[float], sample: Any, num_images: int, judge: Judge, *,
-                   seed: int = 0, batch_size: int = 256, log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+                   seed: int = 0, batch_size: int = 256, log: Callable[[str], None] | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> list[dict[str, float]]:
     """Score ``num_images`` samples of ``generator`` at every guidance scale.
 
     Args:
@@ -51,6 +52,7 @@ def guidance_sweep(generator: Any, scales: Sequence[float], sample: Any, num_ima
         seed: sampling seed, the same at every scale (same noise, same labels).
         batch_size: images per forward batch.
         log: called with one line per scale.
+        progress: called as ``progress(done, num_images, "sampling at guidance <scale>")`` after every batch.
 
     Returns:
         one dict per scale: ``guidance_scale``, the judge's numbers, ``sample_seconds``.
@@ -59,7 +61,8 @@ def guidance_sweep(generator: Any, scales: Sequence[float], sample: Any, num_ima
     for scale in scales:
         settings = sample.model_copy(update={"guidance_scale": float(scale)})
         started = time.perf_counter()
-        images, labels = generator.sample(num_images, settings, batch_size=batch_size, seed=seed)
+        tick = None if progress is None else (lambda done, s=scale: progress(done, num_images, f"sampling at guidance {s:g}"))
+        images, labels = generator.sample(num_images, settings, batch_size=batch_size, seed=seed, progress=tick)
         seconds = time.perf_counter() - started
         row = {"guidance_scale": float(scale), **judge(images, labels), "sample_seconds": seconds}
         rows.append(row)

@@ -46,18 +46,21 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     """Join the process group when launched by torchrun or SLURM; otherwise a single process.
 
     Args:
-        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). Under several processes
-            each takes ``cuda:LOCAL_RANK`` and NCCL, or gloo on the CPU.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``None`` (CUDA when available). Under several
+            processes each takes ``cuda:LOCAL_RANK`` and NCCL, or gloo on the CPU; a single
+            process keeps the GPU it was given.
     """
     _from_slurm(os.environ)  # type: ignore[arg-type]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     rank_zero_only.rank = rank  # what @rank_zero_only and rank_zero_warn check
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = parse_device(device).type == "cuda"
+    requested = parse_device(device)
+    use_cuda = requested.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = requested.index if world_size == 1 and requested.index is not None else local_rank
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

@@ -135,7 +135,19 @@ def test_cache_errors(cache, tmp_path, shared_class_folder, no_network):
     with pytest.raises(ValueError, match="no meta.json in .*cache-latents"):
         build_dataset("latents", path=str(tmp_path))
     missing = CliRunner().invoke(app, ["cache-latents", str(shared_class_folder), str(tmp_path / "o"), "--vae", str(tmp_path / "none")])
-    assert missing.exit_code == 1 and "VAE folder" in missing.output and "does not exist" in missing.output
+    assert missing.exit_code == 2 and "VAE folder" in missing.output and "does not exist" in missing.output
+
+
+def test_a_wrong_vae_is_reported_before_the_image_folder_is_read(tmp_path, monkeypatch):
+    import diffit_toolkit.data.cache as cache_module
+
+    scanned = []
+    monkeypatch.setattr(cache_module, "ImageFolderDataset", lambda *a, **k: scanned.append(a) or 1 / 0)
+    args = ["cache-latents", str(tmp_path / "no-images"), str(tmp_path / "o"), "--vae", str(tmp_path / "no-vae")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and result.output.count("\n") == 1  # one line, a usage error
+    assert "VAE folder" in result.output and "no-vae" in result.output and "does not exist" in result.output
+    assert scanned == [] and not (tmp_path / "o").exists()  # the folder was never scanned, nothing written
 
 
 def test_uncached_hub_id_fails_fast_offline_with_a_download_hint(no_network, tmp_path, monkeypatch):

@@ -32,13 +32,17 @@ def test_sweep_samples_every_scale_with_the_same_seed_and_count(run_dir):
     gen = load_generator(run_dir, device="cpu")
     calls = []
 
-    def sample(num_images, settings, batch_size=64, seed=0):
+    def sample(num_images, settings, batch_size=64, seed=0, progress=None):
         calls.append((settings.guidance_scale, seed, num_images, settings.sampler))
+        progress(num_images)
         return torch.full((num_images, 1, 8, 8), settings.guidance_scale / 10), torch.arange(num_images) % 10
 
     gen.sample = sample
-    rows = guidance_sweep(gen, [1.0, 3.0, 2.0], gen.recipe.sample, 6, lambda images, labels: {"fd": float(images.mean())}, seed=1)
+    seen = []
+    rows = guidance_sweep(gen, [1.0, 3.0, 2.0], gen.recipe.sample, 6, lambda images, labels: {"fd": float(images.mean())},
+                          seed=1, progress=lambda *a: seen.append(a))
     assert calls == [(1.0, 1, 6, "heun"), (3.0, 1, 6, "heun"), (2.0, 1, 6, "heun")]  # same seed: same noise and labels
+    assert seen == [(6, 6, f"sampling at guidance {s}") for s in (1, 3, 2)]
     assert [r["guidance_scale"] for r in rows] == [1.0, 3.0, 2.0]
     assert best_row(rows)["guidance_scale"] == 1.0 and all(r["sample_seconds"] >= 0 for r in rows)
 

@@ -53,3 +53,8 @@ def test_eval_with_a_local_weights_file(tmp_path, monkeypatch):
     numbers = json.loads((tmp_path / "m.json").read_text())
     assert {"fid", "kid_mean", "is_mean", "precision", "recall"} <= set(numbers)
     assert numbers["fid"] >= 0 and numbers["num_samples"] == 5
+    from diffit_toolkit.eval.metrics import inception_extractor
+
+    seen = []
+    inception_extractor(weights, batch_size=2, progress=lambda *a: seen.append(a))(torch.zeros(5, 3, 16, 16, dtype=torch.uint8))
+    assert seen == [(2, 5, "Inception features"), (4, 5, "Inception features"), (5, 5, "Inception features")]

@@ -1,12 +1,20 @@
-"""Sampling at scale: images independent of the batch size, the .npz streamed as uint8."""
+"""Sampling at scale: images independent of the batch size and of the number of processes, the
+.npz streamed as uint8."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from diffit_toolkit.generate import Generator, save_npz, write_samples
+from diffit_toolkit.generate import Generator, export_model, save_npz, shard_range, write_samples
 from diffit_toolkit.recipe import SampleSection, parse_recipe
 from diffit_toolkit.build import build_process
 from diffit_toolkit.registry import backbones
@@ -33,6 +41,9 @@ def test_images_do_not_depend_on_the_batch_size(sampler):
     b, lb = gen.sample(7, settings, batch_size=3, seed=4)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # batched matmuls may round differently
     assert torch.equal(la, lb)
+    seen = []
+    gen.sample(7, settings, batch_size=3, seed=4, progress=seen.append)
+    assert seen == [3, 6, 7]
     c, _ = gen.sample(7, settings, batch_size=7, seed=5)
     assert (a - c).abs().max() > 0.1  # another seed, other images
     one_class, _ = gen.sample(7, settings, classes=[1], batch_size=7, seed=4)
@@ -58,3 +69,93 @@ def test_unconditional_npz_has_no_labels(tmp_path):
     gen = _generator("ddim", classes=0)
     write_samples(gen, 3, SampleSection(sampler="ddim", steps=2), npz=tmp_path / "u.npz", batch_size=2)
     assert list(np.load(tmp_path / "u.npz").keys()) == ["arr_0"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(num=st.integers(1, 300), batch=st.integers(1, 40), world=st.integers(1, 9))
+def test_the_shards_are_whole_batches_in_order_covering_every_image(num, batch, world):
+    parts = [shard_range(num, batch, rank, world) for rank in range(world)]
+    assert [i for part in parts for i in part] == list(range(num))
+    assert all(part.start % batch == 0 for part in parts if part)  # a one-process batch is never split
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= batch  # balanced to one batch
+
+
+def _ranks_in_turn(gen, tmp_path, world, **options):
+    """Every rank of a ``world``-process run, called in this process: ranks 1.. first (their shards),
+    then rank 0, which joins them (the barrier has nothing to wait for)."""
+    results = {}
+    for rank in [*range(1, world), 0]:
+        results[rank] = write_samples(gen, 10, gen.recipe.sample, batch_size=3, seed=2, rank=rank, world_size=world,
+                                      barrier=lambda: None, **options)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_the_joined_shards_are_the_one_process_npz(tmp_path, world):
+    gen = _generator("ddim")
+    write_samples(gen, 10, gen.recipe.sample, npz=tmp_path / "one.npz", batch_size=3, seed=2)
+    out = tmp_path / "many"
+    results = _ranks_in_turn(gen, tmp_path, world, npz=out / "s.npz", grid=out / "g.png")
+    assert results[0] == [out / "s.npz", out / "g.png"] and all(results[r] == [] for r in range(1, world))
+    one, many = np.load(tmp_path / "one.npz"), np.load(out / "s.npz")
+    assert list(many.keys()) == ["arr_0", "arr_1"]
+    assert np.array_equal(one["arr_0"], many["arr_0"]) and np.array_equal(one["arr_1"], many["arr_1"])
+    assert sorted(p.name for p in out.iterdir()) == ["g.png", "s.npz"]  # the shards are gone
+
+
+def test_an_unfinished_shard_leaves_no_npz(tmp_path):
+    gen = _generator("ddim")
+    npz = tmp_path / "s.npz"
+    write_samples(gen, 10, gen.recipe.sample, npz=npz, batch_size=3, seed=2, rank=1, world_size=2, barrier=lambda: None)
+    shard = tmp_path / "s.npz.rank1.arr_0.tmp"
+    shard.write_bytes(shard.read_bytes()[:-100])  # rank 1 died while writing its last batch
+    with pytest.raises(OSError, match="rank1.arr_0.tmp holds .* not \\(4, 8, 8, 3\\): its process did not finish it"):
+        write_samples(gen, 10, gen.recipe.sample, npz=npz, batch_size=3, seed=2, rank=0, world_size=2, barrier=lambda: None)
+    assert list(tmp_path.iterdir()) == []  # no .npz, half-written or whole, and no shards
+
+
+def test_several_processes_need_an_npz(tmp_path):
+    gen = _generator("ddim")
+    with pytest.raises(ValueError, match="give --npz PATH"):
+        write_samples(gen, 4, gen.recipe.sample, grid=tmp_path / "g.png", rank=0, world_size=2, barrier=lambda: None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_sampling_on_two_gloo_processes_equals_one_process(tmp_path):
+    export_model(_generator("ddim"), tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    args = ["-m", "diffit_toolkit", "sample", str(tmp_path / "model"), "-n", "10", "--batch-size", "3",
+            "--seed", "2", "--device", "cpu"]
+    one = subprocess.run([sys.executable, *args, "--npz", str(tmp_path / "one.npz")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    out = tmp_path / "two"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                          *args, "--npz", str(out / "s.npz"), "--out", str(out / "g.png")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = np.load(tmp_path / "one.npz"), np.load(out / "s.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert sorted(p.name for p in out.iterdir()) == ["g.png", "s.npz"]  # one .npz, one grid, no shards
+    assert two.stdout.count("wrote") == 2  # rank 0 reports; rank 1 writes nothing of its own
+
+
+@pytest.mark.parametrize(("device", "world", "expected"), [("cuda:1", 1, 1), ("cuda", 1, 0), ("cuda:1", 2, 0)])
+def test_a_single_process_keeps_the_gpu_it_was_given(monkeypatch, device, world, expected):
+    import diffit_toolkit.train.distributed as distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed, "parse_device", lambda name: torch.device(name))  # no GPU here: accept the name
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group is started
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    env = distributed.setup_distributed(device)
+    assert env.device == torch.device("cuda", expected) and chosen == [expected]  # under torchrun: cuda:LOCAL_RANK
