@@ -108,3 +108,17 @@ def progress_bar(label: str, total: int | None = None, enabled: bool = True) -> 
             bar.update(task, **changes)
 
         yield update
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float] | None:
+    """``--guidance-interval`` text: ``"0.29,0.59"`` -> ``(0.29, 0.59)`` (fractions of the sampler's
+    noise range); ``"none"`` -> ``None`` (guide everywhere)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance-interval takes LO,HI fractions (e.g. 0.29,0.59) or none; got '{text}'") from None
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval needs 0 <= LO <= HI <= 1; got '{text}'")
+    return lo, hi

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite, progress_bar
+from diffit_toolkit.commands import (NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite,
+                                     parse_guidance_interval, progress_bar)
 
 
 def _fail(message: str) -> None:
@@ -165,7 +166,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
                 x_key, y_key, key = "accuracy", "fd", "fd"
             overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
             if interval_text is not None:
-                overrides["guidance_interval"] = _interval(interval_text)
+                overrides["guidance_interval"] = parse_guidance_interval(interval_text)
             settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
             resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
             scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
@@ -187,19 +188,6 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2) + "\n")
         console.print(f"wrote {json_out}", highlight=False)
-
-
-def _interval(text: str) -> tuple[float, float] | None:
-    """``"0.29,0.59"`` -> ``(0.29, 0.59)``; ``"none"`` -> ``None`` (guide everywhere)."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--guidance-interval takes LO,HI fractions (e.g. 0.29,0.59) or none; got '{text}'") from None
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"--guidance-interval needs 0 <= LO <= HI <= 1; got '{text}'")
-    return lo, hi
 
 
 def _offline_metric(facts: dict) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import NO_PROGRESS_HELP, app, exit_with_error, finite
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, exit_with_error, finite, parse_guidance_interval
 
 console = Console()
 
@@ -44,6 +44,8 @@ def sample(
     steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's)."),
     guidance_scale: float = typer.Option(None, callback=finite, help="Classifier-free guidance scale (1: off)."),
     guidance_schedule: str = typer.Option(None, help="constant or power_cosine."),
+    guidance_interval: str = typer.Option(None, help="Guide only inside LO,HI (fractions of the noise range, e.g. "
+                                                     "0.29,0.59; 'none': everywhere; default: the recipe's)."),
     guided_channels: int = typer.Option(None, min=1, help="Guide only the first k output channels."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed (image i is drawn from seed and i: the same whatever --batch-size)."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward batch."),
@@ -78,6 +80,11 @@ def sample(
     overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                        guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
                  if v is not None}
+    if guidance_interval is not None:
+        try:
+            overrides["guidance_interval"] = parse_guidance_interval(guidance_interval)
+        except ValueError as exc:
+            exit_with_error(exc, 2)
     env = setup_distributed(device)  # one process, or this process's rank under torchrun / SLURM
     try:
         if env.distributed and npz is None:

@@ -106,3 +106,23 @@ def test_edm_guidance_interval_guides_only_inside_the_noise_range():
     c_noise = EDMPrecond().c_noise(torch.tensor([0.1, 1.0, 20.0], dtype=torch.float64))  # below, inside, above
     out = guided(x, c_noise, y)[:, 0, 0, 0]
     assert out.tolist() == [1.0, 3.0, 1.0]
+
+
+def test_sample_guidance_interval_applies_and_bad_values_are_one_line(run_dir, tmp_path):
+    def draw(name, *extra):
+        result = runner.invoke(app, ["sample", str(run_dir), "-n", "4", "--steps", "6", "--guidance-scale", "4",
+                                     "--device", "cpu", "--no-progress", "--npz", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        import numpy as np
+
+        return np.load(tmp_path / name)["arr_0"]
+
+    everywhere, unguided = draw("a.npz"), draw("b.npz", "--guidance-scale", "1")
+    assert (everywhere != unguided).any()
+    assert (draw("c.npz", "--guidance-interval", "0,0") == unguided).all()  # an empty interval: no guidance
+    assert (draw("d.npz", "--guidance-interval", "0,1") == everywhere).all()
+    assert (draw("e.npz", "--guidance-interval", "none") == everywhere).all()
+    for bad, message in (("0.6,0.2", "LO <= HI"), ("x", "LO,HI fractions")):
+        result = runner.invoke(app, ["sample", str(run_dir), "-n", "2", "--guidance-interval", bad, "--device", "cpu"])
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
