@@ -15,6 +15,8 @@ defaults, and :func:`check_recipe` says which checks it skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from diffit_toolkit.data import DataConfig
 from diffit_toolkit.errors import did_you_mean, first_line
 from diffit_toolkit.optional import OPTIONAL, missing
 from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class, resolve_sampler
-from diffit_toolkit.recipe import Recipe, RecipeError, format_validation_error, parse_recipe, read_recipe
+from diffit_toolkit.recipe import Recipe, RecipeError, TrainSection, format_validation_error, parse_recipe, read_recipe
 from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
 
 
@@ -162,12 +164,26 @@ def build_process(recipe: Recipe) -> Process:
         raise _recipe_error("diffusion.process", exc) from None
 
 
+def lr_factor(train: TrainSection, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``train.lr``: linear
+    warm-up over ``warmup_steps``, then constant or a cosine / linear decay that reaches
+    ``min_lr_ratio`` at ``max_steps``."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    span = max(1, train.max_steps - train.warmup_steps)
+    done = min(1.0, (step - train.warmup_steps) / span)
+    left = 0.5 * (1 + math.cos(math.pi * done)) if train.lr_schedule == "cosine" else 1.0 - done
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * left
+
+
 def build_optimizer(recipe: Recipe, model: torch.nn.Module):
-    """AdamW with the recipe's settings and its linear warm-up schedule: ``(optimizer, scheduler)``."""
+    """AdamW with the recipe's settings and its learning-rate schedule ([lr_factor][diffit_toolkit.build.lr_factor]):
+    ``(optimizer, scheduler)``."""
     cfg = recipe.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     return optimizer, scheduler
 
 

@@ -91,6 +91,9 @@ class TrainSection(_Section):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warmup.
+        lr_schedule: after the warmup, ``constant`` (DiT, DiffiT), or ``cosine`` / ``linear`` decay
+            to ``min_lr_ratio * lr`` at ``max_steps`` (short runs end on a lower rate).
+        min_lr_ratio: the decayed rate's floor as a fraction of ``lr``.
         grad_clip: clip the global gradient norm (``null``: off).
         ema_decay: EMA decay of the weights used for sampling.
         ema_warmup: ramp the decay as ``min(ema_decay, (1 + n) / (10 + n))`` after n updates, so
@@ -115,6 +118,8 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0, le=1e3)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0, le=10**9)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
