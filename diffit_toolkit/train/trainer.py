@@ -97,7 +97,8 @@ def stop_requests():
 
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) run left behind."""
+    """What a finished (or stopped) run left behind. Under FSDP ``model`` and ``ema`` are the
+    sharded modules (DTensor parameters, this rank's shards); the checkpoint holds the full ones."""
 
     run_dir: Path
     step: int
@@ -378,7 +379,8 @@ def train(
                 )
 
         def weights_finite() -> bool:
-            finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))])
+            finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))],
+                                  device=env.device)
             if sharded:  # each rank sees its shards only
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             return bool(finite.item())
