@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from diffit_toolkit.build import load_recipe
@@ -60,8 +62,21 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_recipe):
     """The single-process reference, every FSDP run (one launch), then a single-process run
-    resumed from an FSDP checkpoint. Returns the folder holding them all."""
-    tmp = tmp_path_factory.mktemp("fsdp")
+    resumed from an FSDP checkpoint. Returns the folder holding them all; made once even when
+    pytest-xdist spreads these tests over workers (the workers' temp folders share a parent)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    tmp = shared / "fsdp_runs"
+    with FileLock(str(shared / "fsdp_runs.lock")):
+        if not (tmp / "done").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _train_all(tmp, tiny_recipe)
+            (tmp / "done").touch()
+    return tmp
+
+
+def _train_all(tmp: Path, tiny_recipe) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(PLUGINS_ENV, str(PER_SAMPLE))
         with use_plugin_system(PluginSystem()):
@@ -87,7 +102,6 @@ def runs(tmp_path_factory, tiny_recipe):
             # an FSDP checkpoint continued by one process
             train(load_recipe(tiny_recipe(tmp, "single_from_fsdp", max_steps=6), SPLIT_FREE), device="cpu", progress=False,
                   resume=step_dir(tmp / "from_single", 4))
-    return tmp
 
 
 def report(runs: Path, index: int) -> list[dict]:
