@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from filelock import FileLock
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 
 from diffit_toolkit.build import load_recipe
 from diffit_toolkit.registry import PLUGINS_ENV, PluginSystem, backbones, use_plugin_system
