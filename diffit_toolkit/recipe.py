@@ -86,7 +86,11 @@ class TrainSection(_Section):
             ``grad_accum_steps`` micro-batches).
         grad_accum_steps: micro-batches per optimizer step: each process runs
             ``batch_size / (processes * grad_accum_steps)`` images through the model at a time and
-            sums their gradients; under DDP they are synchronised once, after the last one.
+            sums their gradients; under DDP or FSDP they are synchronised once, after the last one.
+        strategy: how several processes share the work: ``ddp`` (each holds the whole model,
+            gradients are all-reduced) or ``fsdp`` (FSDP2: weights, gradients and AdamW states
+            are sharded over the processes, each block gathered only while it runs). One
+            process trains the same way under either.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -114,6 +118,7 @@ class TrainSection(_Section):
 
     batch_size: int = Field(256, gt=0, le=2**24)
     grad_accum_steps: int = Field(1, gt=0, le=2**16)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     lr: float = Field(1e-4, gt=0, le=1e3)
     weight_decay: float = Field(0.0, ge=0, le=1e3)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -76,6 +76,7 @@ BAD = [
     ({"train": {"lr": "fast"}}, "recipe error at train.lr: input should be a valid number"),
     ({"train": {"batch_size": 0}}, "recipe error at train.batch_size: input should be greater than 0"),
     ({"train": {"precision": "fp8"}}, "recipe error at train.precision: input should be 'fp32', 'bf16' or 'fp16'"),
+    ({"train": {"strategy": "zero3"}}, "recipe error at train.strategy: input should be 'ddp' or 'fsdp'"),
     ({"diffusion": {"process": "ddpm"}}, "recipe error at diffusion.process: unknown diffusion process 'ddpm' (available: edm, flow, gaussian)"),
     ({"diffusion": {"process": "edn"}}, "unknown diffusion process 'edn'; did you mean 'edm'?"),
     ({"sample": {"sampler": "heun"}}, "recipe error at sample.sampler: sampler 'heun' does not sample the gaussian process (valid: ddim, ddpm"),

@@ -99,6 +99,11 @@ class ConditionedBackbone(nn.Module):
         """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
         self.grad_checkpointing = enable
 
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks, each sharded on its own by FSDP (``train.strategy: fsdp``); a subclass lists
+        the modules it runs through :meth:`run_block`. Empty: the model is sharded as one unit."""
+        return []
+
     def run_block(self, block: nn.Module, x: Tensor, c: Tensor) -> Tensor:
         """``block(x, c)``, checkpointed when gradient checkpointing is on and gradients are recorded."""
         if self.grad_checkpointing and torch.is_grad_enabled():

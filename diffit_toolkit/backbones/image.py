@@ -318,6 +318,10 @@ class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The ResBlocks of every encoder and decoder stage (FSDP shards each on its own)."""
+        return [block for stage in (*self.encoder, *self.decoder) for block in stage.blocks]
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` (B, C, H, W), ``t`` (B,), ``y`` (B,) or ``None`` -> (B, C_out, H, W)."""
         if x.shape[-2:] != (self.input_size, self.input_size):

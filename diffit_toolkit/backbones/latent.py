@@ -211,6 +211,10 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
             nn.init.zeros_(modulation[-1].weight)
             nn.init.zeros_(modulation[-1].bias)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks (FSDP shards each on its own)."""
+        return list(self.blocks)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` (B, C, H, W), ``t`` (B,), ``y`` (B,) or ``None`` -> (B, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p)(W/p)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 #: The facts that must match for a resumed run to be bit-identical to an uninterrupted one.
-EXACTNESS_KEYS = ("torch", "cuda", "device", "threads", "world_size")
+EXACTNESS_KEYS = ("torch", "cuda", "device", "threads", "world_size", "strategy")
 
 
 def _cpu_name() -> str:
@@ -52,8 +52,9 @@ def parse_device(device: str | None) -> torch.device:
     return dev
 
 
-def describe_environment(device: torch.device, world_size: int) -> dict[str, Any]:
-    """The current process's setup: torch/CUDA versions, device name, intra-op threads, processes."""
+def describe_environment(device: torch.device, world_size: int, strategy: str = "ddp") -> dict[str, Any]:
+    """The current process's setup: torch/CUDA versions, device name, intra-op threads, processes
+    and how they share the model (``strategy``: ``ddp`` or ``fsdp``; ``single`` for one process)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -64,6 +65,7 @@ def describe_environment(device: torch.device, world_size: int) -> dict[str, Any
         "device": f"{device.type}: {name}",
         "threads": torch.get_num_threads(),
         "world_size": world_size,
+        "strategy": strategy if world_size > 1 else "single",
         "python": platform.python_version(),
         "platform": sys.platform,
     }

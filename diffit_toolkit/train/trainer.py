@@ -1,7 +1,8 @@
 """The training loop: recipe -> data, model, process -> AdamW steps with EMA -> checkpoints, grids.
 
-Runs unchanged in one process, under ``torchrun`` (DDP over NCCL, or gloo on the CPU) and under
-SLURM. Rank 0 alone logs and writes files. Everything a step depends on (weights, EMA,
+Runs unchanged in one process, under ``torchrun`` (DDP or FSDP2 over NCCL, or gloo on the CPU)
+and under SLURM. Rank 0 alone logs and writes files; checkpoints hold full (unsharded) states, so
+a run can go on under another strategy or process count. Everything a step depends on (weights, EMA,
 optimizer, scheduler, RNG states, the position in the data) is in the checkpoint, so a resumed
 run continues exactly where the stopped one was.
 """
@@ -45,7 +46,19 @@ from diffit_toolkit.runs import (
     save_loss_curve,
 )
 from diffit_toolkit.train.data import ResumableSampler
-from diffit_toolkit.train.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
+from diffit_toolkit.train.distributed import (
+    DistEnv,
+    barrier,
+    cleanup_distributed,
+    full_model_state,
+    full_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
+    local,
+    no_gradient_sync,
+    setup_distributed,
+    shard_model,
+)
 from diffit_toolkit.train.logging import RunLogger
 
 
@@ -84,7 +97,8 @@ def stop_requests():
 
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) run left behind."""
+    """What a finished (or stopped) run left behind. Under FSDP ``model`` and ``ema`` are the
+    sharded modules (DTensor parameters, this rank's shards); the checkpoint holds the full ones."""
 
     run_dir: Path
     step: int
@@ -119,6 +133,24 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     return state
 
 
+def _rng_states(generator: torch.Generator, env: DistEnv) -> dict[str, Any]:
+    """The random state for the checkpoint: rank 0's under ``rng``, every rank's under
+    ``rng_ranks`` when there are several (each rank draws its own label dropout and noise)."""
+    state = _rng_state(generator)
+    if not env.distributed:
+        return {"rng": state}
+    ranks: list[Any] = [None] * env.world_size
+    dist.all_gather_object(ranks, state)
+    return {"rng": ranks[0], "rng_ranks": ranks}
+
+
+def _own_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """This rank's random state from a checkpoint: its own when written by as many processes,
+    else rank 0's (another process count continues the run, only to rounding)."""
+    ranks = state.get("rng_ranks")
+    return ranks[env.rank] if isinstance(ranks, list) and len(ranks) == env.world_size else state["rng"]
+
+
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
@@ -148,20 +180,22 @@ def _autocast(env: DistEnv, precision: str):
 
 def accumulate_gradients(train_model: torch.nn.Module, process, x: torch.Tensor, y: torch.Tensor | None,
                          generator: torch.Generator, micro_batches: int, scaler: torch.amp.GradScaler,
-                         autocast, sync_model: DistributedDataParallel | None = None) -> torch.Tensor:
+                         autocast, sync_model: torch.nn.Module | None = None) -> torch.Tensor:
     """Forward and backward ``x`` (this process's share of the batch) as ``micro_batches`` equal
     slices, accumulating into ``.grad`` the gradient of the mean loss over all of ``x``.
 
     Each slice's mean loss is scaled by ``1 / micro_batches``, so the gradient equals that of one
-    pass over ``x``. Under DDP (``sync_model``) the slices before the last run in ``no_sync()``:
-    gradients are all-reduced once per step, not once per slice. Returns the (detached) mean loss.
+    pass over ``x``. Under DDP or FSDP (``sync_model``, the wrapped or sharded model) the slices
+    before the last run without gradient synchronisation (``no_sync()``,
+    ``set_requires_gradient_sync(False)``): gradients are all-reduced or reduce-scattered once per
+    step, not once per slice. Returns the (detached) mean loss.
     """
     total = torch.zeros((), device=x.device)
     xs = x.chunk(micro_batches)
     ys = y.chunk(micro_batches) if y is not None else (None,) * micro_batches
     for i, (xm, ym) in enumerate(zip(xs, ys)):
         last = i == micro_batches - 1
-        sync = contextlib.nullcontext() if sync_model is None or last else sync_model.no_sync()
+        sync = contextlib.nullcontext() if last else no_gradient_sync(sync_model)
         with sync:
             with autocast():
                 loss = process.loss(train_model, xm, ym, generator).mean()
@@ -173,12 +207,11 @@ def accumulate_gradients(train_model: torch.nn.Module, process, x: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_grid(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device, path: Path) -> Path:
-    """Sample ``recipe.sample.num_images`` images with the EMA model and save a grid (one row per
-    class for class-conditional models), through the same path as ``diffit-toolkit sample``."""
+def sample_images(recipe: Recipe, process, model, facts: dict[str, Any], device: torch.device):
+    """``recipe.sample.num_images`` EMA samples and their labels for a grid (one row per class for
+    class-conditional models), through the same path as ``diffit-toolkit sample``."""
     n = recipe.sample.num_images
-    images, labels = Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
-    return save_sample_grid(images, labels, path)
+    return Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
 
 
 def _init_weights(model: torch.nn.Module, ema: AveragedModel, path: str | Path) -> None:
@@ -233,7 +266,7 @@ def train(
         model = build_model(recipe, facts).to(env.device)
         ema = AveragedModel(model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
         ema.requires_grad_(False)
-        optimizer, scheduler = build_optimizer(recipe, model)
+        sharded = cfg.strategy == "fsdp" and env.distributed
         scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.precision == "fp16")
         process = build_process(recipe)
         generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
@@ -265,7 +298,7 @@ def train(
             check_run_dir(run_dir)
             held.enter_context(run_lock(run_dir))
         step = 0
-        environment = describe_environment(env.device, env.world_size)
+        environment = describe_environment(env.device, env.world_size, cfg.strategy)
         resumed_on_other_setup: list[str] = []
         skipped_notes: list[str] = []
         if resume is not None:  # the checkpoint asked for, or an error
@@ -287,27 +320,38 @@ def train(
             if step > cfg.max_steps:
                 raise CheckpointError(f"checkpoint {checkpoint_path} is at step {step}, beyond train.max_steps "
                                       f"({cfg.max_steps}): raise train.max_steps to continue it, or give another output_dir")
-            try:
-                model.load_state_dict(ckpt["model"])
-                ema.module.load_state_dict(ckpt["ema"])
-                state = ckpt["state"]
-                ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                sampler.load_state_dict(state["data"])
-                _set_rng_state(state["rng"], generator)
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-                raise CheckpointError(f"checkpoint {checkpoint_path}: state.pt is malformed ({one_line(exc)}); "
-                                      f"resume from another checkpoint with --resume") from None
             resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
         elif init_from is not None:
             _init_weights(model, ema, init_from)
 
+        # FSDP2: shard the model and its EMA alike (the EMA update then runs on each rank's shards)
+        # before the optimizer is built on the sharded parameters; a checkpoint's full states are
+        # loaded after, each rank keeping its shard.
+        sharded_blocks = shard_model(model) if sharded else 0
+        if sharded:
+            shard_model(ema.module)
+        optimizer, scheduler = build_optimizer(recipe, model)
+        if ckpt is not None:
+            try:
+                load_model_state(model, ckpt["model"])
+                load_model_state(ema.module, ckpt["ema"])
+                state = ckpt["state"]
+                ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+                load_optimizer_state(model, optimizer, state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                sampler.load_state_dict(state["data"])
+                _set_rng_state(_own_rng_state(state, env), generator)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+                raise CheckpointError(f"checkpoint {checkpoint_path}: state.pt is malformed ({one_line(exc)}); "
+                                      f"resume from another checkpoint with --resume") from None
+
         train_model: torch.nn.Module = model
-        ddp_model = None
-        if env.distributed:
-            train_model = ddp_model = DistributedDataParallel(
+        sync_model = None  # the module whose gradient synchronisation micro-batches turn off
+        if sharded:
+            sync_model = model
+        elif env.distributed:
+            train_model = sync_model = DistributedDataParallel(
                 model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         if cfg.compile:
             train_model = torch.compile(train_model)
@@ -321,6 +365,11 @@ def train(
             record_environment(run_dir, environment, step)
             for note in skipped_notes:
                 logger.message(f"warning: {note}")
+            if sharded:
+                logger.message(f"FSDP over {env.world_size} processes: " + (
+                    f"{sharded_blocks} blocks sharded one by one, then the rest of the model" if sharded_blocks else
+                    f"backbone {model.config.get('backbone', type(model).__name__)} names no blocks (shard_units), "
+                    f"so the whole model is one unit, gathered at once"))
             if checkpoint_path is not None:
                 logger.message(f"resumed from {checkpoint_path} at step {step}")
             if resumed_on_other_setup:
@@ -329,24 +378,48 @@ def train(
                     f"correctly but is equal to an uninterrupted one only to float rounding, not bit for bit"
                 )
 
+        def weights_finite() -> bool:
+            finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))],
+                                  device=env.device)
+            if sharded:  # each rank sees its shards only
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            return bool(finite.item())
+
         def checkpoint_now() -> Path | None:
             path = None
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            if not weights_finite():
                 raise TrainingError(f"weights are not finite at step {step}; not checkpointing them. "
                                     f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}")
+            # collectives under FSDP (every rank gathers, rank 0 receives the full states)
+            weights, ema_weights = full_model_state(model), full_model_state(ema.module)
+            optimizer_state = full_optimizer_state(model, optimizer)
+            rng = _rng_states(generator, env)
             if env.is_main:
                 state = {
                     "step": step,
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "ema_n_averaged": int(ema.n_averaged.item()),
                     "data": sampler.state_dict(),
-                    "rng": _rng_state(generator),
+                    **rng,
                 }
-                path = save_checkpoint(run_dir, step, model.state_dict(), ema.module.state_dict(), state, config, cfg.keep_last)
+                path = save_checkpoint(run_dir, step, weights, ema_weights, state, config, cfg.keep_last)
             barrier(env)
             return path
+
+        def grid_now(path: Path) -> Path | None:
+            """A grid of EMA samples written by rank 0. Under FSDP every rank samples (the same
+            images: the sharded EMA gathers its weights from all ranks as it runs)."""
+            if not (env.is_main or sharded):
+                return None
+            images, labels = sample_images(recipe, process, ema.module.eval(), facts, env.device)
+            model.train()
+            if not env.is_main:
+                return None
+            grid = save_sample_grid(images, labels, path)
+            logger.image("samples", grid, step)
+            return grid
 
         losses: list[float] = []
         last_checkpoint = None
@@ -369,7 +442,7 @@ def train(
                 try:
                     optimizer.zero_grad(set_to_none=True)
                     loss = accumulate_gradients(train_model, process, x, y, generator, cfg.grad_accum_steps, scaler,
-                                                lambda: _autocast(env, cfg.precision), ddp_model)
+                                                lambda: _autocast(env, cfg.precision), sync_model)
                 except torch.OutOfMemoryError:
                     raise TrainingError(
                         f"out of {env.device.type.upper()} memory at step {step + 1} with "
@@ -377,7 +450,8 @@ def train(
                         f"train.grad_accum_steps, set model.grad_checkpointing: true, or use train.precision: bf16"
                     ) from None
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                # under FSDP the norm is a DTensor reduced over all shards, the same on every rank
+                grad_norm = local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
                 value = loss.clone()
                 if env.distributed:  # every rank sees the same mean loss and so agrees on a skip
                     dist.all_reduce(value, op=dist.ReduceOp.AVG)
@@ -412,11 +486,8 @@ def train(
                                 skipped=skipped or None, log=step % cfg.log_every == 0)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     last_checkpoint = checkpoint_now()
-                if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-                    grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device,
-                                       run_dir / "samples" / f"step_{step:07d}.png")
-                    logger.image("samples", grid, step)
-                    model.train()
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    grid_now(run_dir / "samples" / f"step_{step:07d}.png")
                 requested = _agreed_stop(stop["signal"], env)
                 if requested:
                     stopped_by = requested
@@ -427,9 +498,9 @@ def train(
             last_checkpoint = checkpoint_now()
         result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint,
                              model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
+        if step >= cfg.max_steps:
+            result.grid = grid_now(run_dir / "samples.png")
         if env.is_main and step >= cfg.max_steps:
-            result.grid = sample_grid(recipe, process, ema.module.eval(), facts, env.device, run_dir / "samples.png")
-            logger.image("samples", result.grid, step)
             result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
             logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
         logger.close()
