@@ -97,8 +97,8 @@ class Generator:
 
     def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
                batch_size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: :meth:`batches`
-        or :func:`write_samples`). Image ``i`` is the same whatever ``batch_size``."""
+        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: [`batches`][diffit_toolkit.generate.Generator.batches]
+        or [`write_samples`][diffit_toolkit.generate.write_samples]). Image ``i`` is the same whatever ``batch_size``."""
         parts = list(self.batches(num_images, sample, classes, batch_size, seed))
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return torch.cat([p[0] for p in parts]), labels
@@ -281,7 +281,7 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> P
     return path
 
 
-#: Images kept for the PNG grid of :func:`write_samples` (the ``.npz`` holds all of them).
+#: Images kept for the PNG grid of [`write_samples`][diffit_toolkit.generate.write_samples] (the ``.npz`` holds all of them).
 GRID_MAX_IMAGES = 256
 
 
@@ -292,7 +292,7 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
     as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
-    with ``num_images``; the grid shows the first :data:`GRID_MAX_IMAGES` images.
+    with ``num_images``; the grid shows the first `GRID_MAX_IMAGES` images.
 
     Args:
         progress: called with the number of images finished after every batch.

@@ -44,9 +44,9 @@ def preferred_final_layer(mechanism: str, final_layer: str | None) -> str:
 class ConditionedBackbone(nn.Module):
     """Base class of the backbones: owns ``t_embedder`` and ``y_embedder`` and computes ``c``.
 
-    Subclasses call :meth:`build_conditioning` in ``__init__`` (where the embedders belong in
-    their module order) and :meth:`init_conditioning` in their weight init, and run their blocks
-    through :meth:`run_block`.
+    Subclasses call [`build_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.build_conditioning] in ``__init__`` (where the embedders belong in
+    their module order) and [`init_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.init_conditioning] in their weight init, and run their blocks
+    through [`run_block`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.run_block].
 
     Attributes:
         num_classes: class labels (0: unconditional, no label table).
