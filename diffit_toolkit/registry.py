@@ -444,11 +444,11 @@ def _decorator(registry: Registry, doc: str):
 
 
 register_conditioning = _decorator(conditioning, """Register a conditioning mechanism (a
-[`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism] subclass); works as
+``ConditioningMechanism`` subclass); works as
 ``@register_conditioning("name")`` and as ``register_conditioning("name", cls)``.""")
 register_backbone = _decorator(backbones, "Register a backbone factory ``(preset, **options) -> nn.Module`` (decorator or plain call).")
-register_attention_backend = _decorator(attention_backends, "Register an [`AttentionBackend`][diffit_toolkit.nn.attention.AttentionBackend] (decorator or plain call).")
+register_attention_backend = _decorator(attention_backends, "Register an ``AttentionBackend`` (decorator or plain call).")
 register_time_embedding = _decorator(time_embeddings, "Register a time-embedding module class (decorator or plain call).")
-register_process = _decorator(processes, "Register a diffusion process class (a [`Process`][diffit_toolkit.process.Process] subclass).")
-register_sampler = _decorator(samplers, "Register a sampler (a [`Sampler`][diffit_toolkit.process.Sampler]) under ``'<process>.<name>'``.")
-register_dataset = _decorator(datasets, "Register a dataset kind (a [`DatasetKind`][diffit_toolkit.data.config.DatasetKind]).")
+register_process = _decorator(processes, "Register a diffusion process class (a ``Process`` subclass).")
+register_sampler = _decorator(samplers, "Register a sampler (a ``Sampler``) under ``'<process>.<name>'``.")
+register_dataset = _decorator(datasets, "Register a dataset kind (a ``DatasetKind``).")
