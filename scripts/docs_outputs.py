@@ -68,6 +68,23 @@ def fold(line: str) -> list[str]:
     return textwrap.wrap(line, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
 
 
+def fold_command(command: str) -> list[str]:
+    """``$ command``, continued with backslashes over lines of at most WIDTH columns."""
+    words: list[str] = []
+    for word in command.split(" "):  # an option and its value stay on one line
+        if words and words[-1].startswith("--") and " " not in words[-1] and not word.startswith("-"):
+            words[-1] += " " + word
+        else:
+            words.append(word)
+    lines, line = [], "$"
+    for word in words:
+        if len(line) + 1 + len(word) + 2 > WIDTH and line not in ("$", "   "):
+            lines.append(line + " \\")
+            line = "   "
+        line += " " + word
+    return [*lines, line]
+
+
 def run_commands(commands: tuple[str, ...]) -> str:
     """Run each command as shown, in a scratch folder with runs/ and recipes/ linked in."""
     env = {**os.environ, "COLUMNS": str(WIDTH), "NO_COLOR": "1", "TERM": "dumb"}
@@ -83,7 +100,7 @@ def run_commands(commands: tuple[str, ...]) -> str:
                                   timeout=3600)
             if proc.returncode != 0:
                 raise SystemExit(f"`{command}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-            lines.append(f"$ {command}")
+            lines += fold_command(command)
             lines += [wrapped for line in proc.stdout.rstrip().splitlines() for wrapped in fold(line.rstrip())]
     return "```console\n" + "\n".join(lines) + "\n```"
 
@@ -144,6 +161,9 @@ OUTPUTS: dict[str, Output] = {
     "model-info-xl2": Output(commands=("diffit-toolkit model-info -b latent_diffit -p XL/2",)),
     "eval-quickstart": Output(commands=("diffit-toolkit eval runs/quickstart --num 1000",),
                               needs=("runs/quickstart/checkpoints",)),
+    "eval-guidance-sweep": Output(commands=("diffit-toolkit eval runs/quickstart --guidance-scales 1,1.5,2,3 "
+                                            "--num 1000 --plot guidance.png --csv guidance.csv",),
+                                  needs=("runs/quickstart/checkpoints",)),
     "eval-digits-npz": Output(commands=("diffit-toolkit sample runs/quickstart --npz samples.npz --num 200",
                                         "diffit-toolkit eval samples.npz"),
                               needs=("runs/quickstart/checkpoints",)),

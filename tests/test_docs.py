@@ -161,3 +161,15 @@ def test_link_checker_finds_missing_pages_and_anchors(tmp_path):
     assert len(problems) == 3, problems
     assert any("#gone" in p for p in problems) and any("../b/" in p for p in problems)
     assert any("x.png" in p for p in problems)
+
+
+def test_long_commands_and_outputs_are_folded_to_the_code_width():
+    docs_outputs = _load("docs_outputs")
+    command = "diffit-toolkit eval runs/quickstart --guidance-scales 1,1.5,2,3 --num 1000 --plot guidance.png"
+    lines = docs_outputs.fold_command(command)
+    assert len(lines) > 1 and all(len(line) <= docs_outputs.WIDTH for line in lines)
+    assert " ".join(line.rstrip(" \\").strip() for line in lines) == f"$ {command}"
+    assert all(line.lstrip().startswith(("$", "--")) for line in lines)  # options stay with their values
+    text = "  not checked: " + "word " * 40
+    folded = docs_outputs.fold(text.rstrip())
+    assert all(len(line) <= docs_outputs.WIDTH for line in folded) and " ".join(folded).split() == text.split()
