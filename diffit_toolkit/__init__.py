@@ -2,7 +2,8 @@
 swappable conditioning mechanisms.
 
 The public entry points for plugin authors are the ``register_*`` functions and the block API
-([`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism], [`Injection`][diffit_toolkit.nn.block.Injection],
+([`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism],
+[`Injection`][diffit_toolkit.nn.block.Injection],
 [`BlockSpec`][diffit_toolkit.nn.block.BlockSpec], [`DiffiTBlock`][diffit_toolkit.nn.block.DiffiTBlock]).
 
 Importing the package is cheap: each public name is imported from its module on first use

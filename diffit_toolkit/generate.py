@@ -97,8 +97,10 @@ class Generator:
 
     def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
                batch_size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: [`batches`][diffit_toolkit.generate.Generator.batches]
-        or [`write_samples`][diffit_toolkit.generate.write_samples]). Image ``i`` is the same whatever ``batch_size``."""
+        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts:
+        [`batches`][diffit_toolkit.generate.Generator.batches]
+        or [`write_samples`][diffit_toolkit.generate.write_samples]). Image ``i`` is the same
+        whatever ``batch_size``."""
         parts = list(self.batches(num_images, sample, classes, batch_size, seed))
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return torch.cat([p[0] for p in parts]), labels

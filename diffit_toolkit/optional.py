@@ -36,7 +36,8 @@ def missing(name: str) -> str | None:
 
 
 def require(name: str, purpose: str) -> None:
-    """Raise [`MissingDependencyError`][diffit_toolkit.optional.MissingDependencyError] (``<purpose> needs <name>, which is not installed:
+    """Raise [`MissingDependencyError`][diffit_toolkit.optional.MissingDependencyError] (``<purpose>
+    needs <name>, which is not installed:
     pip install ...``) unless ``name`` is installed."""
     if missing(name) is not None:
         raise MissingDependencyError(

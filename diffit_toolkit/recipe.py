@@ -5,7 +5,8 @@ sampling settings. ``extends:`` composes recipes (a path relative to the file, o
 them; later files and the recipe itself override earlier ones, dictionaries merge key by key);
 ``--set a.b=c`` overrides one value from the command line (the value is parsed as YAML).
 
-Every problem is a one-line [`RecipeError`][diffit_toolkit.recipe.RecipeError] with the key path and a hint, e.g.
+Every problem is a one-line [`RecipeError`][diffit_toolkit.recipe.RecipeError] with the key path and
+a hint, e.g.
 ``recipe error at train.bach_size: unknown key; did you mean 'batch_size'?``.
 """
 
@@ -435,10 +436,12 @@ def _check_options(value: Any, path: str, limit: float | None = None, depth: int
 
 
 def parse_recipe(data: Mapping[str, Any]) -> Recipe:
-    """Type-check a raw recipe dict into a [`Recipe`][diffit_toolkit.recipe.Recipe] (types, unknown keys, value ranges).
+    """Type-check a raw recipe dict into a [`Recipe`][diffit_toolkit.recipe.Recipe] (types, unknown
+    keys, value ranges).
 
     What only the built parts can check (model shapes, process and sampler, data) is
-    [`diffit_toolkit.build.check_recipe`][diffit_toolkit.build.check_recipe]; ``diffit_toolkit.build.load_recipe`` does both.
+    [`diffit_toolkit.build.check_recipe`][diffit_toolkit.build.check_recipe];
+    ``diffit_toolkit.build.load_recipe`` does both.
     """
     try:
         recipe = Recipe.model_validate(dict(data))

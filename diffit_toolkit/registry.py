@@ -378,7 +378,8 @@ class Registry:
         return isinstance(name, str) and current_system().lookup(self.kind, name) is not None
 
     def entry(self, name: str) -> Entry:
-        """The entry for ``name``; an unknown name raises [`UnknownPluginError`][diffit_toolkit.registry.UnknownPluginError]."""
+        """The entry for ``name``; an unknown name raises
+        [`UnknownPluginError`][diffit_toolkit.registry.UnknownPluginError]."""
         system = current_system()
         found = system.lookup(self.kind, name)
         if found is not None:
@@ -394,7 +395,8 @@ class Registry:
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call the registered object with the arguments; a raising constructor becomes a
-        [`PluginBuildError`][diffit_toolkit.registry.PluginBuildError] that names the plugin and its package."""
+        [`PluginBuildError`][diffit_toolkit.registry.PluginBuildError] that names the plugin and its
+        package."""
         entry = self.entry(name)
         try:
             return entry.obj(*args, **kwargs)

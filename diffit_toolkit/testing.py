@@ -13,11 +13,13 @@ def test_my_backend_conforms():
     check_attention_backend(MY_BACKEND)       # an AttentionBackend, or a registered name
 ```
 
-A failed property raises [`ConformanceError`][diffit_toolkit.testing.ConformanceError] (an ``AssertionError``) whose message is one
+A failed property raises [`ConformanceError`][diffit_toolkit.testing.ConformanceError] (an
+``AssertionError``) whose message is one
 line: the plugin, the property, what went wrong and the first failing case, e.g.
 ``conditioning mechanism 'MixesBatch': batch independence failed: output of sample 1 changed by
 9.6e-01 when only sample 0 changed [dim=4 heads=1 cond_dim=4 grid=2x2 window=None bias=False
-batch=2 seed=0]``. A passing check returns a [`ConformanceReport`][diffit_toolkit.testing.ConformanceReport] listing what was checked
+batch=2 seed=0]``. A passing check returns a
+[`ConformanceReport`][diffit_toolkit.testing.ConformanceReport] listing what was checked
 and what was skipped, with the reason (e.g. a backend with no backward pass on this device).
 
 As a pytest plugin (``pytest_plugins = ["diffit_toolkit.testing"]`` in your root
@@ -147,7 +149,8 @@ def _check_property(
     subject: str, prop: str, strategy: st.SearchStrategy, test: Callable[[Any], None], max_examples: int
 ) -> None:
     """Run ``test`` on hypothesis examples of ``strategy``; any failure becomes one
-    [`ConformanceError`][diffit_toolkit.testing.ConformanceError] line naming ``subject``, ``prop`` and the case."""
+    [`ConformanceError`][diffit_toolkit.testing.ConformanceError] line naming ``subject``, ``prop``
+    and the case."""
 
     @_settings(max_examples)
     @given(strategy)
@@ -577,7 +580,8 @@ def check_attention_backend(
 
     Every case draws only what the backend declares it takes (its ``dtypes``, ``supports_bias``,
     ``max_head_dim``); the reference is ``attention_math`` in float64, and the tolerance is
-    [`TOLERANCE`][diffit_toolkit.testing.TOLERANCE] of the input dtype. Properties (see [`ATTENTION_PROPERTIES`][diffit_toolkit.testing.ATTENTION_PROPERTIES]):
+    [`TOLERANCE`][diffit_toolkit.testing.TOLERANCE] of the input dtype. Properties (see
+    [`ATTENTION_PROPERTIES`][diffit_toolkit.testing.ATTENTION_PROPERTIES]):
 
     * **kernel equals math**: ``fn(q, k, v, bias, scale)`` has q's shape and dtype and matches the
       reference, with more keys than queries (extra tokens), and a bias that is absent, shared by
@@ -595,7 +599,8 @@ def check_attention_backend(
         max_examples: hypothesis examples per property.
 
     Returns:
-        A [`ConformanceReport`][diffit_toolkit.testing.ConformanceReport]; ``skipped`` names properties that cannot run here.
+        A [`ConformanceReport`][diffit_toolkit.testing.ConformanceReport]; ``skipped`` names
+        properties that cannot run here.
 
     Raises:
         unittest.SkipTest: the backend is unavailable in this process or does not run on the

@@ -45,7 +45,8 @@ class ConditionedBackbone(nn.Module):
     """Base class of the backbones: owns ``t_embedder`` and ``y_embedder`` and computes ``c``.
 
     Subclasses call [`build_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.build_conditioning] in ``__init__`` (where the embedders belong in
-    their module order) and [`init_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.init_conditioning] in their weight init, and run their blocks
+    their module order) and
+    [`init_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.init_conditioning] in their weight init, and run their blocks
     through [`run_block`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.run_block].
 
     Attributes:

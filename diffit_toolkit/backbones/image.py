@@ -345,7 +345,8 @@ class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
 
 def image_config(preset: str | None = "cifar10", **options: Any) -> ImageDiffiTConfig:
     """The config of preset ``preset`` (``cifar10``, ``ffhq64``; ``None``: the dataclass
-    defaults) with ``options`` overriding any field of [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig]."""
+    defaults) with ``options`` overriding any field of
+    [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig]."""
     if preset is None:
         base: dict[str, Any] = {}
     elif preset in IMAGE_PRESETS:
@@ -361,6 +362,7 @@ def image_diffit(preset: str | None = "cifar10", **options: Any) -> ImageDiffiT:
     Args:
         preset: ``cifar10`` (3 stages 32/16/8, 2 blocks each, window 4) or ``ffhq64`` (4 stages,
             1/2/2/2 blocks, window 8), or ``None`` for the defaults.
-        **options: any [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig] field (``mechanism``, ``num_classes``, ...).
+        **options: any [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig] field
+        (``mechanism``, ``num_classes``, ...).
     """
     return image_config(preset, **options).build("image_diffit")

@@ -225,7 +225,8 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
 
 def latent_config(preset: str | None = "XL/2", **options: Any) -> LatentDiffiTConfig:
     """The config of preset ``preset`` (``S/2`` ... ``XL/8``; ``None``: the dataclass defaults)
-    with ``options`` overriding any field of [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]."""
+    with ``options`` overriding any field of
+    [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]."""
     if preset is None:
         base: dict[str, Any] = {}
     elif preset in LATENT_PRESETS:
@@ -244,7 +245,8 @@ def latent_diffit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
 
     Args:
         preset: size preset in DiT naming (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
-        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig] field (``input_size``, ``mechanism``, ...).
+        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
+        field (``input_size``, ``mechanism``, ...).
     """
     return latent_config(preset, **options).build("latent_diffit")
 
@@ -254,7 +256,8 @@ def dit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
 
     Args:
         preset: size preset (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
-        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig] field; defaults are `DIT_DEFAULTS`.
+        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
+        field; defaults are `DIT_DEFAULTS`.
     """
     return latent_config(preset, **{**DIT_DEFAULTS, **options}).build("dit")
 

@@ -15,7 +15,8 @@ from diffit_toolkit.registry import datasets
 class DatasetKind:
     """A dataset kind (``data.kind`` in a recipe), registered by name in the ``dataset`` registry.
 
-    Class attributes say what the kind takes; [`check`][diffit_toolkit.data.config.DatasetKind.check] adds its own one-line checks and
+    Class attributes say what the kind takes;
+    [`check`][diffit_toolkit.data.config.DatasetKind.check] adds its own one-line checks and
     `build` makes the dataset from a validated [`DataConfig`][diffit_toolkit.data.config.DataConfig].
     """
 

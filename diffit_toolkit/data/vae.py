@@ -105,7 +105,8 @@ def encode_images(
     Args:
         vae: The autoencoder.
         x: Images (B, 3, H, W) in [-1, 1].
-        latent_scale: Default: the VAE's ``scaling_factor`` (see [`vae_latent_scale`][diffit_toolkit.data.vae.vae_latent_scale]).
+        latent_scale: Default: the VAE's ``scaling_factor`` (see
+            [`vae_latent_scale`][diffit_toolkit.data.vae.vae_latent_scale]).
         sample: Posterior sample instead of mean.
         generator: Random generator for ``sample=True``.
 

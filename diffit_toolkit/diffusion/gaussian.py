@@ -137,11 +137,14 @@ class GaussianDiffusion:
         original timestep indices.
 
         Args:
-            section_counts: As in [`space_timesteps`][diffit_toolkit.diffusion.schedules.space_timesteps], e.g. ``250`` or ``"ddim50"``, or
+            section_counts: As in
+                [`space_timesteps`][diffit_toolkit.diffusion.schedules.space_timesteps], e.g.
+                ``250`` or ``"ddim50"``, or
                 ``"logsnrN"``: N steps uniform in log-SNR (what DPM-Solver++ likes).
 
         Returns:
-            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with ``len(kept)`` steps.
+            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with
+            ``len(kept)`` steps.
         """
         if isinstance(section_counts, str) and section_counts.startswith("logsnr"):
             kept = self._logsnr_timesteps(int(section_counts[len("logsnr") :]))
@@ -172,7 +175,8 @@ class GaussianDiffusion:
             timesteps: Distinct step indices in ``[0, num_timesteps)``.
 
         Returns:
-            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with ``len(timesteps)`` steps and the same
+            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with
+            ``len(timesteps)`` steps and the same
             ``alphas_cumprod`` at them.
         """
         kept = sorted(set(int(k) for k in timesteps))

@@ -40,7 +40,8 @@ CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor"
 
 @dataclass
 class AblationSuite:
-    """What an ablation runs (also readable from a suite YAML, see [`load_suite`][diffit_toolkit.eval.ablation.load_suite]).
+    """What an ablation runs (also readable from a suite YAML, see
+    [`load_suite`][diffit_toolkit.eval.ablation.load_suite]).
 
     Attributes:
         recipes: recipe files (one per mechanism, same backbone and budget).

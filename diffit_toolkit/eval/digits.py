@@ -147,7 +147,8 @@ class JudgeScore:
 
 
 class DigitsScore(JudgeScore):
-    """Result of [`DigitsMetric.score`][diffit_toolkit.eval.digits.DigitsMetric.score] (fields as [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
+    """Result of [`DigitsMetric.score`][diffit_toolkit.eval.digits.DigitsMetric.score] (fields as
+    [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
 
     name = "digits"
 
@@ -172,7 +173,8 @@ def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class DigitsMetric:
-    """Accuracy and Frechet distance of digit samples in the feature space of [`DigitsClassifier`][diffit_toolkit.eval.digits.DigitsClassifier].
+    """Accuracy and Frechet distance of digit samples in the feature space of
+    [`DigitsClassifier`][diffit_toolkit.eval.digits.DigitsClassifier].
 
     Args:
         seed: Classifier training seed.

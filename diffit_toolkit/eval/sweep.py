@@ -1,13 +1,17 @@
 """Guidance sweeps: sample one checkpoint at several classifier-free guidance scales and score each.
 
 Papers report the best FID over guidance scales; users need the whole curve, because guidance
-trades sample quality and class fidelity against diversity. [`guidance_sweep`][diffit_toolkit.eval.sweep.guidance_sweep] draws the same
+trades sample quality and class fidelity against diversity.
+[`guidance_sweep`][diffit_toolkit.eval.sweep.guidance_sweep] draws the same
 noise and labels at every scale (only the scale changes), scores the images with any *judge* (a
 callable ``(images, labels) -> dict of numbers``) and returns one row per scale;
-[`plot_guidance_sweep`][diffit_toolkit.eval.sweep.plot_guidance_sweep] draws the trade-off curve (one line per setting, one point per scale).
+[`plot_guidance_sweep`][diffit_toolkit.eval.sweep.plot_guidance_sweep] draws the trade-off curve
+(one line per setting, one point per scale).
 
-The judges: [`digits_judge`][diffit_toolkit.eval.sweep.digits_judge] and [`shapes_judge`][diffit_toolkit.eval.sweep.shapes_judge] (the offline class-accuracy + Frechet
-distance metrics of the embedded data sets) and [`inception_judge`][diffit_toolkit.eval.sweep.inception_judge] (FID / IS against a
+The judges: [`digits_judge`][diffit_toolkit.eval.sweep.digits_judge] and
+[`shapes_judge`][diffit_toolkit.eval.sweep.shapes_judge] (the offline class-accuracy + Frechet
+distance metrics of the embedded data sets) and
+[`inception_judge`][diffit_toolkit.eval.sweep.inception_judge] (FID / IS against a
 reference, local Inception weights).
 """
 

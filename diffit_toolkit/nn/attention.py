@@ -1,15 +1,18 @@
 """Multi-head self-attention with optional Swin-style relative position bias and windows.
 
 The module ([`Attention`][diffit_toolkit.nn.attention.Attention]) owns the weights; the kernel that computes
-``softmax(q k^T * scale + bias) v`` is an [`AttentionBackend`][diffit_toolkit.nn.attention.AttentionBackend] chosen by name from the
+``softmax(q k^T * scale + bias) v`` is an
+[`AttentionBackend`][diffit_toolkit.nn.attention.AttentionBackend] chosen by name from the
 registry (``math``, ``sdpa``, ``flex``, ``xformers``, ``triton``, ``auto``). ``math`` below is
 the fp32 reference every other backend is tested against.
 
 A backend takes the bias in one of two forms. Every backend takes it **dense** (``fn``): a float
-tensor broadcastable to ``(B, H, N, M)``, which [`Attention`][diffit_toolkit.nn.attention.Attention] builds from its relative
+tensor broadcastable to ``(B, H, N, M)``, which [`Attention`][diffit_toolkit.nn.attention.Attention]
+builds from its relative
 position table. A backend that can look the bias up itself also declares ``gathered_fn``: it gets
 the table, Swin's index and the per-sample table offset instead, so no ``(B, H, N, N)`` bias is
-ever built (`GatheredAttentionFn`, reference [`attention_gathered_math`][diffit_toolkit.nn.attention.attention_gathered_math]).
+ever built (`GatheredAttentionFn`, reference
+[`attention_gathered_math`][diffit_toolkit.nn.attention.attention_gathered_math]).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def attention_gathered_math(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor, table_offset: Tensor | None, scale: float
 ) -> Tensor:
     """Reference of the `GatheredAttentionFn` contract: the dense gathered bias through
-    [`attention_math`][diffit_toolkit.nn.attention.attention_math] (what a gathering backend must equal, without building the bias)."""
+    [`attention_math`][diffit_toolkit.nn.attention.attention_math] (what a gathering backend must
+    equal, without building the bias)."""
     windows = q.shape[0] // table_offset.shape[0] if table_offset is not None else 1
     return attention_math(q, k, v, gather_relative_bias(table, index, table_offset, windows, k.shape[2]), scale)
 
@@ -95,7 +99,8 @@ class AttentionBackend:
             ``devices``).
         description: one line for listings.
         gathered_fn: optional kernel that looks the relative position bias up itself (see
-            `GatheredAttentionFn`); [`Attention`][diffit_toolkit.nn.attention.Attention] then never builds a dense bias for
+            `GatheredAttentionFn`); [`Attention`][diffit_toolkit.nn.attention.Attention] then never
+            builds a dense bias for
             this backend. ``None``: the backend gets the dense bias through ``fn``.
     """
 

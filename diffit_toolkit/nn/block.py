@@ -7,7 +7,8 @@ x = x + gate_attn * Attention(modulate(LN(x), shift_attn, scale_attn), qkv, bias
 x = x + gate_mlp  * MLP(modulate(LN(x), shift_mlp, scale_mlp) + mlp_in)
 ```
 
-The time/class token ``c`` enters **only** through the fields of an [`Injection`][diffit_toolkit.nn.block.Injection], which the
+The time/class token ``c`` enters **only** through the fields of an
+[`Injection`][diffit_toolkit.nn.block.Injection], which the
 block's conditioning mechanism computes from ``c``. Every field left ``None`` is a site the
 mechanism does not use, and the block then computes exactly the unconditioned formula. The
 sites:
@@ -206,7 +207,8 @@ class DiffiTBlock(nn.Module):
         mechanism: registered mechanism name (``tmsa``, ``adaln_zero``, ...) or class.
         mechanism_options: keyword options for the mechanism (recipe ``mechanism_options``).
 
-    Submodules: ``norm1``, ``attn`` ([`Attention`][diffit_toolkit.nn.attention.Attention]), ``norm2``, ``mlp`` (``fc1``/``fc2``,
+    Submodules: ``norm1``, ``attn`` ([`Attention`][diffit_toolkit.nn.attention.Attention]),
+    ``norm2``, ``mlp`` (``fc1``/``fc2``,
     GELU tanh), ``cond`` (the mechanism).
     """
 

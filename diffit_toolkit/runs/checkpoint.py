@@ -223,7 +223,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
 
     On any error (a full disk, say, whatever safetensors or torch raise for it) the partial
-    folder is removed, the previous checkpoints are untouched, and a [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]
+    folder is removed, the previous checkpoints are untouched, and a
+    [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]
     says what failed in one line. Checkpoints newer than ``step`` are never pruned.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
@@ -268,7 +269,8 @@ def save_checkpoint(
 
 
 def verify_checkpoint(path: str | Path) -> None:
-    """Raise [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError] unless every file of the checkpoint matches the SHA-256
+    """Raise [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError] unless every file
+    of the checkpoint matches the SHA-256
     recorded when it was written (checkpoints written before checksums existed pass)."""
     path = Path(path)
     sums_file = path / CHECKSUMS
@@ -298,7 +300,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint folder: ``model``, ``ema`` (state dicts), ``state`` and ``config``.
 
     Every file is checked against its recorded SHA-256 first; nothing is unpickled beyond
-    tensors and plain values (``weights_only=True``). Any problem is a [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError].
+    tensors and plain values (``weights_only=True``). Any problem is a
+    [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError].
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":

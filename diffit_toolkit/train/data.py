@@ -13,7 +13,8 @@ class ResumableSampler(Sampler[int]):
     """Shuffles the dataset once per epoch (seeded by ``seed + epoch``), gives each rank every
     ``world_size``-th index of the usable prefix, and starts an epoch at the batch it was stopped.
 
-    The trainer calls [`advance`][diffit_toolkit.train.data.ResumableSampler.advance] after each consumed batch and `next_epoch` when the
+    The trainer calls [`advance`][diffit_toolkit.train.data.ResumableSampler.advance] after each
+    consumed batch and `next_epoch` when the
     loader runs out; `state_dict` is the data position stored in checkpoints.
     """
 
