@@ -363,6 +363,6 @@ def image_diffit(preset: str | None = "cifar10", **options: Any) -> ImageDiffiT:
         preset: ``cifar10`` (3 stages 32/16/8, 2 blocks each, window 4) or ``ffhq64`` (4 stages,
             1/2/2/2 blocks, window 8), or ``None`` for the defaults.
         **options: any [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig] field
-        (``mechanism``, ``num_classes``, ...).
+            (``mechanism``, ``num_classes``, ...).
     """
     return image_config(preset, **options).build("image_diffit")

@@ -246,7 +246,7 @@ def latent_diffit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
     Args:
         preset: size preset in DiT naming (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
         **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
-        field (``input_size``, ``mechanism``, ...).
+            field (``input_size``, ``mechanism``, ...).
     """
     return latent_config(preset, **options).build("latent_diffit")
 
@@ -257,7 +257,7 @@ def dit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
     Args:
         preset: size preset (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
         **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
-        field; defaults are `DIT_DEFAULTS`.
+            field; defaults are `DIT_DEFAULTS`.
     """
     return latent_config(preset, **{**DIT_DEFAULTS, **options}).build("dit")
 
