@@ -20,6 +20,7 @@ are checked or rewritten only when it is there (``--with-runs``); the page state
 
     python scripts/docs_outputs.py --check             # the cheap entries (seconds)
     python scripts/docs_outputs.py --with-runs         # also those that need runs/quickstart
+    python scripts/docs_outputs.py --slow              # also those that take minutes of CPU
 
 With ``--with-runs`` the quickstart figures of the docs (the labelled sample grid and the loss
 curve in docs/images/) are made again from ``runs/quickstart``, which
@@ -54,6 +55,8 @@ class Output:
     commands: tuple[str, ...] = ()
     make: Callable[[], str] | None = None
     needs: tuple[str, ...] = field(default=())  # paths (relative to the checkout) the commands read
+    raw: bool = False  # the output is Markdown (a table) to show as it is, not a console block
+    slow: bool = False  # minutes of CPU: checked with --slow, not in the test suite
 
     def available(self) -> bool:
         return all((ROOT / need).exists() for need in self.needs)
@@ -85,7 +88,7 @@ def fold_command(command: str) -> list[str]:
     return [*lines, line]
 
 
-def run_commands(commands: tuple[str, ...]) -> str:
+def run_commands(commands: tuple[str, ...], raw: bool = False) -> str:
     """Run each command as shown, in a scratch folder with runs/ and recipes/ linked in."""
     env = {**os.environ, "COLUMNS": str(WIDTH), "NO_COLOR": "1", "TERM": "dumb"}
     bindir = Path(sys.executable).parent
@@ -100,9 +103,12 @@ def run_commands(commands: tuple[str, ...]) -> str:
                                   timeout=3600)
             if proc.returncode != 0:
                 raise SystemExit(f"`{command}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+            if raw:
+                lines += [line.rstrip() for line in proc.stdout.strip().splitlines()]
+                continue
             lines += fold_command(command)
             lines += [wrapped for line in proc.stdout.rstrip().splitlines() for wrapped in fold(line.rstrip())]
-    return "```console\n" + "\n".join(lines) + "\n```"
+    return "\n".join(lines) if raw else "```console\n" + "\n".join(lines) + "\n```"
 
 
 def mechanism_parameters() -> dict[str, tuple[int, int]]:
@@ -159,6 +165,7 @@ OUTPUTS: dict[str, Output] = {
     "quick-tour": Output(commands=("python docs/examples/quick_tour.py",)),
     "recipe-validate": Output(commands=("diffit-toolkit recipe validate recipes/diffit_latent.yaml",)),
     "model-info-xl2": Output(commands=("diffit-toolkit model-info -b latent_diffit -p XL/2",)),
+    "exact-samplers": Output(commands=("python -m diffit_toolkit.sampling.exact_report",), raw=True, slow=True),
     "eval-quickstart": Output(commands=("diffit-toolkit eval runs/quickstart --num 1000",),
                               needs=("runs/quickstart/checkpoints",)),
     "eval-guidance-sweep": Output(commands=("diffit-toolkit eval runs/quickstart --guidance-scales 1,1.5,2,3 "
@@ -195,7 +202,7 @@ def quickstart_figures() -> list[Path]:
 
 def produce(key: str) -> str:
     entry = OUTPUTS[key]
-    return entry.make() if entry.make is not None else run_commands(entry.commands)
+    return entry.make() if entry.make is not None else run_commands(entry.commands, raw=entry.raw)
 
 
 def blocks(page: Path) -> list[str]:
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare, do not write; exit 1 on a difference")
     parser.add_argument("--with-runs", action="store_true",
                         help="also the entries that sample a trained run (when its folder is there)")
+    parser.add_argument("--slow", action="store_true", help="also the entries that take minutes of CPU")
     parser.add_argument("--only", action="append", default=[], help="only this key (repeatable)")
     args = parser.parse_args(argv)
 
@@ -218,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{page.relative_to(ROOT)}: unknown output key {key!r}")
                 continue
             entry = OUTPUTS[key]
-            if (args.only and key not in args.only) or (entry.needs and not (args.with_runs and entry.available())):
+            if (args.only and key not in args.only) or (entry.needs and not (args.with_runs and entry.available())) \
+                    or (entry.slow and not args.slow):
                 continue
             body = produce(key)
             new = BLOCK.sub(lambda m, key=key, body=body: m.group(0) if m["key"] != key
