@@ -2,8 +2,9 @@
 swappable conditioning mechanisms.
 
 The public entry points for plugin authors are the ``register_*`` functions and the block API
-(:class:`~diffit_toolkit.nn.block.ConditioningMechanism`, :class:`~diffit_toolkit.nn.block.Injection`,
-:class:`~diffit_toolkit.nn.block.BlockSpec`, :class:`~diffit_toolkit.nn.block.DiffiTBlock`).
+([`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism],
+[`Injection`][diffit_toolkit.nn.block.Injection],
+[`BlockSpec`][diffit_toolkit.nn.block.BlockSpec], [`DiffiTBlock`][diffit_toolkit.nn.block.DiffiTBlock]).
 
 Importing the package is cheap: each public name is imported from its module on first use
 (a module-level ``__getattr__``), so the command line starts without loading torch.

@@ -3,13 +3,15 @@
 ``diffit-toolkit recipe validate``, ``train``, ``sample``, ``bench``, ``ablate`` and the Python
 API all go through these functions, so validating a recipe is building it without training and
 can never disagree with training. Every name in a recipe resolves through a registry, and every
-problem is a one-line :class:`~diffit_toolkit.recipe.RecipeError` naming the recipe key.
+problem is a one-line [`RecipeError`][diffit_toolkit.recipe.RecipeError] naming the recipe key.
 
-The data decide part of the model (image side, channels, classes): :func:`data_facts` reads
-them from the dataset, and :func:`build_model` fills them in (a recipe value that contradicts
+The data decide part of the model (image side, channels, classes):
+[`data_facts`][diffit_toolkit.build.data_facts] reads
+them from the dataset, and [`build_model`][diffit_toolkit.build.build_model] fills them in (a recipe
+value that contradicts
 the data is an error). Without the data (a recipe checked on a laptop before the data are
 copied to the cluster), the model is checked with the recipe's own values and the backbone's
-defaults, and :func:`check_recipe` says which checks it skipped.
+defaults, and [`check_recipe`][diffit_toolkit.build.check_recipe] says which checks it skipped.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _recipe_error(key: str, exc: BaseException) -> RecipeError:
 
 
 def data_config(recipe: Recipe) -> DataConfig:
-    """The recipe's data section as a typed :class:`DataConfig` (unknown keys are errors).
+    """The recipe's data section as a typed [`DataConfig`][diffit_toolkit.data.config.DataConfig]
+    (unknown keys are errors).
 
     A data path that does not exist yet is accepted here and checked when the dataset is built.
     """

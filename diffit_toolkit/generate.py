@@ -74,7 +74,7 @@ class Generator:
 
         Args:
             images: the indices to draw, a contiguous part of ``range(num_images)`` (default: all);
-                image ``i`` is the same whichever part it is drawn in (see :func:`shard_range`).
+                image ``i`` is the same whichever part it is drawn in (see [`shard_range`][diffit_toolkit.generate.shard_range]).
         """
         images = range(num_images) if images is None else images
         if images.step != 1 or (len(images) and not 0 <= images.start < images.stop <= num_images):
@@ -107,8 +107,10 @@ class Generator:
     def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
                batch_size: int = 64, seed: int = 0,
                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts: :meth:`batches`
-        or :func:`write_samples`). Image ``i`` is the same whatever ``batch_size``.
+        """``num_images`` images in [-1, 1] as one tensor (for grids; large counts:
+        [`batches`][diffit_toolkit.generate.Generator.batches]
+        or [`write_samples`][diffit_toolkit.generate.write_samples]). Image ``i`` is the same
+        whatever ``batch_size``.
 
         Args:
             progress: called with the number of images finished after every batch.
@@ -299,7 +301,7 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> P
     return path
 
 
-#: Images kept for the PNG grid of :func:`write_samples` (the ``.npz`` holds all of them).
+#: Images kept for the PNG grid of [`write_samples`][diffit_toolkit.generate.write_samples] (the ``.npz`` holds all of them).
 GRID_MAX_IMAGES = 256
 #: Bytes copied at a time when the shards of several processes are joined into one ``.npz``.
 _COPY_CHUNK = 16 << 20
@@ -349,13 +351,17 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
     as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
-    with ``num_images``; the grid shows the first :data:`GRID_MAX_IMAGES` images. The ``.npz``
+<<<<<<< HEAD
+    with ``num_images``; the grid shows the first [`GRID_MAX_IMAGES`][diffit_toolkit.generate.GRID_MAX_IMAGES] images. The ``.npz``
     appears under its name only once complete (written under a temporary name, then renamed).
 
     Several processes (``torchrun``): process ``rank`` of ``world_size`` draws the batches
-    :func:`shard_range` gives it into a shard beside ``npz``; once ``barrier()`` returns on every
+    [`shard_range`][diffit_toolkit.generate.shard_range] gives it into a shard beside ``npz``; once ``barrier()`` returns on every
     rank (all shards written), rank 0 appends the shards in rank order, writes the ``.npz`` and the
     grid, and removes the shards. The ``.npz`` is the one a single process writes, byte for byte.
+=======
+    with ``num_images``; the grid shows the first `GRID_MAX_IMAGES` images.
+>>>>>>> docs18
 
     Args:
         progress: called with the number of this process's images finished after every batch.

@@ -2,14 +2,16 @@
 
 A *plugin module* (the built-ins in ``diffit_plugins``, an installed package named in the
 ``diffit_toolkit.plugins`` entry-point group, or a module passed with ``diffit-toolkit -p``)
-implements these hooks with :data:`hookimpl`, the way a pytest plugin implements ``pytest_*``
-hooks::
+implements these hooks with `hookimpl`, the way a pytest plugin implements ``pytest_*``
+hooks:
 
-    from diffit_toolkit.hookspecs import hookimpl
+```python
+from diffit_toolkit.hookspecs import hookimpl
 
-    @hookimpl
-    def diffit_register(registrar):
-        registrar.add("conditioning", "my_mechanism", MyMechanism)
+@hookimpl
+def diffit_register(registrar):
+    registrar.add("conditioning", "my_mechanism", MyMechanism)
+```
 
 Hooks run when a plugin system loads (once per process, and once per isolated system in tests);
 nothing calls a hook per training step: a recipe resolves a name to a plain class at build time,

@@ -1,9 +1,11 @@
 """Optional dependencies: whether each is installed, and one message style when it is not.
 
 Each is found through lightning-utilities' ``RequirementCache`` (package metadata, checked once
-and without importing the package) and installed through an extra of the same name::
+and without importing the package) and installed through an extra of the same name:
 
-    pip install 'diffit-toolkit[wandb]'
+```bash
+pip install 'diffit-toolkit[wandb]'
+```
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def missing(name: str) -> str | None:
 
 
 def require(name: str, purpose: str) -> None:
-    """Raise :class:`MissingDependencyError` (``<purpose> needs <name>, which is not installed:
+    """Raise [`MissingDependencyError`][diffit_toolkit.optional.MissingDependencyError] (``<purpose>
+    needs <name>, which is not installed:
     pip install ...``) unless ``name`` is installed."""
     if missing(name) is not None:
         raise MissingDependencyError(

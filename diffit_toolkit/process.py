@@ -1,11 +1,13 @@
 """Diffusion processes and samplers as plugins: the training loss, the samplers, and the map from
 a process's time variable to what guidance needs.
 
-A process (``gaussian``, ``edm``, ``flow``, or a user's) is a :class:`Process` subclass
+A process (``gaussian``, ``edm``, ``flow``, or a user's) is a
+[`Process`][diffit_toolkit.process.Process] subclass
 registered under its recipe name; a sampler is a function registered under
 ``"<process>.<name>"`` (``gaussian.ddim``, ``edm.heun``, ``flow.heun``). The trainer and
-``diffit-toolkit sample`` talk only to :class:`Process`; the formulas live in
-:mod:`diffit_toolkit.diffusion` and :mod:`diffit_toolkit.sampling`, the built-in processes and
+``diffit-toolkit sample`` talk only to [`Process`][diffit_toolkit.process.Process]; the formulas live in
+[`diffit_toolkit.diffusion`][diffit_toolkit.diffusion] and
+[`diffit_toolkit.sampling`][diffit_toolkit.sampling], the built-in processes and
 samplers in ``diffit_plugins.processes``. A model is any callable ``model(x, t, y)`` with ``t``
 in the process's own time variable (the Gaussian step index, EDM's ``c_noise``, the flow time).
 
@@ -47,8 +49,10 @@ class Sampler(Protocol):
 class Process:
     """Base class of a diffusion process plugin (built from a recipe's ``diffusion`` section).
 
-    Subclasses set :attr:`learned_variance` and implement :meth:`loss` and :meth:`noise_level`;
-    they may override :meth:`check` for option combinations only they know about.
+    Subclasses set `learned_variance` and implement [`loss`][diffit_toolkit.process.Process.loss]
+    and [`noise_level`][diffit_toolkit.process.Process.noise_level];
+    they may override [`check`][diffit_toolkit.process.Process.check] for option combinations only
+    they know about.
     """
 
     #: Whether the model may output a learned variance (``model.learn_sigma``) for this process.

@@ -5,7 +5,8 @@ sampling settings. ``extends:`` composes recipes (a path relative to the file, o
 them; later files and the recipe itself override earlier ones, dictionaries merge key by key);
 ``--set a.b=c`` overrides one value from the command line (the value is parsed as YAML).
 
-Every problem is a one-line :class:`RecipeError` with the key path and a hint, e.g.
+Every problem is a one-line [`RecipeError`][diffit_toolkit.recipe.RecipeError] with the key path and
+a hint, e.g.
 ``recipe error at train.bach_size: unknown key; did you mean 'batch_size'?``.
 """
 
@@ -205,7 +206,7 @@ class LoggingSection(_Section):
     Attributes:
         tensorboard: TensorBoard events under ``<run>/tensorboard`` (scalars, learning rate, sample
             grids); ``null``: when the package is installed, ``true``: required, ``false``: off.
-        wandb: :class:`WandbSection`, or ``null`` (off).
+        wandb: [`WandbSection`][diffit_toolkit.recipe.WandbSection], or ``null`` (off).
     """
 
     tensorboard: bool | None = None
@@ -222,11 +223,11 @@ class Recipe(_Section):
         model: ``backbone`` (registered name), ``preset``, and any option of that backbone
             (``mechanism``, ``mechanism_options``, ``window``, ...); validated by building the model
             on the meta device.
-        diffusion: :class:`DiffusionSection`.
+        diffusion: [`DiffusionSection`][diffit_toolkit.recipe.DiffusionSection].
         data: options of the dataset (``kind``, ``path``, ...), validated against the data config.
-        train: :class:`TrainSection`.
-        sample: :class:`SampleSection`.
-        logging: :class:`LoggingSection`.
+        train: [`TrainSection`][diffit_toolkit.recipe.TrainSection].
+        sample: [`SampleSection`][diffit_toolkit.recipe.SampleSection].
+        logging: [`LoggingSection`][diffit_toolkit.recipe.LoggingSection].
     """
 
     name: str = "run"
@@ -445,10 +446,12 @@ def _check_options(value: Any, path: str, limit: float | None = None, depth: int
 
 
 def parse_recipe(data: Mapping[str, Any]) -> Recipe:
-    """Type-check a raw recipe dict into a :class:`Recipe` (types, unknown keys, value ranges).
+    """Type-check a raw recipe dict into a [`Recipe`][diffit_toolkit.recipe.Recipe] (types, unknown
+    keys, value ranges).
 
     What only the built parts can check (model shapes, process and sampler, data) is
-    :func:`diffit_toolkit.build.check_recipe`; ``diffit_toolkit.build.load_recipe`` does both.
+    [`diffit_toolkit.build.check_recipe`][diffit_toolkit.build.check_recipe];
+    ``diffit_toolkit.build.load_recipe`` does both.
     """
     try:
         recipe = Recipe.model_validate(dict(data))

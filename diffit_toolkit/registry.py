@@ -4,19 +4,21 @@ A *plugin* is anything a recipe can name: a conditioning mechanism, a backbone, 
 backend, a time embedding, a diffusion process, a sampler, a dataset kind. Plugins reach the
 registries in two ways, both public:
 
-* **plugin modules** implement the :func:`~diffit_toolkit.hookspecs.diffit_register` hook. The
+* **plugin modules** implement the [`diffit_register`][diffit_toolkit.hookspecs.diffit_register] hook. The
   built-ins (``plugins/``, installed as ``diffit_plugins``) and installed packages are found
   through the ``diffit_toolkit.plugins`` entry-point group (pluggy's
   ``load_setuptools_entrypoints``, as pytest finds its plugins); a module named with
   ``diffit-toolkit -p MODULE`` or in ``DIFFIT_TOOLKIT_PLUGINS`` is loaded the same way.
-* **decorators** (``register_conditioning`` and friends) for scripts and notebooks::
+* **decorators** (``register_conditioning`` and friends) for scripts and notebooks:
 
-      from diffit_toolkit import register_conditioning
+  ```python
+  from diffit_toolkit import register_conditioning
 
-      @register_conditioning("my_mechanism")
-      class MyMechanism(ConditioningMechanism): ...
+  @register_conditioning("my_mechanism")
+  class MyMechanism(ConditioningMechanism): ...
 
-      register_conditioning("other_name", MyMechanism)   # plain call
+  register_conditioning("other_name", MyMechanism)   # plain call
+  ```
 
 Every error is one line that names the plugin: a duplicate name, an unknown name (with a
 "did you mean"), an installed plugin whose import raises (recorded, warned once; the rest keep
@@ -119,7 +121,7 @@ class PluginFailure:
 
 
 class Registrar:
-    """What a :func:`~diffit_toolkit.hookspecs.diffit_register` hook receives: ``add`` records
+    """What a [`diffit_register`][diffit_toolkit.hookspecs.diffit_register] hook receives: ``add`` records
     entries in one plugin system, attributed to the package the hook's module came from."""
 
     def __init__(self, system: PluginSystem, source: str) -> None:
@@ -186,7 +188,7 @@ class PluginSystem:
     """The pluggy plugin manager and the registries' tables.
 
     The process uses one (``current_system()``); tests swap in a fresh one with
-    :func:`use_plugin_system` to stay isolated from each other.
+    [`use_plugin_system`][diffit_toolkit.registry.use_plugin_system] to stay isolated from each other.
     """
 
     def __init__(self, *, load_entry_points: bool = True) -> None:
@@ -376,7 +378,8 @@ class Registry:
         return isinstance(name, str) and current_system().lookup(self.kind, name) is not None
 
     def entry(self, name: str) -> Entry:
-        """The entry for ``name``; an unknown name raises :class:`UnknownPluginError`."""
+        """The entry for ``name``; an unknown name raises
+        [`UnknownPluginError`][diffit_toolkit.registry.UnknownPluginError]."""
         system = current_system()
         found = system.lookup(self.kind, name)
         if found is not None:
@@ -392,7 +395,8 @@ class Registry:
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call the registered object with the arguments; a raising constructor becomes a
-        :class:`PluginBuildError` that names the plugin and its package."""
+        [`PluginBuildError`][diffit_toolkit.registry.PluginBuildError] that names the plugin and its
+        package."""
         entry = self.entry(name)
         try:
             return entry.obj(*args, **kwargs)
@@ -442,11 +446,11 @@ def _decorator(registry: Registry, doc: str):
 
 
 register_conditioning = _decorator(conditioning, """Register a conditioning mechanism (a
-:class:`~diffit_toolkit.nn.block.ConditioningMechanism` subclass); works as
+``ConditioningMechanism`` subclass); works as
 ``@register_conditioning("name")`` and as ``register_conditioning("name", cls)``.""")
 register_backbone = _decorator(backbones, "Register a backbone factory ``(preset, **options) -> nn.Module`` (decorator or plain call).")
-register_attention_backend = _decorator(attention_backends, "Register an :class:`~diffit_toolkit.nn.attention.AttentionBackend` (decorator or plain call).")
+register_attention_backend = _decorator(attention_backends, "Register an ``AttentionBackend`` (decorator or plain call).")
 register_time_embedding = _decorator(time_embeddings, "Register a time-embedding module class (decorator or plain call).")
-register_process = _decorator(processes, "Register a diffusion process class (a :class:`~diffit_toolkit.process.Process` subclass).")
-register_sampler = _decorator(samplers, "Register a sampler (a :class:`~diffit_toolkit.process.Sampler`) under ``'<process>.<name>'``.")
-register_dataset = _decorator(datasets, "Register a dataset kind (a :class:`~diffit_toolkit.data.config.DatasetKind`).")
+register_process = _decorator(processes, "Register a diffusion process class (a ``Process`` subclass).")
+register_sampler = _decorator(samplers, "Register a sampler (a ``Sampler``) under ``'<process>.<name>'``.")
+register_dataset = _decorator(datasets, "Register a dataset kind (a ``DatasetKind``).")

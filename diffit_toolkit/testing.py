@@ -1,29 +1,35 @@
 """Conformance kit for plugin authors: the properties every conditioning mechanism and every
 attention backend must have, checked at toy size with hypothesis.
 
-Call it from a test::
+Call it from a test:
 
-    from diffit_toolkit.testing import check_attention_backend, check_mechanism
+```python
+from diffit_toolkit.testing import check_attention_backend, check_mechanism
 
-    def test_my_mechanism_conforms():
-        check_mechanism(MyMechanism)              # a class, or a registered name
+def test_my_mechanism_conforms():
+    check_mechanism(MyMechanism)              # a class, or a registered name
 
-    def test_my_backend_conforms():
-        check_attention_backend(MY_BACKEND)       # an AttentionBackend, or a registered name
+def test_my_backend_conforms():
+    check_attention_backend(MY_BACKEND)       # an AttentionBackend, or a registered name
+```
 
-A failed property raises :class:`ConformanceError` (an ``AssertionError``) whose message is one
+A failed property raises [`ConformanceError`][diffit_toolkit.testing.ConformanceError] (an
+``AssertionError``) whose message is one
 line: the plugin, the property, what went wrong and the first failing case, e.g.
 ``conditioning mechanism 'MixesBatch': batch independence failed: output of sample 1 changed by
 9.6e-01 when only sample 0 changed [dim=4 heads=1 cond_dim=4 grid=2x2 window=None bias=False
-batch=2 seed=0]``. A passing check returns a :class:`ConformanceReport` listing what was checked
+batch=2 seed=0]``. A passing check returns a
+[`ConformanceReport`][diffit_toolkit.testing.ConformanceReport] listing what was checked
 and what was skipped, with the reason (e.g. a backend with no backward pass on this device).
 
 As a pytest plugin (``pytest_plugins = ["diffit_toolkit.testing"]`` in your root
 ``conftest.py``, or ``pytest -p diffit_toolkit.testing``), a test that takes an argument named
-``conditioning_name`` or ``attention_backend_name`` runs once per registered name::
+``conditioning_name`` or ``attention_backend_name`` runs once per registered name:
 
-    def test_every_mechanism(conditioning_name):
-        check_mechanism(conditioning_name)
+```python
+def test_every_mechanism(conditioning_name):
+    check_mechanism(conditioning_name)
+```
 
 The kit needs the test dependencies (``pip install "diffit-toolkit[dev]"``: pytest, hypothesis).
 Call the checks from a plain test function, not from inside a hypothesis ``@given`` test. The
@@ -65,7 +71,7 @@ __all__ = [
     "pytest_generate_tests",
 ]
 
-#: Properties :func:`check_mechanism` checks, in order (the last only where the class declares it).
+#: Properties [`check_mechanism`][diffit_toolkit.testing.check_mechanism] checks, in order (the last only where the class declares it).
 MECHANISM_PROPERTIES: tuple[str, ...] = (
     "output shapes and dtypes",
     "batch independence",
@@ -76,7 +82,7 @@ MECHANISM_PROPERTIES: tuple[str, ...] = (
     "identity at initialisation",
 )
 
-#: Properties :func:`check_attention_backend` checks, in order.
+#: Properties [`check_attention_backend`][diffit_toolkit.testing.check_attention_backend] checks, in order.
 ATTENTION_PROPERTIES: tuple[str, ...] = (
     "kernel equals math",
     "module equals math",
@@ -143,7 +149,8 @@ def _check_property(
     subject: str, prop: str, strategy: st.SearchStrategy, test: Callable[[Any], None], max_examples: int
 ) -> None:
     """Run ``test`` on hypothesis examples of ``strategy``; any failure becomes one
-    :class:`ConformanceError` line naming ``subject``, ``prop`` and the case."""
+    [`ConformanceError`][diffit_toolkit.testing.ConformanceError] line naming ``subject``, ``prop``
+    and the case."""
 
     @_settings(max_examples)
     @given(strategy)
@@ -290,13 +297,13 @@ def check_mechanism(
 ) -> ConformanceReport:
     """Check that a conditioning mechanism behaves like one; raise on the first failed property.
 
-    The mechanism is built into :class:`~diffit_toolkit.nn.block.DiffiTBlock` s of toy shapes
+    The mechanism is built into [`DiffiTBlock`][diffit_toolkit.nn.block.DiffiTBlock] s of toy shapes
     (hypothesis draws widths, heads, grids, windows and the relative bias; a mechanism with
     ``requires_rel_pos_bias`` always gets one) with the ``math`` attention backend. Properties,
-    in order (see :data:`MECHANISM_PROPERTIES`):
+    in order (see [`MECHANISM_PROPERTIES`][diffit_toolkit.testing.MECHANISM_PROPERTIES]):
 
     * **output shapes and dtypes**: ``forward(c)`` returns an
-      :class:`~diffit_toolkit.nn.block.Injection` whose tensors have the documented site shapes
+      [`Injection`][diffit_toolkit.nn.block.Injection] whose tensors have the documented site shapes
       and ``c``'s dtype; the block maps (B, N, D) to (B, N, D), finite, in the input's dtype
       (float32 and float64).
     * **batch independence**: changing sample j's tokens and conditioning changes no other
@@ -304,7 +311,7 @@ def check_mechanism(
     * **conditioning reaches the output**: changing a sample's ``c`` changes its output.
     * **no dead parameters**: training a freshly built block with plain SGD on a regression
       loss gives every mechanism parameter a non-zero gradient within
-      :data:`DEAD_PARAMETER_STEPS` steps (a zero-initialised gate delays what it gates by one
+      `DEAD_PARAMETER_STEPS` steps (a zero-initialised gate delays what it gates by one
       step; two zero-initialised layers in a row never move), except those named in the
       class's ``unused_parameters`` (which must then get none).
     * **state_dict round trip**: a second block that loads the first one's ``state_dict`` computes
@@ -316,14 +323,14 @@ def check_mechanism(
       freshly built block returns its input exactly.
 
     Args:
-        mechanism: a :class:`~diffit_toolkit.nn.block.ConditioningMechanism` subclass or a
+        mechanism: a [`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism] subclass or a
             registered name.
         options: keyword options of the mechanism (a recipe's ``mechanism_options``).
         max_examples: hypothesis examples per property.
         compile_backend: ``torch.compile`` backend (``eager`` checks graph capture only, fast).
 
     Returns:
-        A :class:`ConformanceReport` of the properties checked.
+        A [`ConformanceReport`][diffit_toolkit.testing.ConformanceReport] of the properties checked.
 
     Raises:
         ConformanceError: one line naming the mechanism, the property and the failing case.
@@ -573,12 +580,13 @@ def check_attention_backend(
 
     Every case draws only what the backend declares it takes (its ``dtypes``, ``supports_bias``,
     ``max_head_dim``); the reference is ``attention_math`` in float64, and the tolerance is
-    :data:`TOLERANCE` of the input dtype. Properties (see :data:`ATTENTION_PROPERTIES`):
+    [`TOLERANCE`][diffit_toolkit.testing.TOLERANCE] of the input dtype. Properties (see
+    [`ATTENTION_PROPERTIES`][diffit_toolkit.testing.ATTENTION_PROPERTIES]):
 
     * **kernel equals math**: ``fn(q, k, v, bias, scale)`` has q's shape and dtype and matches the
       reference, with more keys than queries (extra tokens), and a bias that is absent, shared by
       the batch ``(1, H, N, M)``, per sample ``(B, H, N, M)`` or a stride-0 expansion of a shared one.
-    * **module equals math**: an :class:`~diffit_toolkit.nn.attention.Attention` module running the
+    * **module equals math**: an [`Attention`][diffit_toolkit.nn.attention.Attention] module running the
       backend matches one running ``math`` with the same weights, over windows, a relative
       position bias with a per-sample table offset, and extra tokens (the calls blocks make).
     * **batch independence**: changing sample j's q, k, v (and its bias) changes no other sample.
@@ -586,12 +594,13 @@ def check_attention_backend(
       backward pass on the device (else skipped, with the reason in the report).
 
     Args:
-        backend: an :class:`~diffit_toolkit.nn.attention.AttentionBackend` or a registered name.
+        backend: an [`AttentionBackend`][diffit_toolkit.nn.attention.AttentionBackend] or a registered name.
         device: device type to check on (default: ``cuda`` when available and supported, else ``cpu``).
         max_examples: hypothesis examples per property.
 
     Returns:
-        A :class:`ConformanceReport`; ``skipped`` names properties that cannot run here.
+        A [`ConformanceReport`][diffit_toolkit.testing.ConformanceReport]; ``skipped`` names
+        properties that cannot run here.
 
     Raises:
         unittest.SkipTest: the backend is unavailable in this process or does not run on the

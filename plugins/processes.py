@@ -1,6 +1,6 @@
 """Built-in diffusion processes (Gaussian ADM/DiT, EDM, linear flow) and their samplers.
 
-Each process is a :class:`~diffit_toolkit.process.Process`; each sampler a function registered
+Each process is a [`Process`][diffit_toolkit.process.Process]; each sampler a function registered
 as ``"<process>.<name>"`` and called as ``sampler(process, model, noise, y, settings, generator)``
 with an already guided model.
 """
@@ -133,7 +133,7 @@ def gaussian_dpm_solver(process: GaussianProcess, model, noise, y, settings, gen
 
 def gaussian_diffusers(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
     """Any diffusers scheduler, named as ``diffusers:<SchedulerClass>``, built for the training
-    schedule with the recipe's ``clip_denoised`` (see :func:`_diffusers_scheduler`); DDIM's
+    schedule with the recipe's ``clip_denoised`` (see `_diffusers_scheduler`); DDIM's
     ``step`` gets the recipe's ``eta`` and, when clipping, ``use_clipped_model_output``."""
     import inspect
 

@@ -3,17 +3,17 @@
 Computes ``softmax(q k^T * scale + B) v`` FlashAttention-style (online softmax over key tiles,
 fp32 accumulation, the ``N x M`` score matrix never stored) where ``B`` is either
 
-* **gathered** (the fast path: the backend's ``gathered_fn``, :func:`gathered_attention_triton`,
-  and :func:`relative_bias_attention`): ``B[b, h, i, j] = table[g(b), index[i, j], h]`` read from
+* **gathered** (the fast path: the backend's ``gathered_fn``, `gathered_attention_triton`,
+  and `relative_bias_attention`): ``B[b, h, i, j] = table[g(b), index[i, j], h]`` read from
   the per-head relative position table ``(T, H)`` (or a per-sample table ``(G, T, H)``,
   ``g(b) = b // windows``) through the Swin index ``(n, n)`` inside the kernel, so no
   ``(B, H, n, n)`` bias tensor exists in memory; keys past the index's columns (extra tokens) get
   bias 0; or
-* **dense** (the backend's ``fn``, :func:`attention_triton`): any float bias broadcastable to
+* **dense** (the backend's ``fn``, `attention_triton`): any float bias broadcastable to
   ``(B, H, N, M)``, read through its strides (broadcast dims stride 0).
 
 Head dims that are not a power of two are split into two column blocks instead of being padded:
-72 runs as 64 + 16 (80 columns of work, not 128), 96 as 64 + 32 (:func:`head_dim_blocks`).
+72 runs as 64 + 16 (80 columns of work, not 128), 96 as 64 + 32 (`head_dim_blocks`).
 
 Backward (FlashAttention-2 recomputation, see ``docs/performance.md``): ``delta = rowsum(dO *
 O)`` in torch; one kernel per key tile produces ``dk``/``dv`` looping over query tiles; one kernel
@@ -573,7 +573,7 @@ torch.library.register_autograd(
 
 
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """The ``triton`` backend's dense-bias interface (:data:`~diffit_toolkit.nn.attention.AttentionFn`).
+    """The ``triton`` backend's dense-bias interface (`AttentionFn`).
 
     Args:
         q: (B, H, N, d) queries.
@@ -599,7 +599,7 @@ def relative_bias_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, inde
     ``out = softmax(q k^T * scale + B) v`` with ``B[b, h, i, j] = table[g, index[i, j], h]``
     (``g = b // windows``) for ``j < index.shape[1]`` and 0 for later keys (extra tokens).
     Windows are just batch entries: ``q`` (B_samples * windows, H, n, d) in the order of
-    :class:`~diffit_toolkit.nn.attention.Attention` (``(b nh nw)``, windows inner).
+    [`Attention`][diffit_toolkit.nn.attention.Attention] (``(b nh nw)``, windows inner).
 
     Args:
         q: (B, H, n, d) queries (fp32, fp16 or bf16).
@@ -637,7 +637,7 @@ def gathered_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor, table_offset: Tensor | None, scale: float
 ) -> Tensor:
     """The ``triton`` backend's ``gathered_fn``
-    (:data:`~diffit_toolkit.nn.attention.GatheredAttentionFn`): the per-sample offset is added to
+    (`GatheredAttentionFn`): the per-sample offset is added to
     the table (``(B, T, H)``, tiny next to a bias) and the sum gathered inside the kernel."""
     if table_offset is not None:
         if table_offset.dim() != 3 or tuple(table_offset.shape[1:]) != tuple(table.shape):

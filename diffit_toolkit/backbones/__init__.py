@@ -1,10 +1,12 @@
 """Denoiser backbones: the isotropic latent DiffiT / DiT and the U-shaped image-space DiffiT.
 
-Build one by registry name with a preset and options, or rebuild one from its recorded config::
+Build one by registry name with a preset and options, or rebuild one from its recorded config:
 
-    from diffit_toolkit.registry import backbones
-    model = backbones.build("latent_diffit", "XL/2", input_size=64)   # DiffiT-XL/2 at 512 px
-    same = build_backbone(model.config)
+```python
+from diffit_toolkit.registry import backbones
+model = backbones.build("latent_diffit", "XL/2", input_size=64)   # DiffiT-XL/2 at 512 px
+same = build_backbone(model.config)
+```
 """
 
 from __future__ import annotations

@@ -44,9 +44,10 @@ def preferred_final_layer(mechanism: str, final_layer: str | None) -> str:
 class ConditionedBackbone(nn.Module):
     """Base class of the backbones: owns ``t_embedder`` and ``y_embedder`` and computes ``c``.
 
-    Subclasses call :meth:`build_conditioning` in ``__init__`` (where the embedders belong in
-    their module order) and :meth:`init_conditioning` in their weight init, and run their blocks
-    through :meth:`run_block`.
+    Subclasses call [`build_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.build_conditioning] in ``__init__`` (where the embedders belong in
+    their module order) and
+    [`init_conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.init_conditioning] in their weight init, and run their blocks
+    through [`run_block`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.run_block].
 
     Attributes:
         num_classes: class labels (0: unconditional, no label table).
@@ -101,7 +102,7 @@ class ConditionedBackbone(nn.Module):
 
     def shard_units(self) -> list[nn.Module]:
         """The blocks, each sharded on its own by FSDP (``train.strategy: fsdp``); a subclass lists
-        the modules it runs through :meth:`run_block`. Empty: the model is sharded as one unit."""
+        the modules it runs through [`run_block`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.run_block]. Empty: the model is sharded as one unit."""
         return []
 
     def run_block(self, block: nn.Module, x: Tensor, c: Tensor) -> Tensor:

@@ -1,13 +1,15 @@
 """Image-space DiffiT: the U-shaped encoder-decoder of DiffiT ResBlocks (SPEC 3, paper Sec. 3.2).
 
-There is no released code; the layout follows the paper (Fig. 4, Tables S.2/S.3, Sec. I)::
+There is no released code; the layout follows the paper (Fig. 4, Tables S.2/S.3, Sec. I):
 
-    x (B, 3, H, W) -> tokenizer Conv3x3 -> C_1 channels
-    encoder, stage s = 1..S at resolution H / 2^(s-1):  L_s DiffiT ResBlocks, then (s < S) a
-        downsampler to stage s+1 (the last stage is the bottleneck)
-    decoder, stage s = S-1..1:  upsampler from stage s+1, merge with the encoder skip of the same
-        resolution, L_s DiffiT ResBlocks
-    head: GroupNorm -> SiLU -> Conv3x3 -> (B, C_out, H, W)
+```text
+x (B, 3, H, W) -> tokenizer Conv3x3 -> C_1 channels
+encoder, stage s = 1..S at resolution H / 2^(s-1):  L_s DiffiT ResBlocks, then (s < S) a
+    downsampler to stage s+1 (the last stage is the bottleneck)
+decoder, stage s = S-1..1:  upsampler from stage s+1, merge with the encoder skip of the same
+    resolution, L_s DiffiT ResBlocks
+head: GroupNorm -> SiLU -> Conv3x3 -> (B, C_out, H, W)
+```
 
 DiffiT ResBlock (eq. 9-10): ``h = Conv3x3(SiLU(GN(x)))``, ``x = DiffiTBlock(h, c) + x``, the
 block attending inside ``w x w`` windows with a relative position bias (window TMSA).
@@ -347,7 +349,8 @@ class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
 
 def image_config(preset: str | None = "cifar10", **options: Any) -> ImageDiffiTConfig:
     """The config of preset ``preset`` (``cifar10``, ``ffhq64``; ``None``: the dataclass
-    defaults) with ``options`` overriding any field of :class:`ImageDiffiTConfig`."""
+    defaults) with ``options`` overriding any field of
+    [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig]."""
     if preset is None:
         base: dict[str, Any] = {}
     elif preset in IMAGE_PRESETS:
@@ -363,6 +366,7 @@ def image_diffit(preset: str | None = "cifar10", **options: Any) -> ImageDiffiT:
     Args:
         preset: ``cifar10`` (3 stages 32/16/8, 2 blocks each, window 4) or ``ffhq64`` (4 stages,
             1/2/2/2 blocks, window 8), or ``None`` for the defaults.
-        **options: any :class:`ImageDiffiTConfig` field (``mechanism``, ``num_classes``, ...).
+        **options: any [`ImageDiffiTConfig`][diffit_toolkit.backbones.image.ImageDiffiTConfig] field
+            (``mechanism``, ``num_classes``, ...).
     """
     return image_config(preset, **options).build("image_diffit")

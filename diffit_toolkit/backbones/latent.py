@@ -1,11 +1,13 @@
 """Latent DiffiT / DiT: the isotropic transformer denoiser over VAE latent patches (SPEC 2).
 
-Readable top to bottom like DiT's ``models.py``::
+Readable top to bottom like DiT's ``models.py``:
 
-    x (B, C, H, W) --patchify--> (B, T, D) + fixed 2-D sin-cos positions
-    c = t_embedder(t) + y_embedder(y)                       # (B, D), computed once
-    x = block(x, c) for each of the N blocks                # the mechanism decides where c enters
-    x = final_layer(x, c) --unpatchify--> (B, C_out, H, W)  # C_out = 2C with learned variance
+```text
+x (B, C, H, W) --patchify--> (B, T, D) + fixed 2-D sin-cos positions
+c = t_embedder(t) + y_embedder(y)                       # (B, D), computed once
+x = block(x, c) for each of the N blocks                # the mechanism decides where c enters
+x = final_layer(x, c) --unpatchify--> (B, C_out, H, W)  # C_out = 2C with learned variance
+```
 
 The conditioning mechanism is a registered plugin (``tmsa``, ``adaln_zero``, ...). With ``tmsa``,
 a global relative position bias and the plain final layer, ``XL/2`` is the released DiffiT-XL/2
@@ -227,7 +229,8 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
 
 def latent_config(preset: str | None = "XL/2", **options: Any) -> LatentDiffiTConfig:
     """The config of preset ``preset`` (``S/2`` ... ``XL/8``; ``None``: the dataclass defaults)
-    with ``options`` overriding any field of :class:`LatentDiffiTConfig`."""
+    with ``options`` overriding any field of
+    [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]."""
     if preset is None:
         base: dict[str, Any] = {}
     elif preset in LATENT_PRESETS:
@@ -246,7 +249,8 @@ def latent_diffit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
 
     Args:
         preset: size preset in DiT naming (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
-        **options: any :class:`LatentDiffiTConfig` field (``input_size``, ``mechanism``, ...).
+        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
+            field (``input_size``, ``mechanism``, ...).
     """
     return latent_config(preset, **options).build("latent_diffit")
 
@@ -256,7 +260,8 @@ def dit(preset: str | None = "XL/2", **options: Any) -> LatentDiffiT:
 
     Args:
         preset: size preset (``S/2`` ... ``XL/8``), or ``None`` for the defaults.
-        **options: any :class:`LatentDiffiTConfig` field; defaults are :data:`DIT_DEFAULTS`.
+        **options: any [`LatentDiffiTConfig`][diffit_toolkit.backbones.latent.LatentDiffiTConfig]
+            field; defaults are `DIT_DEFAULTS`.
     """
     return latent_config(preset, **{**DIT_DEFAULTS, **options}).build("dit")
 

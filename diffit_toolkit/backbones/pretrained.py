@@ -1,12 +1,14 @@
 """``save_pretrained`` / ``from_pretrained``: a model as a folder, the diffusers/timm convention.
 
 A pretrained folder holds ``config.json`` (the backbone's registry name under ``backbone`` and
-every constructor option, as :func:`~diffit_toolkit.backbones.build_backbone` takes them, plus
+every constructor option, as [`build_backbone`][diffit_toolkit.backbones.build_backbone] takes them, plus
 ``_class_name`` and ``_diffit_toolkit_format``) and ``model.safetensors`` (the weights, nothing
-pickled). It loads without a run folder::
+pickled). It loads without a run folder:
 
-    model.save_pretrained("exported/dit_s2")
-    same = LatentDiffiT.from_pretrained("exported/dit_s2")     # or backbones.from_pretrained(...)
+```python
+model.save_pretrained("exported/dit_s2")
+same = LatentDiffiT.from_pretrained("exported/dit_s2")     # or backbones.from_pretrained(...)
+```
 
 The weights are checked against the rebuilt model before they are copied in: a wrong file is
 one ValueError line naming the missing, unexpected and mis-shaped keys.

@@ -2,9 +2,9 @@
 
 Timing: ``warmup`` untimed iterations (they also absorb ``torch.compile``), then ``iters`` timed
 ones with ``torch.cuda.synchronize()`` before reading the clock on GPU. FLOPs are
-:func:`~diffit_toolkit.backbones.info.count_flops` (2 x multiply-adds of the forward, matrix
+[`count_flops`][diffit_toolkit.backbones.info.count_flops] (2 x multiply-adds of the forward, matrix
 products only, as DiT counts them); a training step counts 3 x the forward. MFU is achieved
-FLOP/s over the device's dense peak (:data:`PEAK_TFLOPS` or ``peak_tflops``), ``None`` on CPU.
+FLOP/s over the device's dense peak (`PEAK_TFLOPS` or ``peak_tflops``), ``None`` on CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class BenchConfig:
         iters: timed iterations.
         precision: ``bf16``, ``fp16`` (autocast on GPU) or ``fp32``.
         device: ``cpu`` or ``cuda`` (``None``: cuda when available).
-        peak_tflops: device peak for MFU (``None``: from :data:`PEAK_TFLOPS`, n/a on CPU).
+        peak_tflops: device peak for MFU (``None``: from `PEAK_TFLOPS`, n/a on CPU).
         attention_shape: (B, H, N, d) of the attention microbenchmark (``None``: skip it).
         sampler: sampler of the sampling measurement (``None``: the recipe's, else ``ddpm``).
         sample_steps: sampling steps (``None``: the recipe's, else 250).

@@ -1,6 +1,6 @@
 """The ``diffit-toolkit`` command line: the typer app, the global options, and how every command
-reports a failure. One module per feature area adds its commands to :data:`app`;
-:mod:`diffit_toolkit.cli` imports them all. Command modules import the model stack (torch, timm,
+reports a failure. One module per feature area adds its commands to `app`;
+`diffit_toolkit.cli` imports them all. Command modules import the model stack (torch, timm,
 ...) inside the command functions, so ``--help`` and the light commands start quickly.
 
 Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not be written),

@@ -1,7 +1,7 @@
 """Data: the embedded digits, image folders, ``.npz`` arrays, cached VAE latents and the VAE helpers.
 
 Every dataset returns ``(x, y)``: ``x`` float32 (C, H, W) in [-1, 1] (latents: already scaled),
-``y`` an int64 scalar label; see :class:`~diffit_toolkit.data.base.DiffusionDataset`.
+``y`` an int64 scalar label; see [`DiffusionDataset`][diffit_toolkit.data.base.DiffusionDataset].
 """
 
 from diffit_toolkit.data.base import DiffusionDataset

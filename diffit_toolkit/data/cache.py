@@ -62,7 +62,8 @@ def cache_latents(
     Args:
         data_path: Image folder (class subfolders, or flat with ``conditional=False``).
         out_dir: Cache folder (created).
-        vae: VAE folder or cached hub id (see :func:`~diffit_toolkit.data.vae.load_vae`); recorded in ``meta.json``.
+        vae: VAE folder or cached hub id (see [`load_vae`][diffit_toolkit.data.vae.load_vae]);
+            recorded in ``meta.json``.
         resolution: Image side to encode at (a multiple of the VAE's downsampling factor, e.g. 256).
         batch_size: Images per VAE call (each is encoded plain and flipped).
         shard_size: Images per shard file.
@@ -77,7 +78,7 @@ def cache_latents(
         progress: Called as ``progress(done, total)`` images after each batch.
 
     Returns:
-        The :class:`~diffit_toolkit.data.latents.LatentMeta` written.
+        The [`LatentMeta`][diffit_toolkit.data.latents.LatentMeta] written.
     """
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(LATENT_DTYPES)}, got '{dtype}'")

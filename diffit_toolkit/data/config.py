@@ -15,8 +15,9 @@ from diffit_toolkit.registry import datasets
 class DatasetKind:
     """A dataset kind (``data.kind`` in a recipe), registered by name in the ``dataset`` registry.
 
-    Class attributes say what the kind takes; :meth:`check` adds its own one-line checks and
-    :meth:`build` makes the dataset from a validated :class:`DataConfig`.
+    Class attributes say what the kind takes;
+    [`check`][diffit_toolkit.data.config.DatasetKind.check] adds its own one-line checks and
+    `build` makes the dataset from a validated [`DataConfig`][diffit_toolkit.data.config.DataConfig].
     """
 
     #: What ``path`` names for this kind, or ``None`` when it takes no path (embedded data).
@@ -117,7 +118,7 @@ def build_dataset(kind: str = "digits", **options: Any) -> DiffusionDataset:
 
     Args:
         kind: ``digits``, ``image_folder``, ``npz`` or ``latents``.
-        **options: Any other :class:`DataConfig` field.
+        **options: Any other [`DataConfig`][diffit_toolkit.data.config.DataConfig] field.
 
     Raises:
         ValueError: One line naming an unknown option or an invalid value.

@@ -78,8 +78,9 @@ def check_image_size(image: Image.Image) -> None:
 
 
 def verify_image(path: Path) -> None:
-    """Raise one of :data:`IMAGE_ERRORS` if PIL cannot identify ``path``, finds it truncated or
-    corrupted, or its header declares a size beyond :func:`check_image_size`'s bounds."""
+    """Raise one of `IMAGE_ERRORS` if PIL cannot identify ``path``, finds it truncated or
+    corrupted, or its header declares a size beyond
+    [`check_image_size`][diffit_toolkit.data.image_folder.check_image_size]'s bounds."""
     with Image.open(path) as image:
         check_image_size(image)
         image.verify()
@@ -92,7 +93,8 @@ class ImageFolderDataset(DiffusionDataset):
     files are found recursively inside each); with ``conditional=False`` every image under the
     folder is used with label 0. Unreadable files are found while indexing (``verify``) and,
     should one still fail to decode, when loaded; they are skipped (a warning names them, and
-    ``skipped`` lists them) or, with ``on_bad_file="stop"``, raise :class:`BadImageError`.
+    ``skipped`` lists them) or, with ``on_bad_file="stop"``, raise
+    [`BadImageError`][diffit_toolkit.data.image_folder.BadImageError].
     A file that fails at load time is replaced by the next readable one; ``skipped`` is then
     only updated in the process that loaded it (a ``DataLoader`` worker).
 
@@ -168,7 +170,7 @@ class ImageFolderDataset(DiffusionDataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The image at ``index`` as (C, H, W) in [-1, 1], unflipped; raises one of
-        :data:`IMAGE_ERRORS` if unreadable (or changed since the scan into an oversized one)."""
+        `IMAGE_ERRORS` if unreadable (or changed since the scan into an oversized one)."""
         with Image.open(self.samples[index][0]) as image:
             check_image_size(image)
             return pil_to_model(image, self.resolution, self.channels)

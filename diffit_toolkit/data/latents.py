@@ -59,7 +59,7 @@ class LatentMeta:
         dtype: Storage dtype of the latents (``float16`` or ``float32``).
         source: The image folder that was encoded.
         skipped: Unreadable image files left out.
-        format: Always :data:`LATENT_FORMAT`.
+        format: Always `LATENT_FORMAT`.
         version: Format version.
     """
 
@@ -118,7 +118,7 @@ class LatentDataset(DiffusionDataset):
     Attributes:
         latent_scale: The scale the latents were cached with (pass it to ``decode_latents``).
         vae: The VAE folder or hub id recorded at caching time.
-        meta: The whole :class:`LatentMeta`.
+        meta: The whole [`LatentMeta`][diffit_toolkit.data.latents.LatentMeta].
     """
 
     def __init__(

@@ -62,7 +62,7 @@ def pil_to_model(image: Image.Image, resolution: int, channels: int = 3) -> torc
 
     Args:
         image: Any-mode PIL image (palette, CMYK, RGBA ... are converted by PIL; 16- and 32-bit
-            integer images are scaled to 8 bits by :func:`to_8bit`).
+            integer images are scaled to 8 bits by [`to_8bit`][diffit_toolkit.data.transforms.to_8bit]).
         resolution: Output side.
         channels: 3 (RGB) or 1 (L).
 

@@ -68,7 +68,7 @@ def load_vae(
 
 
 def vae_latent_scale(vae: AutoencoderKL) -> float:
-    """The VAE's own ``scaling_factor`` (0.18215 for SD's VAE), or :data:`SD_VAE_LATENT_SCALE` when it has none."""
+    """The VAE's own ``scaling_factor`` (0.18215 for SD's VAE), or `SD_VAE_LATENT_SCALE` when it has none."""
     return float(getattr(vae.config, "scaling_factor", None) or SD_VAE_LATENT_SCALE)
 
 
@@ -105,7 +105,8 @@ def encode_images(
     Args:
         vae: The autoencoder.
         x: Images (B, 3, H, W) in [-1, 1].
-        latent_scale: Default: the VAE's ``scaling_factor`` (see :func:`vae_latent_scale`).
+        latent_scale: Default: the VAE's ``scaling_factor`` (see
+            [`vae_latent_scale`][diffit_toolkit.data.vae.vae_latent_scale]).
         sample: Posterior sample instead of mean.
         generator: Random generator for ``sample=True``.
 
@@ -122,7 +123,7 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor, latent_scale: float) -> 
 
     Args:
         vae: The autoencoder.
-        z: Scaled latents (B, C, h, w), e.g. model samples or items of a :class:`LatentDataset`.
+        z: Scaled latents (B, C, h, w), e.g. model samples or items of a `LatentDataset`.
         latent_scale: The scale recorded with the latents (``LatentDataset.latent_scale`` / ``meta.json``).
 
     Returns:

@@ -2,7 +2,9 @@
 
 Preconditionings and losses of the paper's Table 1, one small class each. The raw network ``F``
 is called as ``F(c_in * x, c_noise, y)``; the denoiser ``D(x, sigma, y) = c_skip x + c_out F``
-(eq. 7) is what the Heun sampler (:func:`diffit_toolkit.sampling.edm_heun_sample`) uses.
+(eq. 7) is what the Heun sampler
+([`diffit_toolkit.sampling.edm_heun_sample`][diffit_toolkit.sampling.edm_sampler.edm_heun_sample])
+uses.
 Data is noised as ``x = y + sigma n`` (the sigma form; VP's scaling ``s(t)`` lives in ``c_in``).
 """
 
@@ -68,7 +70,8 @@ def vp_sigma(t: torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BE
 
 
 def vp_sigma_inv(sigma: torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
-    """Inverse of :func:`vp_sigma`: ``t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d``."""
+    """Inverse of [`vp_sigma`][diffit_toolkit.diffusion.edm.vp_sigma]: ``t = (sqrt(beta_min^2 + 2
+    beta_d ln(1 + sigma^2)) - beta_min) / beta_d``."""
     return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
 
 
@@ -178,7 +181,9 @@ class EDMDenoiser(nn.Module):
 
     Args:
         net: The raw network ``F(x, c_noise, y)``, ``c_noise`` of shape ``(B,)``.
-        precond: :class:`VPPrecond`, :class:`VEPrecond` or :class:`EDMPrecond`.
+        precond: [`VPPrecond`][diffit_toolkit.diffusion.edm.VPPrecond],
+            [`VEPrecond`][diffit_toolkit.diffusion.edm.VEPrecond] or
+            [`EDMPrecond`][diffit_toolkit.diffusion.edm.EDMPrecond].
     """
 
     def __init__(self, net: RawNetwork, precond: Precond) -> None:

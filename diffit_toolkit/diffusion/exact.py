@@ -125,7 +125,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class ExactGaussianModel:
-    """The optimal network of a :class:`GaussianDiffusion` for mixture data.
+    """The optimal network of a
+    [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] for mixture data.
 
     Returns the posterior mean in the diffusion's parametrisation (epsilon, x0 or v) and, with a
     learned variance, the optimal variance ``beta~_t + c1_t^2 diag Var[x_0 | x_t]`` of

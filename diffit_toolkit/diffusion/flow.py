@@ -5,7 +5,7 @@ Convention (SiT's ``ICPlan``): ``t = 0`` is noise and ``t = 1`` is data,
     x_t = t * x_data + (1 - t) * noise,      u = d x_t / dt = x_data - noise,
 
 and the model ``v(x_t, t, y)`` predicts ``u`` for continuous ``t`` in [0, 1] of shape ``(B,)``.
-Samplers (:func:`diffit_toolkit.sampling.flow_euler_sample`, ``flow_heun_sample``) integrate
+Samplers ([`diffit_toolkit.sampling.flow_euler_sample`][diffit_toolkit.sampling.flow_samplers.flow_euler_sample], ``flow_heun_sample``) integrate
 ``dx/dt = v`` from ``t = 0`` to ``t = 1``.
 """
 

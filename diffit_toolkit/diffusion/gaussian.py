@@ -52,7 +52,7 @@ class GaussianDiffusion:
 
     All schedule arrays are float64 and indexed by the (possibly respaced) step index
     ``0..num_timesteps-1``; the model is always called with the original timestep through
-    :attr:`timestep_map`, as ADM's ``_WrappedModel`` does.
+    `timestep_map`, as ADM's ``_WrappedModel`` does.
 
     Args:
         betas: float64 ``(T,)`` betas of this process.
@@ -137,11 +137,14 @@ class GaussianDiffusion:
         original timestep indices.
 
         Args:
-            section_counts: As in :func:`space_timesteps`, e.g. ``250`` or ``"ddim50"``, or
+            section_counts: As in
+                [`space_timesteps`][diffit_toolkit.diffusion.schedules.space_timesteps], e.g.
+                ``250`` or ``"ddim50"``, or
                 ``"logsnrN"``: N steps uniform in log-SNR (what DPM-Solver++ likes).
 
         Returns:
-            A new :class:`GaussianDiffusion` with ``len(kept)`` steps.
+            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with
+            ``len(kept)`` steps.
         """
         if isinstance(section_counts, str) and section_counts.startswith("logsnr"):
             kept = self._logsnr_timesteps(int(section_counts[len("logsnr") :]))
@@ -172,7 +175,8 @@ class GaussianDiffusion:
             timesteps: Distinct step indices in ``[0, num_timesteps)``.
 
         Returns:
-            A new :class:`GaussianDiffusion` with ``len(timesteps)`` steps and the same
+            A new [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion] with
+            ``len(timesteps)`` steps and the same
             ``alphas_cumprod`` at them.
         """
         kept = sorted(set(int(k) for k in timesteps))
@@ -471,7 +475,7 @@ def create_gaussian_diffusion(
         rescale_learned_sigmas: Scale the VLB term by ``T / 1000`` (ADM's ``rescaled_mse``).
 
     Returns:
-        The (respaced) :class:`GaussianDiffusion`.
+        The (respaced) [`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion].
     """
     if learn_sigma:
         var_type: ModelVarType = "learned_range"

@@ -27,7 +27,7 @@ MAX_BETA = 0.999
 """Betas of the cosine schedule are clipped to this value (Nichol & Dhariwal, 2021, sec. 3.2)."""
 
 BETA_SCHEDULES = ("linear", "cosine")
-"""Names accepted by :func:`get_named_beta_schedule`."""
+"""Names accepted by [`get_named_beta_schedule`][diffit_toolkit.diffusion.schedules.get_named_beta_schedule]."""
 
 
 def betas_for_alpha_bar(

@@ -1,16 +1,18 @@
 """The mechanism ablation runner: train each recipe with several seeds for one budget, sample,
 score with the offline digits metric, and write a table (markdown + CSV) and a plot (PNG).
 
-Layout of the output folder::
+Layout of the output folder:
 
-    <out>/<recipe>/seed_<s>/         the training runs (checkpoints every ``eval_every`` steps)
-    <out>/curves.csv                 one row per recipe, seed and evaluated step (the final step at
-                                     its best guidance scale when the suite sweeps scales)
-    <out>/guidance.csv               with ``guidance_scales``: every scale at the final step
-    <out>/runs.csv                   one row per recipe and seed (the final step)
-    <out>/table.md, <out>/table.csv  mean +/- std per mechanism over the seeds
-    <out>/ablation.png               metric vs training steps, one line per mechanism
-    <out>/classifier.pt              the digits classifier used for scoring
+```text
+<out>/<recipe>/seed_<s>/         the training runs (checkpoints every eval_every steps)
+<out>/curves.csv                 one row per recipe, seed and evaluated step (the final step at
+                                 its best guidance scale when the suite sweeps scales)
+<out>/guidance.csv               with guidance_scales: every scale at the final step
+<out>/runs.csv                   one row per recipe and seed (the final step)
+<out>/table.md, <out>/table.csv  mean +/- std per mechanism over the seeds
+<out>/ablation.png               metric vs training steps, one line per mechanism
+<out>/classifier.pt              the digits classifier used for scoring
+```
 
 Finished (recipe, seed) pairs are read back from ``curves.csv``, so an interrupted ablation
 continues where it stopped.
@@ -38,7 +40,8 @@ CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor"
 
 @dataclass
 class AblationSuite:
-    """What an ablation runs (also readable from a suite YAML, see :func:`load_suite`).
+    """What an ablation runs (also readable from a suite YAML, see
+    [`load_suite`][diffit_toolkit.eval.ablation.load_suite]).
 
     Attributes:
         recipes: recipe files (one per mechanism, same backbone and budget).

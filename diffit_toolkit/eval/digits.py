@@ -135,7 +135,7 @@ class JudgeScore:
     fd: float
     floor: float
     num_images: int
-    #: The judge's name at the start of :meth:`line`.
+    #: The judge's name at the start of `line`.
     name: ClassVar[str] = "judge"
 
     def as_dict(self) -> dict[str, float]:
@@ -147,7 +147,8 @@ class JudgeScore:
 
 
 class DigitsScore(JudgeScore):
-    """Result of :meth:`DigitsMetric.score` (fields as :class:`JudgeScore`)."""
+    """Result of [`DigitsMetric.score`][diffit_toolkit.eval.digits.DigitsMetric.score] (fields as
+    [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
 
     name = "digits"
 
@@ -172,7 +173,8 @@ def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class DigitsMetric:
-    """Accuracy and Frechet distance of digit samples in the feature space of :class:`DigitsClassifier`.
+    """Accuracy and Frechet distance of digit samples in the feature space of
+    [`DigitsClassifier`][diffit_toolkit.eval.digits.DigitsClassifier].
 
     Args:
         seed: Classifier training seed.

@@ -1,8 +1,10 @@
 """Inputs of ``diffit-toolkit eval``: image folders, ADM-layout ``.npz`` samples and ADM reference
 batches (``.npz`` with ``mu``/``sigma``, optionally ``arr_0``).
 
-Everything becomes an :class:`ImageSet`: uint8 (N, 3, H, W) images (gray expanded to RGB),
-optional labels and optional stored Gaussian statistics. Bad inputs raise :class:`InputError`
+Everything becomes an [`ImageSet`][diffit_toolkit.eval.inputs.ImageSet]: uint8 (N, 3, H, W) images
+(gray expanded to RGB),
+optional labels and optional stored Gaussian statistics. Bad inputs raise
+[`InputError`][diffit_toolkit.eval.inputs.InputError]
 with a one-line message.
 """
 

@@ -3,7 +3,8 @@
 Features come from torch-fidelity's ``inception-v3-compat`` extractor (the TF-compatible
 Inception v3 of the FID reference code, with its TF-1.x bilinear resize to 299x299) loaded from a
 **local** weights file; nothing is downloaded. The metric math is the one of
-:mod:`diffit_toolkit.eval.frechet`, so any extractor with the same call signature (the tests use a
+[`diffit_toolkit.eval.frechet`][diffit_toolkit.eval.frechet], so any extractor with the same call
+signature (the tests use a
 small stand-in) goes through the same code.
 """
 

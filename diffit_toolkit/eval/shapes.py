@@ -1,6 +1,7 @@
 """The offline judge of the embedded shapes: a small CNN trained on the generator's own images.
 
-Like the digits metric (:mod:`diffit_toolkit.eval.digits`) and nothing downloaded: for conditional
+Like the digits metric ([`diffit_toolkit.eval.digits`][diffit_toolkit.eval.digits]) and nothing
+downloaded: for conditional
 samples it reports (a) the share classified as their requested class and (b) the Frechet distance
 in the classifier's penultimate feature space against the held-out shapes (``split="test"``, a
 disjoint random stream), next to the real-vs-real floor: the same distance for as many real train
@@ -84,7 +85,8 @@ def load_shapes_classifier(seed: int = 0, cache: str | Path | None = None) -> Sh
 
 
 class ShapesScore(JudgeScore):
-    """Result of :meth:`ShapesMetric.score` (fields as :class:`~diffit_toolkit.eval.digits.JudgeScore`)."""
+    """Result of [`ShapesMetric.score`][diffit_toolkit.eval.shapes.ShapesMetric.score] (fields as
+    [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
 
     name = "shapes"
 
@@ -105,7 +107,8 @@ def to_shapes_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class ShapesMetric:
-    """Accuracy and Frechet distance of shape samples in the feature space of :class:`ShapesClassifier`.
+    """Accuracy and Frechet distance of shape samples in the feature space of
+    [`ShapesClassifier`][diffit_toolkit.eval.shapes.ShapesClassifier].
 
     Args:
         seed: Judge training seed.

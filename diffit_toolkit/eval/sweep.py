@@ -1,13 +1,17 @@
 """Guidance sweeps: sample one checkpoint at several classifier-free guidance scales and score each.
 
 Papers report the best FID over guidance scales; users need the whole curve, because guidance
-trades sample quality and class fidelity against diversity. :func:`guidance_sweep` draws the same
+trades sample quality and class fidelity against diversity.
+[`guidance_sweep`][diffit_toolkit.eval.sweep.guidance_sweep] draws the same
 noise and labels at every scale (only the scale changes), scores the images with any *judge* (a
 callable ``(images, labels) -> dict of numbers``) and returns one row per scale;
-:func:`plot_guidance_sweep` draws the trade-off curve (one line per setting, one point per scale).
+[`plot_guidance_sweep`][diffit_toolkit.eval.sweep.plot_guidance_sweep] draws the trade-off curve
+(one line per setting, one point per scale).
 
-The judges: :func:`digits_judge` and :func:`shapes_judge` (the offline class-accuracy + Frechet
-distance metrics of the embedded data sets) and :func:`inception_judge` (FID / IS against a
+The judges: [`digits_judge`][diffit_toolkit.eval.sweep.digits_judge] and
+[`shapes_judge`][diffit_toolkit.eval.sweep.shapes_judge] (the offline class-accuracy + Frechet
+distance metrics of the embedded data sets) and
+[`inception_judge`][diffit_toolkit.eval.sweep.inception_judge] (FID / IS against a
 reference, local Inception weights).
 """
 
@@ -43,9 +47,9 @@ def guidance_sweep(generator: Any, scales: Sequence[float], sample: Any, num_ima
     """Score ``num_images`` samples of ``generator`` at every guidance scale.
 
     Args:
-        generator: a :class:`~diffit_toolkit.generate.Generator` (a loaded checkpoint).
+        generator: a [`Generator`][diffit_toolkit.generate.Generator] (a loaded checkpoint).
         scales: guidance scales (1: the plain conditional model).
-        sample: the :class:`~diffit_toolkit.recipe.SampleSection` to sample with; only
+        sample: the [`SampleSection`][diffit_toolkit.recipe.SampleSection] to sample with; only
             ``guidance_scale`` changes between the rows.
         num_images: samples per scale (classes cycled).
         judge: ``(images, labels) -> {metric: value}``.
@@ -147,7 +151,7 @@ def plot_guidance_sweep(curves: dict[str, Sequence[dict[str, float]]], path: str
 
 
 def digits_judge(cache: str | Path | None = None) -> Judge:
-    """Class accuracy and FD of 8x8 digits (:class:`~diffit_toolkit.eval.digits.DigitsMetric`)."""
+    """Class accuracy and FD of 8x8 digits ([`DigitsMetric`][diffit_toolkit.eval.digits.DigitsMetric])."""
     from diffit_toolkit.eval.digits import DigitsMetric
 
     metric = DigitsMetric(cache=cache)
@@ -155,7 +159,7 @@ def digits_judge(cache: str | Path | None = None) -> Judge:
 
 
 def shapes_judge(cache: str | Path | None = None) -> Judge:
-    """Class accuracy and FD of 32x32 shapes (:class:`~diffit_toolkit.eval.shapes.ShapesMetric`)."""
+    """Class accuracy and FD of 32x32 shapes ([`ShapesMetric`][diffit_toolkit.eval.shapes.ShapesMetric])."""
     from diffit_toolkit.eval.shapes import ShapesMetric
 
     metric = ShapesMetric(cache=cache)
@@ -163,7 +167,7 @@ def shapes_judge(cache: str | Path | None = None) -> Judge:
 
 
 def inception_judge(ref: Any, extractor: Any) -> Judge:
-    """FID against ``ref`` (an :class:`~diffit_toolkit.eval.inputs.ImageSet`) and the Inception Score."""
+    """FID against ``ref`` (an [`ImageSet`][diffit_toolkit.eval.inputs.ImageSet]) and the Inception Score."""
     from diffit_toolkit.eval.inputs import ImageSet
     from diffit_toolkit.eval.metrics import evaluate_sets
 

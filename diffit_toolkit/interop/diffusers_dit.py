@@ -7,18 +7,16 @@ option ``time_feature_options: {freq_shift: 1}``) and the LayerNorm before each 
 ``norm_eps`` (1e-5 by default; DiT and the toolkit use 1e-6 everywhere, so a model with the
 default differs from its import by float rounding of that epsilon, about 1e-5 relative).
 
-=====================================================================  ===============================================
-diffusers key                                                          DiT key (then :mod:`~diffit_toolkit.interop.released`)
-=====================================================================  ===============================================
-``pos_embed.proj.*``                                                   ``x_embedder.proj.*``
-``transformer_blocks.0.norm1.emb.timestep_embedder.linear_{1,2}.*``    ``t_embedder.mlp.{0,2}.*``
-``transformer_blocks.0.norm1.emb.class_embedder.embedding_table.*``    ``y_embedder.embedding_table.*``
-``transformer_blocks.{i}.norm1.linear.*``                              ``blocks.{i}.adaLN_modulation.1.*``
-``transformer_blocks.{i}.attn1.to_{q,k,v}.*`` (concatenated)           ``blocks.{i}.attn.qkv.*``
-``transformer_blocks.{i}.attn1.to_out.0.*``                            ``blocks.{i}.attn.proj.*``
-``transformer_blocks.{i}.ff.net.0.proj.*``, ``ff.net.2.*``             ``blocks.{i}.mlp.fc1.*``, ``mlp.fc2.*``
-``proj_out_1.*``, ``proj_out_2.*``                                     ``final_layer.adaLN_modulation.1.*``, ``final_layer.linear.*``
-=====================================================================  ===============================================
+| diffusers key | DiT key (then [`released`][diffit_toolkit.interop.released]) |
+| --- | --- |
+| `pos_embed.proj.*` | `x_embedder.proj.*` |
+| `transformer_blocks.0.norm1.emb.timestep_embedder.linear_{1,2}.*` | `t_embedder.mlp.{0,2}.*` |
+| `transformer_blocks.0.norm1.emb.class_embedder.embedding_table.*` | `y_embedder.embedding_table.*` |
+| `transformer_blocks.{i}.norm1.linear.*` | `blocks.{i}.adaLN_modulation.1.*` |
+| `transformer_blocks.{i}.attn1.to_{q,k,v}.*` (concatenated) | `blocks.{i}.attn.qkv.*` |
+| `transformer_blocks.{i}.attn1.to_out.0.*` | `blocks.{i}.attn.proj.*` |
+| `transformer_blocks.{i}.ff.net.0.proj.*`, `ff.net.2.*` | `blocks.{i}.mlp.fc1.*`, `mlp.fc2.*` |
+| `proj_out_1.*`, `proj_out_2.*` | `final_layer.adaLN_modulation.1.*`, `final_layer.linear.*` |
 
 The position embedding is not stored by diffusers (a non-persistent buffer); it is DiT's fixed
 sin-cos table of the patch grid, which needs the input size: from the folder's ``config.json``

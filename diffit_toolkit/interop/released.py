@@ -4,12 +4,10 @@ Both layouts share DiT's names for the patch embedding, positions, time and labe
 attention, MLP and final layer; they differ only in where the conditioning weights live, which
 the toolkit keeps in each block's mechanism (``blocks.{i}.cond``):
 
-==================================================  ===========================================
-released key                                        toolkit key
-==================================================  ===========================================
-``blocks.{i}.attn.qkv_temb.*`` (DiffiT, TMSA)       ``blocks.{i}.cond.qkv_temb.*`` (``tmsa``)
-``blocks.{i}.adaLN_modulation.1.*`` (DiT)           ``blocks.{i}.cond.adaLN_modulation.1.*`` (``adaln_zero``)
-==================================================  ===========================================
+| released key | toolkit key |
+| --- | --- |
+| `blocks.{i}.attn.qkv_temb.*` (DiffiT, TMSA) | `blocks.{i}.cond.qkv_temb.*` (`tmsa`) |
+| `blocks.{i}.adaLN_modulation.1.*` (DiT) | `blocks.{i}.cond.adaLN_modulation.1.*` (`adaln_zero`) |
 
 Everything else (``x_embedder.proj``, ``pos_embed``, ``t_embedder.mlp.{0,2}``,
 ``y_embedder.embedding_table``, ``attn.qkv`` in the ``(3, heads, head_dim)`` layout,
@@ -127,7 +125,7 @@ def load_released(
     Args:
         source: a ``.pt``/``.pth`` (read with ``weights_only=True``) or ``.safetensors`` file, a
             diffusers ``DiTTransformer2DModel`` folder or state dict (see
-            :mod:`~diffit_toolkit.interop.diffusers_dit`), or a state dict.
+            [`diffusers_dit`][diffit_toolkit.interop.diffusers_dit]), or a state dict.
         layout: ``"diffit"``, ``"dit"`` or ``"auto"`` (detected from the keys).
         null_class: whether the label table's last row is the null class (trained with label
             dropout, as DiT and DiffiT were). ``False`` for checkpoints trained with class dropout

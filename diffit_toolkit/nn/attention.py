@@ -1,15 +1,18 @@
 """Multi-head self-attention with optional Swin-style relative position bias and windows.
 
-The module (:class:`Attention`) owns the weights; the kernel that computes
-``softmax(q k^T * scale + bias) v`` is an :class:`AttentionBackend` chosen by name from the
+The module ([`Attention`][diffit_toolkit.nn.attention.Attention]) owns the weights; the kernel that computes
+``softmax(q k^T * scale + bias) v`` is an
+[`AttentionBackend`][diffit_toolkit.nn.attention.AttentionBackend] chosen by name from the
 registry (``math``, ``sdpa``, ``flex``, ``xformers``, ``triton``, ``auto``). ``math`` below is
 the fp32 reference every other backend is tested against.
 
 A backend takes the bias in one of two forms. Every backend takes it **dense** (``fn``): a float
-tensor broadcastable to ``(B, H, N, M)``, which :class:`Attention` builds from its relative
+tensor broadcastable to ``(B, H, N, M)``, which [`Attention`][diffit_toolkit.nn.attention.Attention]
+builds from its relative
 position table. A backend that can look the bias up itself also declares ``gathered_fn``: it gets
 the table, Swin's index and the per-sample table offset instead, so no ``(B, H, N, N)`` bias is
-ever built (:data:`GatheredAttentionFn`, reference :func:`attention_gathered_math`).
+ever built (`GatheredAttentionFn`, reference
+[`attention_gathered_math`][diffit_toolkit.nn.attention.attention_gathered_math]).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 #: ``gathered_fn(q, k, v, table, index, table_offset, scale) -> out``: attention with the relative
 #: position bias ``bias[b, h, i, j] = (table + table_offset[b // windows])[index[i, j], h]`` looked
 #: up by the backend. q (B', H, n, d) with ``B' = B * windows`` (windows inner, the order
-#: :class:`Attention` produces); k/v (B', H, M, d) with ``M >= n``, keys ``j >= n`` (extra tokens)
+#: [`Attention`][diffit_toolkit.nn.attention.Attention] produces); k/v (B', H, M, d) with ``M >= n``, keys ``j >= n`` (extra tokens)
 #: get bias 0; table (T, H); index (n, n) integer, values in ``[0, T)``; table_offset (B, T, H) or
 #: None. Gradients flow to q, k, v, table and table_offset; the output has q's dtype.
 GatheredAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
@@ -56,7 +59,7 @@ def gather_relative_bias(
 
     ``bias[b, h, i, j] = (table + table_offset[b // windows])[index[i, j], h]`` for ``j < n`` and
     0 for the ``num_keys - n`` extra keys (default ``num_keys = n``). Shapes as in
-    :data:`GatheredAttentionFn`; the result is batch-broadcast (leading 1) without an offset.
+    `GatheredAttentionFn`; the result is batch-broadcast (leading 1) without an offset.
     """
     full = table[None] if table_offset is None else table + table_offset  # (1|B, T, H)
     n = index.shape[0]
@@ -72,8 +75,9 @@ def gather_relative_bias(
 def attention_gathered_math(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor, table_offset: Tensor | None, scale: float
 ) -> Tensor:
-    """Reference of the :data:`GatheredAttentionFn` contract: the dense gathered bias through
-    :func:`attention_math` (what a gathering backend must equal, without building the bias)."""
+    """Reference of the `GatheredAttentionFn` contract: the dense gathered bias through
+    [`attention_math`][diffit_toolkit.nn.attention.attention_math] (what a gathering backend must
+    equal, without building the bias)."""
     windows = q.shape[0] // table_offset.shape[0] if table_offset is not None else 1
     return attention_math(q, k, v, gather_relative_bias(table, index, table_offset, windows, k.shape[2]), scale)
 
@@ -84,7 +88,7 @@ class AttentionBackend:
 
     Args:
         name: registry name.
-        fn: the kernel, see :data:`AttentionFn`.
+        fn: the kernel, see `AttentionFn`.
         devices: device types it runs on (``"cpu"``, ``"cuda"``, ...).
         dtypes: input dtypes it accepts.
         supports_bias: whether it takes an additive float bias.
@@ -95,7 +99,8 @@ class AttentionBackend:
             ``devices``).
         description: one line for listings.
         gathered_fn: optional kernel that looks the relative position bias up itself (see
-            :data:`GatheredAttentionFn`); :class:`Attention` then never builds a dense bias for
+            `GatheredAttentionFn`); [`Attention`][diffit_toolkit.nn.attention.Attention] then never
+            builds a dense bias for
             this backend. ``None``: the backend gets the dense bias through ``fn``.
     """
 
@@ -138,7 +143,7 @@ def _warn_once(message: str) -> None:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """The backend resolved when an :class:`Attention` module is built.
+    """The backend resolved when an [`Attention`][diffit_toolkit.nn.attention.Attention] module is built.
 
     ``fixed`` is the requested backend when it is usable in this process; otherwise the call-time
     choice walks ``auto_candidates`` (sorted by priority) and takes the first that supports the

@@ -1,28 +1,29 @@
 """The DiffiT transformer block and its injection sites.
 
-A block is pre-norm attention + MLP (DiffiT eq. 7-8)::
+A block is pre-norm attention + MLP (DiffiT eq. 7-8):
 
-    x = x + gate_attn * Attention(modulate(LN(x), shift_attn, scale_attn), qkv, bias, extra tokens)
-    x = x + gate_mlp  * MLP(modulate(LN(x), shift_mlp, scale_mlp) + mlp_in)
+```text
+x = x + gate_attn * Attention(modulate(LN(x), shift_attn, scale_attn), qkv, bias, extra tokens)
+x = x + gate_mlp  * MLP(modulate(LN(x), shift_mlp, scale_mlp) + mlp_in)
+```
 
-The time/class token ``c`` enters **only** through the fields of an :class:`Injection`, which the
+The time/class token ``c`` enters **only** through the fields of an
+[`Injection`][diffit_toolkit.nn.block.Injection], which the
 block's conditioning mechanism computes from ``c``. Every field left ``None`` is a site the
 mechanism does not use, and the block then computes exactly the unconditioned formula. The
 sites:
 
-========================  ===========================================================  =================
-site (Injection field)    effect                                                        used by
-========================  ===========================================================  =================
-``tokens``                added to the block input ``x``                                ``additive``
-``shift_attn/scale_attn`` ``LN(x) * (1 + scale) + shift`` before attention              ``adaln_zero``
-``gate_attn``             multiplies the attention branch                              ``adaln_zero``
-``qkv``                   added to the q/k/v projection of every token                  ``tmsa``
-``bias_table``            added to the relative position bias table (per sample)        ``relative_bias``
-``extra_tokens``          attended as extra keys/values, no output of their own        ``separate_token``
-``shift_mlp/scale_mlp``   modulation of the MLP's LayerNorm                             ``adaln_zero``
-``mlp_in``                added to the MLP input                                        ``mlp``
-``gate_mlp``              multiplies the MLP branch                                     ``adaln_zero``
-========================  ===========================================================  =================
+| site (Injection field) | effect | used by |
+| --- | --- | --- |
+| `tokens` | added to the block input `x` | `additive` |
+| `shift_attn/scale_attn` | `LN(x) * (1 + scale) + shift` before attention | `adaln_zero` |
+| `gate_attn` | multiplies the attention branch | `adaln_zero` |
+| `qkv` | added to the q/k/v projection of every token | `tmsa` |
+| `bias_table` | added to the relative position bias table (per sample) | `relative_bias` |
+| `extra_tokens` | attended as extra keys/values, no output of their own | `separate_token` |
+| `shift_mlp/scale_mlp` | modulation of the MLP's LayerNorm | `adaln_zero` |
+| `mlp_in` | added to the MLP input | `mlp` |
+| `gate_mlp` | multiplies the MLP branch | `adaln_zero` |
 """
 
 from __future__ import annotations
@@ -137,13 +138,13 @@ class ConditioningMechanism(nn.Module, abc.ABC):
 
     Subclass, create your parameters in ``__init__(spec, **options)`` (initialised the way your
     paper says), fill the sites you use in ``forward``, and register the class with
-    :func:`diffit_toolkit.register_conditioning`. Class attributes:
+    [`diffit_toolkit.register_conditioning`][diffit_toolkit.register_conditioning]. Class attributes:
 
     * ``requires_rel_pos_bias``: the block must have a relative position bias.
     * ``configure_block(spec, **options)``: a classmethod that may adjust the block's spec before
       it is built (e.g. ``window_tmsa`` turns windows on).
 
-    Declarations that the conformance kit (:mod:`diffit_toolkit.testing`) checks and the
+    Declarations that the conformance kit ([`diffit_toolkit.testing`][diffit_toolkit.testing]) checks and the
     backbones read; the defaults suit most mechanisms:
 
     * ``identity_at_init``: a freshly built block is exactly the identity (adaLN-Zero's zero gates).
@@ -202,11 +203,12 @@ class DiffiTBlock(nn.Module):
     """Pre-norm transformer block whose conditioning goes only through injection sites.
 
     Args:
-        spec: the block's shape (:class:`BlockSpec`).
+        spec: the block's shape ([`BlockSpec`][diffit_toolkit.nn.block.BlockSpec]).
         mechanism: registered mechanism name (``tmsa``, ``adaln_zero``, ...) or class.
         mechanism_options: keyword options for the mechanism (recipe ``mechanism_options``).
 
-    Submodules: ``norm1``, ``attn`` (:class:`Attention`), ``norm2``, ``mlp`` (``fc1``/``fc2``,
+    Submodules: ``norm1``, ``attn`` ([`Attention`][diffit_toolkit.nn.attention.Attention]),
+    ``norm2``, ``mlp`` (``fc1``/``fc2``,
     GELU tanh), ``cond`` (the mechanism).
     """
 

@@ -3,9 +3,11 @@
 Below both training and sampling: the trainer writes through it and ``diffit-toolkit sample``
 reads through it. Two kinds of weight files live here:
 
-* a **checkpoint** (:func:`save_checkpoint` / :func:`load_checkpoint`): a ``step_*`` folder of a
+* a **checkpoint** ([`save_checkpoint`][diffit_toolkit.runs.checkpoint.save_checkpoint] /
+[`load_checkpoint`][diffit_toolkit.runs.checkpoint.load_checkpoint]): a ``step_*`` folder of a
   run with the model, EMA, optimizer and RNG state and the resolved recipe (for resuming);
-* a **model file** (:func:`save_model_file` / :func:`load_model_file`): one ``.safetensors`` file
+* a **model file** ([`save_model_file`][diffit_toolkit.runs.model_file.save_model_file] /
+[`load_model_file`][diffit_toolkit.runs.model_file.load_model_file]): one ``.safetensors`` file
   with the model's config in its header (for sharing and converted released weights).
 """
 

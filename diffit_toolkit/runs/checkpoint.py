@@ -40,7 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 #: Per-file SHA-256 digests of a checkpoint.
 CHECKSUMS = "checksums.json"
-#: The files of a complete checkpoint (besides :data:`CHECKSUMS`).
+#: The files of a complete checkpoint (besides `CHECKSUMS`).
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
 #: Keys every training state holds.
 STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "ema_n_averaged", "data", "rng")
@@ -223,7 +223,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
 
     On any error (a full disk, say, whatever safetensors or torch raise for it) the partial
-    folder is removed, the previous checkpoints are untouched, and a :class:`CheckpointError`
+    folder is removed, the previous checkpoints are untouched, and a
+    [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]
     says what failed in one line. Checkpoints newer than ``step`` are never pruned.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
@@ -268,7 +269,8 @@ def save_checkpoint(
 
 
 def verify_checkpoint(path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless every file of the checkpoint matches the SHA-256
+    """Raise [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError] unless every file
+    of the checkpoint matches the SHA-256
     recorded when it was written (checkpoints written before checksums existed pass)."""
     path = Path(path)
     sums_file = path / CHECKSUMS
@@ -298,7 +300,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint folder: ``model``, ``ema`` (state dicts), ``state`` and ``config``.
 
     Every file is checked against its recorded SHA-256 first; nothing is unpickled beyond
-    tensors and plain values (``weights_only=True``). Any problem is a :class:`CheckpointError`.
+    tensors and plain values (``weights_only=True``). Any problem is a
+    [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError].
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -326,7 +329,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def check_train_state(state: dict[str, Any], path: Path) -> int:
     """The step of a training state read from ``path``, after checking it has what a resume needs;
-    a malformed state is a one-line :class:`CheckpointError`."""
+    a malformed state is a one-line [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]."""
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path}: state.pt lacks {', '.join(missing)}; it was not written by this "

@@ -38,7 +38,7 @@ def edm_heun_sample(
     ``s_churn = 0`` gives the deterministic sampler.
 
     Args:
-        denoiser: ``D(x, sigma, y)``, e.g. an :class:`~diffit_toolkit.diffusion.EDMDenoiser`.
+        denoiser: ``D(x, sigma, y)``, e.g. an [`EDMDenoiser`][diffit_toolkit.diffusion.edm.EDMDenoiser].
         noise: ``(B, C, ...)`` standard normal latents (scaled by ``sigma_max`` here).
         y: Labels.
         num_steps: ``N``.

@@ -2,7 +2,7 @@
 
 Run ``python -m diffit_toolkit.sampling.exact_report`` to print the table in ``docs/diffusion.md``.
 The data are a correlated 3-D Gaussian and a two-point mixture; each sampler starts from the same
-seeded noise, and the errors are those of :func:`~diffit_toolkit.diffusion.sample_errors`.
+seeded noise, and the errors are those of [`sample_errors`][diffit_toolkit.diffusion.exact.sample_errors].
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Euler and Heun ODE samplers for flow matching (:class:`~diffit_toolkit.diffusion.LinearFlow`).
+"""Euler and Heun ODE samplers for flow matching ([`LinearFlow`][diffit_toolkit.diffusion.flow.LinearFlow]).
 
 They integrate ``dx/dt = v(x, t, y)`` on a uniform grid from ``t = 0`` (noise) to ``t = 1`` (data).
 """

@@ -1,6 +1,7 @@
 """Samplers for the discrete Gaussian family: DDPM ancestral, DDIM and DPM-Solver++(2M).
 
-Each sampler walks the steps of the given :class:`~diffit_toolkit.diffusion.GaussianDiffusion`
+Each sampler walks the steps of the given
+[`GaussianDiffusion`][diffit_toolkit.diffusion.gaussian.GaussianDiffusion]
 (respace it first, e.g. ``diffusion.respace(250)``), calls the model with the original timesteps,
 and costs one network evaluation per step.
 """

@@ -1,5 +1,5 @@
 """The bundled trainer: distributed setup, EMA, logging and the training loop (checkpoints and
-run folders are :mod:`diffit_toolkit.runs`)."""
+run folders are [`diffit_toolkit.runs`][diffit_toolkit.runs])."""
 
 from diffit_toolkit.train.distributed import DistEnv, setup_distributed
 from diffit_toolkit.train.trainer import TrainingError, TrainResult, train

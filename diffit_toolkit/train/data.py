@@ -13,8 +13,9 @@ class ResumableSampler(Sampler[int]):
     """Shuffles the dataset once per epoch (seeded by ``seed + epoch``), gives each rank every
     ``world_size``-th index of the usable prefix, and starts an epoch at the batch it was stopped.
 
-    The trainer calls :meth:`advance` after each consumed batch and :meth:`next_epoch` when the
-    loader runs out; :meth:`state_dict` is the data position stored in checkpoints.
+    The trainer calls [`advance`][diffit_toolkit.train.data.ResumableSampler.advance] after each
+    consumed batch and `next_epoch` when the
+    loader runs out; `state_dict` is the data position stored in checkpoints.
     """
 
     def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:

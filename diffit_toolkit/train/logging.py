@@ -56,7 +56,7 @@ class RunLogger:
     does nothing.
 
     Args:
-        logging: the recipe's :class:`~diffit_toolkit.recipe.LoggingSection` (default: TensorBoard
+        logging: the recipe's [`LoggingSection`][diffit_toolkit.recipe.LoggingSection] (default: TensorBoard
             when installed, no W&B).
         config: what W&B records as the run's config (the resolved recipe).
         name: the W&B run name when the section gives none.
