@@ -145,3 +145,14 @@ def test_every_shipped_recipe_model_builds_at_reduced_size(path):
     y = torch.zeros(1, dtype=torch.long) if model.config["num_classes"] else None
     out = model(x, torch.tensor([10]), y)
     assert out.shape[-2:] == (size, size)
+
+
+def test_tuning_variants_pin_what_their_comparison_is_about():
+    """The tuning variants extend the quickstart; each must keep its own process and sampler when
+    the quickstart's defaults change."""
+    gauss = load_recipe(RECIPES_DIR / "tuning" / "gauss_eps.yaml")
+    assert (gauss.diffusion.process, gauss.diffusion.schedule, gauss.diffusion.prediction) == ("gaussian", "cosine", "eps")
+    assert (gauss.sample.sampler, gauss.sample.steps, gauss.sample.guidance_interval) == ("ddim", 50, None)
+    edm = load_recipe(RECIPES_DIR / "tuning" / "edm.yaml")
+    assert (edm.diffusion.process, edm.sample.sampler, edm.train.max_steps) == ("edm", "heun", 1200)
+    assert gauss.train.max_steps == edm.train.max_steps and gauss.model == edm.model
