@@ -249,6 +249,8 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
         keep_sweep = [r for r in sweep_rows if (r["recipe"], r["seed"]) in keep]
         files["guidance"] = out / "guidance.csv"
         files["guidance_plot"] = plot_guidance_rows(keep_sweep, out / "guidance.png", order=names)
+        files["guidance_table"] = out / "guidance_table.md"
+        files["guidance_table"].write_text(scale_table(keep_sweep, order=names))
     return files
 
 
@@ -360,6 +362,32 @@ def markdown_table(table: Sequence[dict[str, Any]]) -> str:
                      f"| {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
                      f"| {fd} | {versus} | {r['floor']:.2f} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} "
                      f"| {r['train_seconds_mean']:.0f} / {_fmt(r.get('train_cpu_seconds_mean', math.nan), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_table(sweep_rows: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> str:
+    """Every recipe at every swept guidance scale (final checkpoint), mean ± std over seeds of the
+    class accuracy and the FD, as a markdown table with one column per scale; the best FD of each
+    scale in bold. The main table scores each seed at its own best scale; this one compares the
+    mechanisms at the same scale."""
+    scales = sorted({float(r["guidance_scale"]) for r in sweep_rows})
+    by_scale = {g: {row["recipe"]: row for row in summarize([r for r in sweep_rows if float(r["guidance_scale"]) == g], order)}
+                for g in scales}
+    names = list(order) if order else sorted({r["recipe"] for r in sweep_rows})
+    lines = ["| mechanism | " + " | ".join(f"guidance {g:g}: accuracy (%) / FD" for g in scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for name in names:
+        cells = []
+        for g in scales:
+            row = by_scale[g].get(name)
+            if row is None:
+                cells.append("n/a")
+                continue
+            fd = f"{row['fd_mean']:.2f} ± {row['fd_std']:.2f}"
+            if row["fd_mean"] == min(r["fd_mean"] for r in by_scale[g].values()):
+                fd = f"**{fd}**"
+            cells.append(f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} / {fd}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,14 @@ def test_ablation_runner_tiny_budget(tmp_path):
     sweep = list(csv.DictReader((out / "guidance.csv").open()))
     assert len(sweep) == 8 and {r["guidance_scale"] for r in sweep} == {"1", "2"}  # final step, 2 scales, 4 runs
     assert (out / "guidance.png").stat().st_size > 0
+    by_scale = (out / "guidance_table.md").read_text().splitlines()
+    assert "guidance 1: accuracy (%) / FD" in by_scale[0] and "guidance 2:" in by_scale[0]
+    assert [line.split("|")[1].strip() for line in by_scale[2:]] == ["tmsa", "adaln_zero"]
+    for line in by_scale[2:]:  # each cell: the mean over both seeds at that scale
+        name, *cells = [c.strip() for c in line.strip("|").split("|")]
+        for g, cell in zip(("1", "2"), cells):
+            fds = [float(r["fd"]) for r in sweep if (r["recipe"], r["guidance_scale"]) == (name, g)]
+            assert f"{sum(fds) / 2:.2f} ±" in cell
     for run in runs:  # the final row is the run's best scale
         scales = [r for r in sweep if (r["recipe"], r["seed"]) == (run["recipe"], run["seed"])]
         assert float(run["fd"]) == min(float(r["fd"]) for r in scales)
