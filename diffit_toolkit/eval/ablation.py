@@ -240,13 +240,13 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
             rows.extend(new_rows)
             if suite.guidance_scales:
                 _write_csv(out / "guidance.csv", sweep_rows, CURVE_FIELDS)
-            write_reports(rows, out, order=names)  # partial reports after every run
+            write_reports(rows, out, order=names, sweep_rows=sweep_rows)  # partial reports after every run
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     keep = {(n, s) for n in names for s in suite.seeds}
     rows = [r for r in rows if (r["recipe"], r["seed"]) in keep]
-    files = write_reports(rows, out, order=names)
+    keep_sweep = [r for r in sweep_rows if (r["recipe"], r["seed"]) in keep]
+    files = write_reports(rows, out, order=names, sweep_rows=keep_sweep)
     if suite.guidance_scales:
-        keep_sweep = [r for r in sweep_rows if (r["recipe"], r["seed"]) in keep]
         files["guidance"] = out / "guidance.csv"
         files["guidance_plot"] = plot_guidance_rows(keep_sweep, out / "guidance.png", order=names)
         files["guidance_table"] = out / "guidance_table.md"
@@ -436,8 +436,24 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str]
     return path
 
 
-def write_reports(rows: Sequence[dict[str, Any]], out: Path, order: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write ``runs.csv``, ``table.csv``, ``table.md`` and ``ablation.png`` from the curve rows."""
+def at_one_scale(rows: Sequence[dict[str, Any]], sweep_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve rows with each run's final step at the scale of its earlier steps (taken from the
+    guidance sweep) instead of its best scale, so that a plotted curve stays at one guidance scale."""
+    swept = {(r["recipe"], r["seed"], r["step"], float(r["guidance_scale"])): r for r in sweep_rows}
+    out = []
+    for row in rows:
+        earlier = {float(r["guidance_scale"]) for r in rows
+                   if (r["recipe"], r["seed"]) == (row["recipe"], row["seed"]) and r["step"] < row["step"]}
+        if len(earlier) == 1:
+            row = swept.get((row["recipe"], row["seed"], row["step"], earlier.pop()), row)
+        out.append(row)
+    return out
+
+
+def write_reports(rows: Sequence[dict[str, Any]], out: Path, order: Sequence[str] | None = None,
+                  sweep_rows: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
+    """Write ``runs.csv``, ``table.csv``, ``table.md`` and ``ablation.png`` from the curve rows (the
+    plot at the curve's guidance scale throughout when ``sweep_rows`` hold the final step at it)."""
     if not rows:
         raise ValueError("the ablation produced no evaluations")
     out = Path(out)
@@ -451,5 +467,7 @@ def write_reports(rows: Sequence[dict[str, Any]], out: Path, order: Sequence[str
     _write_csv(files["runs"], finals, CURVE_FIELDS)
     _write_csv(files["table_csv"], table, list(table[0]))
     files["table_md"].write_text(markdown_table(table))
-    plot_curves(rows, files["plot"], order)
+    scales = sorted({float(r["guidance_scale"]) for r in at_one_scale(rows, sweep_rows)})
+    title = f"Mechanism ablation at guidance {scales[0]:g} (mean ± std over seeds)" if len(scales) == 1 else None
+    plot_curves(at_one_scale(rows, sweep_rows), files["plot"], order, title=title)
     return files

@@ -94,3 +94,15 @@ def test_welch_test_matches_scipy_and_the_table_reports_it():
     table = summarize(rows)
     assert table[1]["fd_diff_vs_best"] == 0 and table[0]["fd_p_vs_best"] == p
     assert "p=" in markdown_table(table) and "0.100 M" in markdown_table(table)
+
+
+def test_plotted_curve_keeps_one_guidance_scale_at_the_final_step():
+    from diffit_toolkit.eval.ablation import at_one_scale
+
+    def row(step, g, fd):
+        return dict(recipe="a", mechanism="a", seed=0, step=step, guidance_scale=g, fd=fd)
+
+    rows = [row(1, 1.5, 9.0), row(2, 1.5, 7.0), row(3, 1.0, 3.0)]  # the final row: the best scale, 1.0
+    sweep = [row(3, 1.0, 3.0), row(3, 1.5, 6.5), row(3, 2.0, 12.0)]
+    assert [(r["guidance_scale"], r["fd"]) for r in at_one_scale(rows, sweep)] == [(1.5, 9.0), (1.5, 7.0), (1.5, 6.5)]
+    assert at_one_scale(rows, []) == rows  # without a sweep the rows stay as they are
