@@ -352,7 +352,7 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
     as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
 <<<<<<< HEAD
-    with ``num_images``; the grid shows the first [`GRID_MAX_IMAGES`][diffit_toolkit.generate.GRID_MAX_IMAGES] images. The ``.npz``
+    with ``num_images``; the grid shows the first ``GRID_MAX_IMAGES`` images. The ``.npz``
     appears under its name only once complete (written under a temporary name, then renamed).
 
     Several processes (``torchrun``): process ``rank`` of ``world_size`` draws the batches
