@@ -115,11 +115,12 @@ class Generator:
         Args:
             progress: called with the number of images finished after every batch.
         """
-        parts = []
+        parts, done = [], 0
         for batch in self.batches(num_images, sample, classes, batch_size, seed):
             parts.append(batch)
+            done += len(batch[0])
             if progress is not None:
-                progress(sum(len(p[0]) for p in parts))
+                progress(done)
         labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return torch.cat([p[0] for p in parts]), labels
 
@@ -351,7 +352,6 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
     as uint8 into an ``.npy`` beside it and zipped at the end, so the memory held does not grow
-<<<<<<< HEAD
     with ``num_images``; the grid shows the first ``GRID_MAX_IMAGES`` images. The ``.npz``
     appears under its name only once complete (written under a temporary name, then renamed).
 
@@ -359,9 +359,6 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     [`shard_range`][diffit_toolkit.generate.shard_range] gives it into a shard beside ``npz``; once ``barrier()`` returns on every
     rank (all shards written), rank 0 appends the shards in rank order, writes the ``.npz`` and the
     grid, and removes the shards. The ``.npz`` is the one a single process writes, byte for byte.
-=======
-    with ``num_images``; the grid shows the first `GRID_MAX_IMAGES` images.
->>>>>>> docs18
 
     Args:
         progress: called with the number of this process's images finished after every batch.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -232,3 +233,15 @@ def test_every_third_party_import_is_a_declared_dependency_or_a_guarded_extra():
                 continue
             undeclared.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module} ({', '.join(sorted(dists))})")
     assert not undeclared, "\n".join(undeclared)
+
+
+def test_no_merge_conflict_markers_left_in_the_tree():
+    root = PACKAGE.parent
+    suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".sh"}
+    folders = ("diffit_toolkit", "plugins", "tests", "docs", "recipes", "scripts", "benchmarks", ".ci")
+    files = [p for f in folders if (root / f).is_dir() for p in (root / f).rglob("*")
+             if p.is_file() and (p.suffix in suffixes or p.name == "run") and "venv" not in p.parts]
+    files += [p for p in root.iterdir() if p.is_file() and p.suffix in suffixes]
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    left = [str(p.relative_to(root)) for p in files if marker.search(p.read_text(errors="ignore"))]
+    assert not left, f"merge conflict markers in: {', '.join(left)}"
