@@ -153,18 +153,22 @@ class DigitsScore(JudgeScore):
     name = "digits"
 
 
-def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Samples as float (B, 1, 8, 8) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW (RGB averaged)."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    x = images
+def batch_as_float(images: torch.Tensor | np.ndarray, channels: tuple[int, ...]) -> torch.Tensor:
+    """A batch of samples as float NCHW in [-1, 1]: float NCHW as it is, uint8 NHWC or NCHW (with
+    one of ``channels`` channels) scaled from [0, 255]."""
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        if x.shape[-1] in channels and x.shape[1] not in channels:
             x = x.permute(0, 3, 1, 2)
         x = x.float() / 127.5 - 1
-    x = x.float()
+    return x.float()
+
+
+def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Samples as float (B, 1, 8, 8) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW (RGB averaged)."""
+    x = batch_as_float(images, channels=(1, 3))
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
     if tuple(x.shape[1:]) != (1, 8, 8):

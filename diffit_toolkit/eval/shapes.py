@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffit_toolkit.eval.digits import JudgeScore, accuracy_and_fd, load_judge
+from diffit_toolkit.eval.digits import JudgeScore, accuracy_and_fd, batch_as_float, load_judge
 from diffit_toolkit.eval.frechet import fd_from_features
 
 #: Feature size of the classifier's penultimate layer.
@@ -93,14 +93,7 @@ class ShapesScore(JudgeScore):
 
 def to_shapes_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Samples as float (B, 3, 32, 32) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW."""
-    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
-    if x.dim() != 4:
-        raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        if x.shape[-1] == 3 and x.shape[1] != 3:
-            x = x.permute(0, 3, 1, 2)
-        x = x.float() / 127.5 - 1
-    x = x.float()
+    x = batch_as_float(images, channels=(3,))
     if tuple(x.shape[1:]) != (3, 32, 32):
         raise ValueError(f"the shapes metric takes 32x32 RGB images, got {tuple(x.shape[1:])}")
     return x
