@@ -373,6 +373,7 @@ def scale_table(sweep_rows: Sequence[dict[str, Any]], order: Sequence[str] | Non
     scales = sorted({float(r["guidance_scale"]) for r in sweep_rows})
     by_scale = {g: {row["recipe"]: row for row in summarize([r for r in sweep_rows if float(r["guidance_scale"]) == g], order)}
                 for g in scales}
+    best = {g: min(r["fd_mean"] for r in table.values()) for g, table in by_scale.items()}
     names = list(order) if order else sorted({r["recipe"] for r in sweep_rows})
     lines = ["| mechanism | " + " | ".join(f"guidance {g:g}: accuracy (%) / FD" for g in scales) + " |",
              "|---|" + "---|" * len(scales)]
@@ -384,7 +385,7 @@ def scale_table(sweep_rows: Sequence[dict[str, Any]], order: Sequence[str] | Non
                 cells.append("n/a")
                 continue
             fd = f"{row['fd_mean']:.2f} ± {row['fd_std']:.2f}"
-            if row["fd_mean"] == min(r["fd_mean"] for r in by_scale[g].values()):
+            if row["fd_mean"] == best[g]:
                 fd = f"**{fd}**"
             cells.append(f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} / {fd}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
