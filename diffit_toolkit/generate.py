@@ -362,7 +362,8 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
 
     Args:
         progress: called with the number of this process's images finished after every batch.
-        rank, world_size: this process and the number of processes (1: a plain run).
+        rank: this process (0 in a plain run).
+        world_size: the number of processes (1: a plain run).
         barrier: returns once every process has called it (required with ``world_size > 1``).
 
     Returns:
