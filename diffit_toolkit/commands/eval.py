@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import (NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite,
+from diffit_toolkit.commands import (EXIT_FAILURE, NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite,
                                      parse_guidance_interval, progress_bar)
 
 
@@ -216,8 +216,10 @@ def ablate(
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
 ) -> None:
     """Train each recipe for the same budget with several seeds, sample, score, and write a table and a plot."""
-    from diffit_toolkit.eval.ablation import AblationSuite, is_suite_file, load_suite, run_ablation
+    from diffit_toolkit.eval.ablation import AblationStopped, AblationSuite, is_suite_file, load_suite, run_ablation
     from diffit_toolkit.recipe import RecipeError
+    from diffit_toolkit.runs import CheckpointError, RunFolderError
+    from diffit_toolkit.train import TrainingError
 
     device = str(check_device(device))
     try:
@@ -241,6 +243,8 @@ def ablate(
             if value is not None:
                 setattr(suite, name, value)
         files = run_ablation(suite, device=device, log=lambda line: console.print(line, highlight=False))
+    except (AblationStopped, TrainingError, CheckpointError, RunFolderError) as exc:
+        exit_with_error(exc, EXIT_FAILURE)
     except (RecipeError, ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(Path(files["table_md"]).read_text(), highlight=False)

@@ -67,6 +67,10 @@ class AblationSuite:
     out: Path = Path("runs/ablation")
 
 
+class AblationStopped(RuntimeError):
+    """A training run of the ablation was asked to stop; the finished runs' reports are written."""
+
+
 def load_suite(path: str | Path) -> AblationSuite:
     """Read a suite YAML: ``recipes`` (paths relative to the file), ``seeds``, ``set``, ``eval``."""
     path = Path(path)
@@ -141,6 +145,10 @@ def _loss_at(run_dir: Path, step: int) -> float:
     return losses[-1] if losses else float("nan")
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[-1])
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (all threads) and its finished children: user + system."""
     import resource
@@ -210,6 +218,11 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
             run_recipe = load_recipe(path, overrides)
             started, cpu_started = time.perf_counter(), _cpu_seconds()
             result = train(run_recipe, device=device, progress=False)
+            if result.stopped_by:  # asked to stop (preemption, Ctrl-C): never score a half-trained run
+                raise AblationStopped(
+                    f"{name} seed {seed} stopped by {result.stopped_by} at step {result.step} of "
+                    f"{run_recipe.train.max_steps} (checkpoint kept); run the same command to resume: finished "
+                    f"runs are skipped and this one goes on from its checkpoint")
             train_seconds, train_cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
             params = sum(p.numel() for p in result.model.parameters()) if result.model is not None else float("nan")
             settings = run_recipe.sample.model_dump()
@@ -219,12 +232,13 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
                 settings["guidance_scale"] = float(suite.guidance_scale)
             sample = SampleSection.model_validate(settings)
             new_rows = []
-            checkpoints = list_checkpoints(result.run_dir)
-            for ckpt in checkpoints:
-                step = int(ckpt.name.split("_")[-1])
+            # the evaluation grid only: a checkpoint left by a stop (preemption) is off it
+            checkpoints = [(_step_of(c), c) for c in list_checkpoints(result.run_dir)]
+            checkpoints = [(k, c) for k, c in checkpoints if k % every == 0 or k == result.step]
+            for step, ckpt in checkpoints:
                 gen = load_generator(ckpt, device=device)
                 # the sweep (when asked for) runs on the final checkpoint; the curve uses one scale
-                final_ckpt = ckpt == checkpoints[-1]
+                final_ckpt = ckpt == checkpoints[-1][1]
                 scales = suite.guidance_scales if suite.guidance_scales and final_ckpt else [sample.guidance_scale]
                 scored = guidance_sweep(gen, scales, sample, suite.num_images, judge, seed=seed)
                 base = dict(recipe=name, mechanism=mechanism, seed=seed, step=step, train_seconds=train_seconds,

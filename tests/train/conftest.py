@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,21 @@ def tiny_recipe():
         return path
 
     return write
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("training did not progress")
+
+
+@pytest.fixture(scope="session")
+def wait_for_steps():
+    """``wait_for_steps(run_dir, n, proc)``: wait until the training process ``proc`` has logged ``n``
+    metric lines in ``run_dir`` (fails at once if it exits first)."""
+    return _wait_for_steps

@@ -97,23 +97,12 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_temp_folder(tmp_path, tiny_r
 # -- two trainings in one run folder ------------------------------------------------------------
 
 
-def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    raise AssertionError("training did not progress")
-
-
 def start(recipe: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "train", str(recipe), "--device", "cpu", "--no-progress", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
 
 
-def test_a_second_training_in_the_same_run_folder_stops_naming_the_holder(tmp_path, tiny_recipe):
+def test_a_second_training_in_the_same_run_folder_stops_naming_the_holder(tmp_path, tiny_recipe, wait_for_steps):
     # protection: run_lock (fcntl.flock on run/.lock) taken before the run folder is read
     recipe = tiny_recipe(tmp_path, "run", max_steps=100_000, ckpt_every=1, keep_last=2)
     first = start(recipe)
@@ -398,7 +387,7 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, tiny_recipe, f
 # -- Ctrl-C ------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path, tiny_recipe):
+def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path, tiny_recipe, wait_for_steps):
     # protection: SIGINT in trainer.STOP_SIGNALS
     recipe = tiny_recipe(tmp_path, "run", max_steps=100_000)
     proc = start(recipe)
@@ -449,3 +438,29 @@ def test_resuming_with_another_seed_says_so(tmp_path, tiny_recipe, four_steps, c
     train(load_recipe(recipe, ["train.max_steps=5", "train.seed=7"]), device="cpu", progress=False)
     logged = capsys.readouterr()
     assert "was written with train.seed=0; continuing that run" in (logged.out + logged.err).replace("\n", "")
+
+
+# -- an ablation asked to stop ------------------------------------------------------------------------
+
+
+def test_sigterm_stops_an_ablation_without_scoring_the_half_trained_run(tmp_path, tiny_recipe, wait_for_steps):
+    # protection: run_ablation raises AblationStopped when train() returns with stopped_by, and
+    # the ablate command turns it into one line (it used to score the half-trained run and go on)
+    recipe = tiny_recipe(tmp_path, "abl", max_steps=100_000)
+    out = tmp_path / "study"
+    cmd = ["ablate", str(recipe), "--seeds", "0", "--num-images", "2", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen([*CLI, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    wait_for_steps(out / "abl" / "seed_0", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    errors = error_lines(output)[-1:]
+    assert errors[0].startswith("error: abl seed 0 stopped by SIGTERM at step"), output
+    assert "run the same command to resume" in errors[0] and "Traceback" not in output
+    assert not (out / "curves.csv").exists()  # nothing scored
+    stopped_at = load_checkpoint(latest_checkpoint(out / "abl" / "seed_0"))["state"]["step"]
+    # the same command (with a budget just past the stop) resumes the run and scores it
+    code, output = invoke(*cmd, "--set", f"train.max_steps={stopped_at + 2}")
+    assert code == 0, output
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(f"abl,tmsa,0,{stopped_at + 2},")

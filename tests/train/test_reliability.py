@@ -55,17 +55,6 @@ def train_to_the_end(recipe: Path, threads: int) -> dict[str, dict[str, torch.Te
     return {"model": final["model"], "ema": final["ema"]}
 
 
-def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    raise AssertionError("training did not progress")
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_recipe):
     """``straight(threads)``: the reference, 30 steps without interruption, run once per thread count."""
@@ -88,7 +77,7 @@ def assert_resumed_equals_straight(resumed: dict, straight: dict) -> None:
 # Thread counts 1 and 2 are both exercised: each interrupted run is compared with the reference
 # that ran with its own thread count.
 @pytest.mark.parametrize(("sig", "threads"), [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
-def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, threads, straight, tiny_recipe):
+def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_path, sig, threads, straight, tiny_recipe, wait_for_steps):
     # protection: trainer.stop_requests + the checkpoint on stop
     recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32)
     proc = start_training(recipe, threads)
@@ -105,7 +94,7 @@ def test_preemption_signal_checkpoints_within_a_step_and_resume_is_exact(tmp_pat
 
 
 @pytest.mark.parametrize(("after_steps", "threads"), [(2, 1), (5, 2), (9, 1)])
-def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, threads, straight, tiny_recipe):
+def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path, after_steps, threads, straight, tiny_recipe, wait_for_steps):
     # protection: atomic checkpoint folders (a kill mid-write leaves only a .tmp-* folder)
     recipe = tiny_recipe(tmp_path, "run", max_steps=30, batch_size=32, ckpt_every=1, keep_last=3)
     proc = start_training(recipe, threads)
