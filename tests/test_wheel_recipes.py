@@ -33,6 +33,10 @@ def test_wheel_install_has_the_recipes(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import diffit_toolkit.recipe as r; print(r.__file__, r.RECIPES_DIR)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.split() == [str(target / "diffit_toolkit" / "recipe.py"), str(target / "diffit_toolkit" / "recipes")]
+    shipped = sorted(p.relative_to(ROOT / "recipes") for p in (ROOT / "recipes").rglob("*.yaml"))
+    installed = sorted(p.relative_to(target / "diffit_toolkit" / "recipes")
+                       for p in (target / "diffit_toolkit" / "recipes").rglob("*.yaml"))
+    assert installed == shipped  # nested suites too (recipes/ablation/shapes/*.yaml)
     shown = cli("recipe", "show", "quickstart")
     assert shown.returncode == 0 and "name: quickstart" in shown.stdout, shown.stderr[-2000:]
     trained = cli("train", "quickstart", "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / "run"),
