@@ -68,6 +68,9 @@ class DiffusionSection(_Section):
             then outputs 2C channels).
         precond: EDM preconditioning, ``edm``, ``vp`` or ``ve``.
         sigma_data: EDM data standard deviation.
+        min_snr_gamma: Gaussian only: weight each step's loss by Min-SNR-gamma (Hang et al.,
+            2023), the x0 error weighted by ``min(SNR, gamma)``; ``null``: unweighted (5 is the
+            paper's value).
     """
 
     process: str = "gaussian"
@@ -77,6 +80,7 @@ class DiffusionSection(_Section):
     learn_sigma: bool = True
     precond: Literal["edm", "vp", "ve"] = "edm"
     sigma_data: float = Field(0.5, gt=0, le=1e6)
+    min_snr_gamma: float | None = Field(None, gt=0, le=1e6)
 
 
 class TrainSection(_Section):

@@ -23,6 +23,7 @@ from diffit_toolkit.diffusion import (
     VPLoss,
     VPPrecond,
     create_gaussian_diffusion,
+    min_snr_weight,
 )
 from diffit_toolkit.diffusion.edm import RHO, sampling_sigma_range
 from diffit_toolkit.hookspecs import hookimpl
@@ -41,6 +42,12 @@ _MEAN_TYPES = {"eps": "epsilon", "x0": "x0", "v": "v"}
 _EDM = {"edm": (EDMPrecond, EDMLoss), "vp": (VPPrecond, VPLoss), "ve": (VEPrecond, VELoss)}
 
 
+def _refuse_min_snr(config: Any) -> None:
+    if getattr(config, "min_snr_gamma", None) is not None:
+        raise ValueError(f"at diffusion.min_snr_gamma: min-SNR weighting applies to the gaussian process, not "
+                         f"'{config.process}' (EDM and flow set their own loss weights); remove it")
+
+
 class GaussianProcess(Process):
     """ADM/DiT Gaussian diffusion: linear or cosine betas, eps/x0/v prediction, optional learned
     variance with the hybrid loss; the model's ``t`` is the training step index 0..T-1."""
@@ -55,6 +62,9 @@ class GaussianProcess(Process):
             model_mean_type=_MEAN_TYPES[config.prediction],
             learn_sigma=config.learn_sigma,
         )
+        gamma = getattr(config, "min_snr_gamma", None)
+        self.min_snr = None if gamma is None else min_snr_weight(
+            self.gaussian.alphas_cumprod, gamma, _MEAN_TYPES[config.prediction])
 
     @classmethod
     def check(cls, config: Any) -> None:
@@ -66,7 +76,11 @@ class GaussianProcess(Process):
 
     def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         t = self.gaussian.sample_timesteps(x0.shape[0], generator, x0.device)
-        return self.gaussian.training_losses(model, x0, t, y, generator=generator)["loss"]
+        terms = self.gaussian.training_losses(model, x0, t, y, generator=generator)
+        if self.min_snr is None:
+            return terms["loss"]
+        weight = self.min_snr.to(device=x0.device)[t].to(terms["mse"].dtype)
+        return weight * terms["mse"] + terms.get("vb", 0.0)
 
     def noise_level(self, t: Tensor) -> Tensor:
         return t.to(torch.float64) / self.config.num_timesteps
@@ -77,6 +91,10 @@ class EDMProcess(Process):
     ``c_noise(sigma)``. Noise level: the position of sigma on the sampler's rho-warped range
     from ``sigma_max`` (1) to ``sigma_min`` (0), so a fraction of the level is about that
     fraction of the sampling steps."""
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        _refuse_min_snr(config)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -98,6 +116,10 @@ class EDMProcess(Process):
 class FlowProcess(Process):
     """Flow matching with the linear interpolant and velocity prediction (SiT); the model's ``t``
     runs from 0 (noise) to 1 (data), so the noise level is ``1 - t``."""
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        _refuse_min_snr(config)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

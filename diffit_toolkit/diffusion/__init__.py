@@ -26,7 +26,7 @@ from diffit_toolkit.diffusion.exact import (
     sample_errors,
 )
 from diffit_toolkit.diffusion.flow import LinearFlow
-from diffit_toolkit.diffusion.gaussian import GaussianDiffusion, create_gaussian_diffusion, mean_flat
+from diffit_toolkit.diffusion.gaussian import GaussianDiffusion, create_gaussian_diffusion, mean_flat, min_snr_weight
 from diffit_toolkit.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from diffit_toolkit.diffusion.schedules import (
     BETA_SCHEDULES,
@@ -61,6 +61,7 @@ __all__ = [
     "heun_evaluations",
     "karras_sigmas",
     "mean_flat",
+    "min_snr_weight",
     "normal_kl",
     "sample_errors",
     "space_timesteps",

@@ -42,6 +42,28 @@ def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid values are {', '.join(valid)}.")
 
 
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023) of each step, for a model predicting
+    ``prediction`` (``"epsilon"``, ``"x0"`` or ``"v"``).
+
+    Each weight makes the step's loss equal ``min(SNR, gamma) * |x0 - x0_hat|^2`` with
+    ``SNR = abar / (1 - abar)``: ``min(SNR, gamma) / SNR`` for epsilon, ``min(SNR, gamma)`` for x0
+    and ``min(SNR, gamma) / (SNR + 1)`` for v prediction.
+    """
+    if not gamma > 0:
+        raise ValueError(f"the min-SNR gamma must be > 0, got {gamma}")
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    if prediction == "epsilon":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    if prediction == "v":
+        return clipped / (snr + 1)
+    raise ValueError(f"unknown prediction '{prediction}' (valid: epsilon, x0, v)")
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all non-batch dimensions: ``(B, ...) -> (B,)``."""
     return x.mean(dim=tuple(range(1, x.ndim)))
