@@ -145,10 +145,6 @@ def _loss_at(run_dir: Path, step: int) -> float:
     return losses[-1] if losses else float("nan")
 
 
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("_")[-1])
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process (all threads) and its finished children: user + system."""
     import resource
@@ -183,7 +179,7 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
     from diffit_toolkit.generate import load_generator
     from diffit_toolkit.build import load_recipe
     from diffit_toolkit.recipe import SampleSection
-    from diffit_toolkit.runs import list_checkpoints
+    from diffit_toolkit.runs import checkpoint_step, list_checkpoints
     from diffit_toolkit.train import train
 
     out = Path(suite.out)
@@ -233,7 +229,7 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
             sample = SampleSection.model_validate(settings)
             new_rows = []
             # the evaluation grid only: a checkpoint left by a stop (preemption) is off it
-            checkpoints = [(_step_of(c), c) for c in list_checkpoints(result.run_dir)]
+            checkpoints = [(checkpoint_step(c), c) for c in list_checkpoints(result.run_dir)]
             checkpoints = [(k, c) for k, c in checkpoints if k % every == 0 or k == result.step]
             for step, ckpt in checkpoints:
                 gen = load_generator(ckpt, device=device)
@@ -482,7 +478,8 @@ def write_reports(rows: Sequence[dict[str, Any]], out: Path, order: Sequence[str
     _write_csv(files["runs"], finals, CURVE_FIELDS)
     _write_csv(files["table_csv"], table, list(table[0]))
     files["table_md"].write_text(markdown_table(table))
-    scales = sorted({float(r["guidance_scale"]) for r in at_one_scale(rows, sweep_rows)})
+    curve = at_one_scale(rows, sweep_rows)
+    scales = sorted({float(r["guidance_scale"]) for r in curve})
     title = f"Mechanism ablation at guidance {scales[0]:g} (mean ± std over seeds)" if len(scales) == 1 else None
-    plot_curves(at_one_scale(rows, sweep_rows), files["plot"], order, title=title)
+    plot_curves(curve, files["plot"], order, title=title)
     return files
