@@ -49,7 +49,7 @@ class Sampler(Protocol):
 class Process:
     """Base class of a diffusion process plugin (built from a recipe's ``diffusion`` section).
 
-    Subclasses set `learned_variance` and implement [`loss`][diffit_toolkit.process.Process.loss]
+    Subclasses set `learned_variance` and `min_snr_weighting` and implement [`loss`][diffit_toolkit.process.Process.loss]
     and [`noise_level`][diffit_toolkit.process.Process.noise_level];
     they may override [`check`][diffit_toolkit.process.Process.check] for option combinations only
     they know about.
@@ -57,6 +57,8 @@ class Process:
 
     #: Whether the model may output a learned variance (``model.learn_sigma``) for this process.
     learned_variance: ClassVar[bool] = False
+    #: Whether the loss applies ``diffusion.min_snr_gamma`` (other processes refuse the option).
+    min_snr_weighting: ClassVar[bool] = False
 
     def __init__(self, config: DiffusionSection) -> None:
         self.config = config
@@ -140,6 +142,10 @@ def build_process(config: DiffusionSection) -> Process:
 def check_process(config: DiffusionSection) -> type[Process]:
     """Check a diffusion section (the process exists, its options fit) without building it."""
     cls = process_class(config.process)
+    if getattr(config, "min_snr_gamma", None) is not None and not cls.min_snr_weighting:
+        weighted = " / ".join(n for n in processes.names() if process_class(n).min_snr_weighting) or "no"
+        raise ValueError(f"at diffusion.min_snr_gamma: min-SNR weighting applies to the {weighted} process, not "
+                         f"'{config.process}' (it sets its own loss weights); remove it")
     cls.check(config)
     return cls
 

@@ -42,17 +42,12 @@ _MEAN_TYPES = {"eps": "epsilon", "x0": "x0", "v": "v"}
 _EDM = {"edm": (EDMPrecond, EDMLoss), "vp": (VPPrecond, VPLoss), "ve": (VEPrecond, VELoss)}
 
 
-def _refuse_min_snr(config: Any) -> None:
-    if getattr(config, "min_snr_gamma", None) is not None:
-        raise ValueError(f"at diffusion.min_snr_gamma: min-SNR weighting applies to the gaussian process, not "
-                         f"'{config.process}' (EDM and flow set their own loss weights); remove it")
-
-
 class GaussianProcess(Process):
     """ADM/DiT Gaussian diffusion: linear or cosine betas, eps/x0/v prediction, optional learned
     variance with the hybrid loss; the model's ``t`` is the training step index 0..T-1."""
 
     learned_variance = True
+    min_snr_weighting = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -62,7 +57,7 @@ class GaussianProcess(Process):
             model_mean_type=_MEAN_TYPES[config.prediction],
             learn_sigma=config.learn_sigma,
         )
-        gamma = getattr(config, "min_snr_gamma", None)
+        gamma = getattr(config, "min_snr_gamma", None)  # configs built by hand may lack it
         self.min_snr = None if gamma is None else min_snr_weight(
             self.gaussian.alphas_cumprod, gamma, _MEAN_TYPES[config.prediction])
 
@@ -79,7 +74,9 @@ class GaussianProcess(Process):
         terms = self.gaussian.training_losses(model, x0, t, y, generator=generator)
         if self.min_snr is None:
             return terms["loss"]
-        weight = self.min_snr.to(device=x0.device)[t].to(terms["mse"].dtype)
+        if self.min_snr.device != x0.device:  # moved once, not every step
+            self.min_snr = self.min_snr.to(x0.device)
+        weight = self.min_snr[t].to(terms["mse"].dtype)
         return weight * terms["mse"] + terms.get("vb", 0.0)
 
     def noise_level(self, t: Tensor) -> Tensor:
@@ -91,10 +88,6 @@ class EDMProcess(Process):
     ``c_noise(sigma)``. Noise level: the position of sigma on the sampler's rho-warped range
     from ``sigma_max`` (1) to ``sigma_min`` (0), so a fraction of the level is about that
     fraction of the sampling steps."""
-
-    @classmethod
-    def check(cls, config: Any) -> None:
-        _refuse_min_snr(config)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -116,10 +109,6 @@ class EDMProcess(Process):
 class FlowProcess(Process):
     """Flow matching with the linear interpolant and velocity prediction (SiT); the model's ``t``
     runs from 0 (noise) to 1 (data), so the noise level is ``1 - t``."""
-
-    @classmethod
-    def check(cls, config: Any) -> None:
-        _refuse_min_snr(config)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
