@@ -14,8 +14,8 @@ from diffit_toolkit.recipe import RecipeError
 
 
 def _process(prediction: str, gamma: float | None, learn_sigma: bool = False):
-    overrides = ["diffusion.process=gaussian", "sample.sampler=ddim", "diffusion.schedule=cosine", f"diffusion.prediction={prediction}",
-                 f"diffusion.learn_sigma={str(learn_sigma).lower()}"]
+    overrides = ["diffusion.process=gaussian", "sample.sampler=ddim", "diffusion.schedule=cosine",
+                 f"diffusion.prediction={prediction}", f"diffusion.learn_sigma={str(learn_sigma).lower()}"]
     if gamma is not None:
         overrides.append(f"diffusion.min_snr_gamma={gamma}")
     return build_process(load_recipe("recipes/quickstart.yaml", overrides))
