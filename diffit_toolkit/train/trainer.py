@@ -423,6 +423,9 @@ def train(
 
         losses: list[float] = []
         last_checkpoint = None
+        # the step of the newest checkpoint, the same on every rank (only rank 0 gets a path back),
+        # so that every rank decides alike whether the run still needs its final checkpoint
+        checkpointed_at = -1
         steps_this_run = 0
         skipped = consecutive_bad = 0
         stopped_by = None
@@ -485,7 +488,7 @@ def train(
                     logger.step(step, loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                 skipped=skipped or None, log=step % cfg.log_every == 0)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                    last_checkpoint = checkpoint_now()
+                    last_checkpoint, checkpointed_at = checkpoint_now(), step
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     grid_now(run_dir / "samples" / f"step_{step:07d}.png")
                 requested = _agreed_stop(stop["signal"], env)
@@ -494,7 +497,7 @@ def train(
                     logger.message(f"{requested} received: checkpointing at step {step} and stopping")
                     break
 
-        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:07d}"):
+        if checkpointed_at != step:
             last_checkpoint = checkpoint_now()
         result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint,
                              model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
