@@ -202,6 +202,24 @@ def _offline_metric(facts: dict) -> str:
     raise InputError(f"no offline judge for {shape[0]}x{shape[1]}x{shape[1]} data with {shape[2]} classes: give --ref and --inception-weights")
 
 
+#: Help of the options every sweep command (ablate, benchmark) shares.
+JOBS_HELP = ("Jobs at once: 1 runs them one after another in this process; N > 1 starts N worker processes "
+             "(CPU threads split between them, one GPU each); with --launcher slurm, the array's parallelism.")
+LAUNCHER_HELP = ("Where the jobs run: local (this machine), slurm (one SLURM job per run through submitit: "
+                 "pip install 'diffit-toolkit[cluster]'), or submitit-local (the SLURM path on this machine, to check a setup).")
+
+
+def sweep_launcher(launcher: str, jobs: int, partition: str | None, time_min: int, gpus: int, cpus: int | None):
+    """The [`Launcher`][diffit_toolkit.eval.jobs.Launcher] of the shared sweep options (checked: one line when wrong)."""
+    from diffit_toolkit.eval.jobs import Launcher
+
+    chosen = Launcher(kind=launcher, jobs=jobs, partition=partition, time_min=time_min, gpus=gpus, cpus=cpus)
+    if launcher == "local" and (partition or gpus):
+        raise ValueError("--partition and --gpus are SLURM options: add --launcher slurm")
+    chosen.check()
+    return chosen
+
+
 @app.command("ablate")
 def ablate(
     recipes: list[Path] = typer.Argument(..., help="Recipe files (one per mechanism) or one ablation suite YAML."),
@@ -214,15 +232,30 @@ def ablate(
     guidance_scales: str = typer.Option(None, "--guidance-scales", help="Sweep these comma-separated scales at the final checkpoint and report each recipe at its best FD."),
     out: Path = typer.Option(None, help="Output folder (default: the suite's, else runs/ablation)."),
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help=JOBS_HELP),
+    launcher: str = typer.Option("local", help=LAUNCHER_HELP),
+    partition: str = typer.Option(None, help="SLURM partition (--launcher slurm)."),
+    time_min: int = typer.Option(60, "--time", min=1, help="SLURM time limit per job, minutes (--launcher slurm)."),
+    gpus: int = typer.Option(0, min=0, help="GPUs per SLURM job (--launcher slurm)."),
+    cpus: int = typer.Option(None, min=1, help="CPUs per SLURM job (--launcher slurm; default 10 per GPU, else 4)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: rebuild the table, CSVs and plots from the finished run folders."),
 ) -> None:
-    """Train each recipe for the same budget with several seeds, sample, score, and write a table and a plot."""
+    """Train each recipe for the same budget with several seeds, sample, score, and write a table and a plot.
+
+    Every (recipe, seed) is one job in its own run folder ``<out>/<recipe>/seed_<s>`` that trains,
+    scores and writes ``result.json``; the reports are rebuilt from the folders. Run the same
+    command again to skip finished runs and resume stopped ones.
+    """
     from diffit_toolkit.eval.ablation import AblationStopped, AblationSuite, is_suite_file, load_suite, run_ablation
+    from diffit_toolkit.eval.jobs import LauncherError
     from diffit_toolkit.recipe import RecipeError
+    from diffit_toolkit.registry import PluginError
     from diffit_toolkit.runs import CheckpointError, RunFolderError
     from diffit_toolkit.train import TrainingError
 
     device = str(check_device(device))
     try:
+        chosen = sweep_launcher(launcher, jobs, partition, time_min, gpus, cpus)
         missing = [p for p in recipes if not p.is_file()]
         if missing:
             raise ValueError(f"no such recipe or suite file: {missing[0]}")
@@ -242,10 +275,11 @@ def ablate(
                             ("guidance_scale", guidance_scale), ("out", out)):
             if value is not None:
                 setattr(suite, name, value)
-        files = run_ablation(suite, device=device, log=lambda line: console.print(line, highlight=False))
-    except (AblationStopped, TrainingError, CheckpointError, RunFolderError) as exc:
+        files = run_ablation(suite, device=device, log=lambda line: console.print(line, highlight=False),
+                             launcher=chosen, report_only=report_only)
+    except (AblationStopped, TrainingError, CheckpointError, RunFolderError, LauncherError) as exc:
         exit_with_error(exc, EXIT_FAILURE)
-    except (RecipeError, ValueError, OSError) as exc:
+    except (RecipeError, PluginError, ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(Path(files["table_md"]).read_text(), highlight=False)
     for kind in ("table_md", "table_csv", "runs", "curves", "plot", "guidance", "guidance_plot"):

@@ -4,7 +4,8 @@ score with the offline digits metric, and write a table (markdown + CSV) and a p
 Layout of the output folder:
 
 ```text
-<out>/<recipe>/seed_<s>/         the training runs (checkpoints every eval_every steps)
+<out>/<recipe>/seed_<s>/         one job each: the training run (checkpoints every eval_every
+                                 steps) and its scores, result.json (its curve rows)
 <out>/curves.csv                 one row per recipe, seed and evaluated step (the final step at
                                  its best guidance scale when the suite sweeps scales)
 <out>/guidance.csv               with guidance_scales: every scale at the final step
@@ -14,16 +15,18 @@ Layout of the output folder:
 <out>/classifier.pt              the digits classifier used for scoring
 ```
 
-Finished (recipe, seed) pairs are read back from ``curves.csv``, so an interrupted ablation
-continues where it stopped.
+Each run folder is one job ([`run_job`][diffit_toolkit.eval.jobs.run_job]): it trains, scores and
+writes ``result.json``. The reports are rebuilt from the run folders after every job (and with
+``report_only`` at any time), so an interrupted ablation continues where it stopped: finished runs
+are skipped, stopped ones resume from their checkpoints. Where the jobs run is a
+[`Launcher`][diffit_toolkit.eval.jobs.Launcher]: one after another in this process, N processes
+at once, or SLURM through submitit.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-#: Images in the sample grid each training run writes at its end (the metric uses ``num_images``).
-GRID_IMAGES = 20
+from diffit_toolkit.eval.jobs import (GRID_IMAGES, RESULT_FILE, Launcher, LauncherError, RunSpec, current_plugins,  # noqa: F401
+                                      describe, launch, mechanism_source, read_result, spec_key, write_json)
 CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor", "num_images", "train_seconds", "loss",
                 "guidance_scale", "train_cpu_seconds", "params")
 
@@ -130,29 +133,6 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]
     tmp.replace(path)
 
 
-def _loss_at(run_dir: Path, step: int) -> float:
-    """The last logged training loss at or before ``step`` (``nan`` when none)."""
-    losses = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in rec and "step" in rec and rec["step"] <= step:
-                losses.append(float(rec["loss"]))
-    return losses[-1] if losses else float("nan")
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads) and its finished children: user + system."""
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def judge_for(data: dict[str, Any], cache_dir: Path):
     """The offline judge of a recipe's ``data`` section: ``(name, judge, held-out accuracy)``."""
     from diffit_toolkit.eval.sweep import digits_judge, shapes_judge
@@ -171,97 +151,142 @@ def judge_for(data: dict[str, Any], cache_dir: Path):
     raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits or shapes, got '{kind}'")
 
 
-def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Run ``suite`` and write its table, CSVs and plot; returns the written files by kind."""
-    import torch
-
-    from diffit_toolkit.eval.sweep import best_row, guidance_sweep
-    from diffit_toolkit.generate import load_generator
+def _ablation_specs(suite: AblationSuite, device: str) -> tuple[list[RunSpec], list[str], Any]:
+    """One job per (seed, recipe), seed-major (an interrupted ablation has every mechanism at the
+    seeds it finished); all recipes validated before any job runs."""
     from diffit_toolkit.build import load_recipe
-    from diffit_toolkit.recipe import SampleSection
-    from diffit_toolkit.runs import checkpoint_step, list_checkpoints
-    from diffit_toolkit.train import train
 
-    out = Path(suite.out)
-    out.mkdir(parents=True, exist_ok=True)
-    curves_path = out / "curves.csv"
-    rows = _read_curves(curves_path)
-    sweep_rows = _read_curves(out / "guidance.csv") if suite.guidance_scales else []
-    done = {(r["recipe"], r["seed"]) for r in rows}
-    recipes = [load_recipe(p, suite.overrides) for p in suite.recipes]  # validate all before training any
+    out = Path(suite.out).resolve()
+    recipes = [load_recipe(p, suite.overrides) for p in suite.recipes]
     names = [Path(p).stem for p in suite.recipes]
     if len(set(names)) != len(names):
         raise ValueError("two recipes of the ablation share a file name; rename one")
     kinds = {r.data.get("kind", "digits") for r in recipes}
     if len(kinds) != 1:
         raise ValueError(f"the recipes of one ablation must share their data; found kinds {sorted(kinds)}")
-    judge_name, judge, held_out = judge_for(recipes[0].data, out)
-    log(f"{judge_name} classifier: held-out accuracy {100 * held_out:.1f}%")
-    # seed-major order: an interrupted ablation has every mechanism at the seeds it finished
+    plugins = current_plugins()
+    specs = []
     for seed in suite.seeds:
         for path, name, recipe in zip(suite.recipes, names, recipes):
             mechanism = str(recipe.model.get("mechanism", name))
-            if (name, seed) in done:
-                log(f"{name} seed {seed}: already evaluated, skipped")
-                continue
-            run_dir = out / name / f"seed_{seed}"
-            every = suite.eval_every or recipe.train.max_steps
-            overrides = [*suite.overrides, f"train.seed={seed}", f"output_dir={run_dir}",
-                         f"train.ckpt_every={every}", f"train.keep_last={recipe.train.max_steps // every + 2}",
-                         f"sample.num_images={GRID_IMAGES}"]
-            if suite.sample_steps is not None:
-                overrides.append(f"sample.steps={int(suite.sample_steps)}")
-            run_recipe = load_recipe(path, overrides)
-            started, cpu_started = time.perf_counter(), _cpu_seconds()
-            result = train(run_recipe, device=device, progress=False)
-            if result.stopped_by:  # asked to stop (preemption, Ctrl-C): never score a half-trained run
-                raise AblationStopped(
-                    f"{name} seed {seed} stopped by {result.stopped_by} at step {result.step} of "
-                    f"{run_recipe.train.max_steps} (checkpoint kept); run the same command to resume: finished "
-                    f"runs are skipped and this one goes on from its checkpoint")
-            train_seconds, train_cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
-            params = sum(p.numel() for p in result.model.parameters()) if result.model is not None else float("nan")
-            settings = run_recipe.sample.model_dump()
-            if suite.sample_steps is not None:
-                settings["steps"] = int(suite.sample_steps)
-            if suite.guidance_scale is not None:
-                settings["guidance_scale"] = float(suite.guidance_scale)
-            sample = SampleSection.model_validate(settings)
-            new_rows = []
-            # the evaluation grid only: a checkpoint left by a stop (preemption) is off it
-            checkpoints = [(checkpoint_step(c), c) for c in list_checkpoints(result.run_dir)]
-            checkpoints = [(k, c) for k, c in checkpoints if k % every == 0 or k == result.step]
-            for step, ckpt in checkpoints:
-                gen = load_generator(ckpt, device=device)
-                # the sweep (when asked for) runs on the final checkpoint; the curve uses one scale
-                final_ckpt = ckpt == checkpoints[-1][1]
-                scales = suite.guidance_scales if suite.guidance_scales and final_ckpt else [sample.guidance_scale]
-                scored = guidance_sweep(gen, scales, sample, suite.num_images, judge, seed=seed)
-                base = dict(recipe=name, mechanism=mechanism, seed=seed, step=step, train_seconds=train_seconds,
-                            loss=_loss_at(result.run_dir, step), train_cpu_seconds=train_cpu, params=params)
-                if suite.guidance_scales and final_ckpt:
-                    sweep_rows.extend({**base, **r} for r in scored)
-                new_rows.append({**base, **best_row(scored)})
-                del gen
-            final = new_rows[-1]
-            log(f"{name} seed {seed}: step {final['step']}  accuracy {100 * final['accuracy']:.1f}%  "
-                f"FD {final['fd']:.2f} (floor {final['floor']:.2f}, guidance {final['guidance_scale']:g})  "
-                f"train {train_seconds:.0f}s wall, {train_cpu:.0f}s CPU")
-            rows.extend(new_rows)
-            if suite.guidance_scales:
-                _write_csv(out / "guidance.csv", sweep_rows, CURVE_FIELDS)
-            write_reports(rows, out, order=names, sweep_rows=sweep_rows)  # partial reports after every run
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    keep = {(n, s) for n in names for s in suite.seeds}
-    rows = [r for r in rows if (r["recipe"], r["seed"]) in keep]
-    keep_sweep = [r for r in sweep_rows if (r["recipe"], r["seed"]) in keep]
-    files = write_reports(rows, out, order=names, sweep_rows=keep_sweep)
-    if suite.guidance_scales:
-        files["guidance"] = out / "guidance.csv"
-        files["guidance_plot"] = plot_guidance_rows(keep_sweep, out / "guidance.png", order=names)
-        files["guidance_table"] = out / "guidance_table.md"
-        files["guidance_table"].write_text(scale_table(keep_sweep, order=names))
+            spec = RunSpec(name=name, recipe=str(Path(path).resolve()), overrides=list(suite.overrides), seed=int(seed),
+                           run_dir=str(out / name / f"seed_{seed}"), judge_dir=str(out), eval_every=suite.eval_every,
+                           num_images=suite.num_images, sample_steps=suite.sample_steps,
+                           guidance_scale=suite.guidance_scale, guidance_scales=suite.guidance_scales,
+                           plugins=plugins, device=device)
+            spec.key = spec_key(spec, recipe, code={"mechanism": mechanism_source(mechanism)})
+            specs.append(spec)
+    return specs, names, recipes[0]
+
+
+def _adopt_curves(out: Path, specs: Sequence[RunSpec]) -> None:
+    """Runs finished by an ablation of an earlier version are listed in ``curves.csv`` only: give
+    each its ``result.json`` so that it is skipped, not trained again."""
+    rows = _read_curves(out / "curves.csv")
+    sweep = _read_curves(out / "guidance.csv")
+    for spec in specs:
+        mine = [r for r in rows if (r["recipe"], r["seed"]) == (spec.name, spec.seed)]
+        if not mine or read_result(spec.run_dir) is not None or not Path(spec.run_dir).is_dir():
+            continue
+        swept = [r for r in sweep if (r["recipe"], r["seed"]) == (spec.name, spec.seed)]
+        write_json(Path(spec.run_dir) / RESULT_FILE,
+                   {"status": "done", "name": spec.name, "mechanism": mine[0]["mechanism"], "seed": spec.seed,
+                    "key": spec.key, "params": mine[0].get("params"), "step": max(r["step"] for r in mine),
+                    "rows": sorted(mine, key=lambda r: r["step"]), "sweep_rows": swept, "spec": spec.as_dict(),
+                    "extra": {"adopted_from": "curves.csv"}})
+
+
+def collect_results(specs: Sequence[RunSpec]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The curve rows and guidance-sweep rows of the finished runs among ``specs``."""
+    rows, sweep_rows = [], []
+    for spec in specs:
+        result = read_result(spec.run_dir)
+        if result is None:
+            continue
+        rows.extend(result["rows"])
+        sweep_rows.extend(result.get("sweep_rows") or [])
+    return rows, sweep_rows
+
+
+def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str], None] = print,
+                 launcher: Launcher | None = None, report_only: bool = False) -> dict[str, Path]:
+    """Run ``suite`` (one job per recipe and seed, each in its run folder ``<out>/<recipe>/seed_<s>``)
+    and write its table, CSVs and plot from the run folders; returns the written files by kind.
+
+    Args:
+        suite: what to run.
+        device: where each job trains and samples.
+        log: called with one line per job.
+        launcher: where the jobs run (default: one after another in this process).
+        report_only: train nothing; rebuild the reports from the finished runs.
+
+    Raises:
+        AblationStopped: a job was stopped by a signal (the reports of the finished runs are written).
+        LauncherError: a job failed in its own process (its log is named).
+    """
+    launcher = launcher or Launcher()
+    out = Path(suite.out)
+    specs, names, first = _ablation_specs(suite, device)
+    out.mkdir(parents=True, exist_ok=True)
+    _adopt_curves(out, specs)
+    statuses: list[dict[str, Any]] = []
+    if not report_only:
+        todo = []
+        for spec in specs:
+            result = read_result(spec.run_dir)
+            if result is not None and result.get("key") == spec.key:
+                log(f"{spec.name} seed {spec.seed}: already evaluated, skipped")
+            elif result is not None:
+                raise ValueError(f"{spec.run_dir} holds a result made with other settings (recipe, overrides, evaluation "
+                                 f"or code); give another --out or delete that folder")
+            else:
+                todo.append(spec)
+        if todo:
+            launcher.check()
+            judge_name, _, held_out = judge_for(first.data, out.resolve())  # the classifier is cached before the jobs start
+            log(f"{judge_name} classifier: held-out accuracy {100 * held_out:.1f}%")
+
+        def partial(_status: dict[str, Any]) -> None:  # partial reports after every run
+            rows, sweep_rows = collect_results(specs)
+            if rows:
+                write_reports(rows, out, order=names, sweep_rows=sweep_rows)
+
+        statuses = launch(todo, launcher, log, done=partial)
+    rows, sweep_rows = collect_results(specs)
+    files: dict[str, Path] = {}
+    if rows:
+        files = write_reports(rows, out, order=names, sweep_rows=sweep_rows)
+        if suite.guidance_scales and sweep_rows:
+            _write_csv(out / "guidance.csv", sweep_rows, CURVE_FIELDS)
+            files["guidance"] = out / "guidance.csv"
+            files["guidance_plot"] = plot_guidance_rows(sweep_rows, out / "guidance.png", order=names)
+            files["guidance_table"] = out / "guidance_table.md"
+            files["guidance_table"].write_text(scale_table(sweep_rows, order=names))
+    raise_for_statuses(statuses)
+    if not rows:
+        raise ValueError(f"no finished runs in {out} yet: run the ablation without --report-only")
     return files
+
+
+def raise_for_statuses(statuses: Sequence[dict[str, Any]]) -> None:
+    """Raise when a job failed ([`LauncherError`][diffit_toolkit.eval.jobs.LauncherError]) or was
+    stopped ([`AblationStopped`][diffit_toolkit.eval.ablation.AblationStopped]), with one line."""
+    stopped = [s for s in statuses if s.get("status") == "stopped"]
+    failed = [s for s in statuses if s.get("status") == "failed"]
+    pending = [s for s in statuses if s.get("status") == "pending"]
+    if failed:
+        raise LauncherError(f"{len(failed)} of {len(statuses)} jobs failed; first: {describe(failed[0])} "
+                            f"(finished runs are in the reports; run the same command again to retry)")
+    if stopped or pending:
+        if not stopped:
+            raise AblationStopped(f"the sweep was asked to stop before {len(pending)} run(s) started; run the same "
+                                  f"command to go on: finished runs are skipped")
+        first = stopped[0]
+        more = f" (and {len(stopped) + len(pending) - 1} more run(s) not finished)" if len(stopped) + len(pending) > 1 else ""
+        raise AblationStopped(
+            f"{first['name']} seed {first['seed']} stopped by {first.get('stopped_by')} at step {first.get('step')} of "
+            f"{first.get('max_steps')}{more} (checkpoint kept); run the same command to resume: finished runs are "
+            f"skipped and stopped ones go on from their checkpoints")
 
 
 def plot_guidance_rows(rows: Sequence[dict[str, Any]], path: Path, order: Sequence[str] | None = None,
