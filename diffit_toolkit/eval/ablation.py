@@ -323,24 +323,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Welch's t-test of mean(a) - mean(b): ``(difference, 95 % interval half-width, two-sided p)``.
+    """Welch's t-test of mean(a) - mean(b): ``(difference, 95 % interval half-width, two-sided p)``
+    (see [`welch`][diffit_toolkit.eval.stats.welch]); ``nan`` when either group has fewer than 2 values."""
+    from diffit_toolkit.eval.stats import welch
 
-    ``nan`` when either group has fewer than 2 values (no variance estimate).
-    """
-    from scipy import stats
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if len(a) < 2 or len(b) < 2:
-        return diff, math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, 0.0, 0.0 if diff != 0 else 1.0
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, dof) * se)
-    p = float(2 * stats.t.sf(abs(diff) / se, dof))
-    return diff, half, p
+    result = welch(a, b)
+    return result.diff, (result.high - result.low) / 2, result.p
 
 
 def summarize(rows: Sequence[dict[str, Any]], order: Sequence[str] | None = None) -> list[dict[str, Any]]:
