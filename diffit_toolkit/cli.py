@@ -6,7 +6,7 @@ Run as the ``diffit-toolkit`` console script, ``python -m diffit_toolkit`` or, u
 
 from __future__ import annotations
 
-from diffit_toolkit.commands import app, bench, data, eval, export, models, plugins, sample, train  # noqa: F401  (register commands)
+from diffit_toolkit.commands import app, bench, benchmark, data, eval, export, models, plugins, sample, train  # noqa: F401  (register commands)
 
 __all__ = ["app", "main"]
 
