@@ -1,8 +1,9 @@
-"""Built-in dataset kinds: the embedded digits, image folders, ``.npz`` arrays, cached latents."""
+"""Built-in dataset kinds: the embedded digits (plain and on a canvas) and shapes, image folders, ``.npz`` arrays, cached latents."""
 
 from __future__ import annotations
 
 from diffit_toolkit.data import DatasetKind, DigitsDataset, ImageFolderDataset, LatentDataset, NpzDataset
+from diffit_toolkit.data.canvas import CANVAS_SPLITS, DigitsCanvasDataset
 from diffit_toolkit.data.digits import DIGITS_SPLITS
 from diffit_toolkit.data.shapes import ShapesDataset
 from diffit_toolkit.hookspecs import hookimpl
@@ -24,6 +25,16 @@ class Shapes(DatasetKind):
     @classmethod
     def build(cls, config):
         return ShapesDataset(**config.common_options())
+
+
+class DigitsCanvas(DatasetKind):
+    """Real 8x8 digits at random offsets on a 16x16 canvas, embedded (deterministic; the benchmark testbed)."""
+
+    splits = CANVAS_SPLITS
+
+    @classmethod
+    def build(cls, config):
+        return DigitsCanvasDataset(split=config.split or "train", **config.common_options())
 
 
 class ImageFolder(DatasetKind):
@@ -67,6 +78,7 @@ class Latents(DatasetKind):
 def diffit_register(registrar):
     registrar.add("dataset", "digits", Digits)
     registrar.add("dataset", "shapes", Shapes)
+    registrar.add("dataset", "digits_canvas", DigitsCanvas)
     registrar.add("dataset", "image_folder", ImageFolder)
     registrar.add("dataset", "npz", Npz)
     registrar.add("dataset", "latents", Latents)

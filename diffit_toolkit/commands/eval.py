@@ -27,7 +27,7 @@ def _seeds(text: str | None) -> list[int] | None:
 def eval_(
     samples: Path = typer.Argument(..., help="Samples: an image folder or an ADM-layout .npz (from `diffit-toolkit sample --npz`)."),
     ref: Path = typer.Option(None, "--ref", help="Reference: an image folder, an .npz, or an ADM reference batch (mu/sigma)."),
-    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits or shapes (offline), or auto: the data set's judge without --ref (8x8: digits, 32x32: shapes), inception with it."),
+    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits, shapes or digits_canvas (offline), or auto: the data set's judge without --ref (8x8: digits, 32x32: shapes, 16x16: digits_canvas), inception with it."),
     inception_weights: Path = typer.Option(None, help="Local Inception weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded."),
     fid: bool = typer.Option(True, help="Frechet Inception Distance."),
     kid: bool = typer.Option(True, help="Kernel Inception Distance (needs reference images)."),
@@ -46,7 +46,7 @@ def eval_(
     csv_out: Path = typer.Option(None, "--csv", help="Run or checkpoint input: write one row per guidance scale to this CSV."),
     guidance_interval: str = typer.Option(None, help="Run or checkpoint input: guide only inside LO,HI (fractions of the noise range, e.g. 0.29,0.59; 'none': everywhere; default: the recipe's)."),
 ) -> None:
-    """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits / shapes metric.
+    """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits / shapes / canvas metric.
 
     SAMPLES may also be a run or checkpoint folder: it is then sampled (``--num`` images at each of
     ``--guidance-scales``) and every scale is scored, with a trade-off plot (``--plot``).
@@ -56,8 +56,8 @@ def eval_(
     from diffit_toolkit.eval.inputs import InputError, load_image_set
     from diffit_toolkit.eval.metrics import MissingWeightsError, evaluate_sets, inception_extractor
 
-    if metric not in ("auto", "inception", "digits", "shapes"):
-        _fail(f"--metric must be auto, inception, digits or shapes, got '{metric}'")
+    if metric not in ("auto", "inception", *OFFLINE_SIZES):
+        _fail(f"--metric must be auto, inception, digits, shapes or digits_canvas, got '{metric}'")
     if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
         _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
     device = str(check_device(device))
@@ -89,15 +89,10 @@ def eval_(
                 raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
             fake = load_image_set(samples)
             if metric == "auto":
-                metric = "digits" if fake.size == (8, 8) else "shapes" if fake.size == (32, 32) else ""
-            if metric == "shapes":
-                from diffit_toolkit.eval.shapes import ShapesMetric as Metric
-            else:
-                from diffit_toolkit.eval.digits import DigitsMetric as Metric
-            needed = {"digits": (8, 8), "shapes": (32, 32)}.get(metric)
-            if fake.size != needed:
-                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits and the shapes metric 32x32 shapes; give --ref (and --inception-weights) for other data")
-            score = Metric().score(fake.images, fake.labels)
+                metric = next((name for name, size in OFFLINE_SIZES.items() if size == fake.size), "")
+            if fake.size != OFFLINE_SIZES.get(metric):
+                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits, the shapes metric 32x32 shapes and the digits_canvas metric 16x16 canvases; give --ref (and --inception-weights) for other data")
+            score = _offline_metric_class(metric)().score(fake.images, fake.labels)
             result = score.as_dict()
             line = score.line()
             if fake.labels is None:
@@ -129,6 +124,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
     from diffit_toolkit.eval.metrics import MissingWeightsError, inception_extractor
     from diffit_toolkit.eval.sweep import (
         best_row,
+        canvas_judge,
         digits_judge,
         guidance_sweep,
         inception_judge,
@@ -160,9 +156,9 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
                     raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
                 fitting = _offline_metric(gen.facts)
                 if metric != fitting:
-                    takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes"}[metric]
+                    takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes", "digits_canvas": "16x16 gray digit canvases"}[metric]
                     raise InputError(f"the {metric} metric takes {takes}, this model makes {fitting}: use --metric {fitting}")
-                judge = digits_judge() if metric == "digits" else shapes_judge()
+                judge = {"digits": digits_judge, "shapes": shapes_judge, "digits_canvas": canvas_judge}[metric]()
                 x_key, y_key, key = "accuracy", "fd", "fd"
             overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
             if interval_text is not None:
@@ -190,8 +186,24 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         console.print(f"wrote {json_out}", highlight=False)
 
 
+#: Image size (width, height) each offline metric takes.
+OFFLINE_SIZES = {"digits": (8, 8), "shapes": (32, 32), "digits_canvas": (16, 16)}
+
+
+def _offline_metric_class(name: str):
+    """The metric class of an offline judge named in ``OFFLINE_SIZES``."""
+    if name == "shapes":
+        from diffit_toolkit.eval.shapes import ShapesMetric as Metric
+    elif name == "digits_canvas":
+        from diffit_toolkit.eval.canvas import CanvasMetric as Metric
+    else:
+        from diffit_toolkit.eval.digits import DigitsMetric as Metric
+    return Metric
+
+
 def _offline_metric(facts: dict) -> str:
-    """The offline judge that fits a model's data: digits (1x8x8, 10 classes) or shapes (3x32x32, 10 classes)."""
+    """The offline judge that fits a model's data: digits (1x8x8, 10 classes), shapes (3x32x32,
+    10 classes) or digits_canvas (1x16x16, unconditional or 10 classes)."""
     from diffit_toolkit.eval.inputs import InputError
 
     shape = (facts.get("channels"), facts.get("resolution"), facts.get("num_classes"))
@@ -199,6 +211,8 @@ def _offline_metric(facts: dict) -> str:
         return "digits"
     if shape == (3, 32, 10):
         return "shapes"
+    if shape in ((1, 16, 0), (1, 16, 10)):
+        return "digits_canvas"
     raise InputError(f"no offline judge for {shape[0]}x{shape[1]}x{shape[1]} data with {shape[2]} classes: give --ref and --inception-weights")
 
 

@@ -41,6 +41,27 @@ def digits_split_indices(split: str) -> np.ndarray:
     return np.sort(train if split == "train" else test)
 
 
+def digits_held_out_halves() -> tuple[np.ndarray, np.ndarray]:
+    """The test split cut into two disjoint halves of 180 glyphs: ``(reference, floor)`` indices.
+
+    Every other glyph of each class (in index order) goes to ``floor``; an odd class's extra glyph
+    goes to each half in turn, so both halves hold 180 glyphs and every class to within one. The
+    offline judges compare samples with ``reference`` and measure their real-vs-real floor with
+    ``floor``; neither trains a judge.
+    """
+    from sklearn.datasets import load_digits
+
+    test = digits_split_indices("test")
+    target = load_digits().target[test]
+    to_floor = np.zeros(len(test), dtype=bool)
+    extra = False
+    for c in np.unique(target):
+        members = np.flatnonzero(target == c)
+        to_floor[members[int(extra)::2]] = True
+        extra ^= len(members) % 2 == 1
+    return test[~to_floor], test[to_floor]
+
+
 class DigitsDataset(DiffusionDataset):
     """scikit-learn's handwritten digits, scaled to [-1, 1]; nothing is downloaded.
 

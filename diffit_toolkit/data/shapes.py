@@ -26,14 +26,15 @@ from diffit_toolkit.data.transforms import match_channels, resize_images
 SHAPE_CLASSES = ("circle", "ring", "square", "frame", "triangle", "plus", "star", "hexagon", "half_disk", "L")
 #: Native side of the shapes.
 SHAPES_RESOLUTION = 32
-#: Images per split (each a multiple of the 10 classes, so every class has the same count).
-SHAPES_SPLIT_SIZES = {"train": 10_000, "test": 2_000}
+#: Images per split (each a multiple of the 10 classes, so every class has the same count);
+#: ``test`` and ``floor`` are the judge's held-out reference and floor sets (disjoint streams).
+SHAPES_SPLIT_SIZES = {"train": 10_000, "test": 2_000, "floor": 2_000}
 #: Seed of the embedded data set (``split`` and the image index are mixed into it).
 SHAPES_SEED = 0
 #: Supersampling factor of the renderer (anti-aliasing).
 SUPERSAMPLE = 4
 
-_SPLIT_IDS = {"train": 0, "test": 1}
+_SPLIT_IDS = {"train": 0, "test": 1, "floor": 2}
 _MEMO: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -132,7 +133,8 @@ def make_shapes(split: str = "train", seed: int = SHAPES_SEED, num: int | None =
     """``(images (N, 3, 32, 32) in [-1, 1], labels (N,))`` of a split, deterministic from ``seed``.
 
     Args:
-        split: ``"train"`` or ``"test"`` (a disjoint random stream: the held-out images of the judge).
+        split: ``"train"``, ``"test"`` or ``"floor"`` (disjoint random streams: the held-out
+            reference and floor sets of the judge).
         seed: Data-set seed.
         num: Number of images (default: the split's size); label ``i`` is ``i % 10``.
     """

@@ -135,7 +135,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]
 
 def judge_for(data: dict[str, Any], cache_dir: Path):
     """The offline judge of a recipe's ``data`` section: ``(name, judge, held-out accuracy)``."""
-    from diffit_toolkit.eval.sweep import digits_judge, shapes_judge
+    from diffit_toolkit.eval.sweep import canvas_judge, digits_judge, shapes_judge
 
     kind = data.get("kind", "digits")
     if kind == "digits":
@@ -148,7 +148,12 @@ def judge_for(data: dict[str, Any], cache_dir: Path):
 
         metric = ShapesMetric(cache=cache_dir / "shapes_classifier.pt")
         return "shapes", shapes_judge(cache_dir / "shapes_classifier.pt"), metric.test_accuracy()
-    raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits or shapes, got '{kind}'")
+    if kind == "digits_canvas":
+        from diffit_toolkit.eval.canvas import CanvasMetric
+
+        metric = CanvasMetric(cache=cache_dir / "canvas_classifier.pt")
+        return "digits_canvas", canvas_judge(cache_dir / "canvas_classifier.pt"), metric.test_accuracy()
+    raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits, shapes or digits_canvas, got '{kind}'")
 
 
 def _ablation_specs(suite: AblationSuite, device: str) -> tuple[list[RunSpec], list[str], Any]:

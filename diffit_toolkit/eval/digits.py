@@ -1,23 +1,27 @@
 """The offline metric of the embedded digits: a small classifier trained on the real train split.
 
 Nothing is downloaded. For conditional samples it reports (a) the accuracy with which they are
-classified as their requested class and (b) the Frechet distance in the classifier's penultimate
-feature space against the held-out real digits (``split="test"``), next to the real-vs-real floor:
-the same distance for as many *real* train digits as there are samples.
+classified as their requested class, (b) the Frechet distance in the classifier's penultimate
+feature space against one half of the held-out digits (the *reference*, 180 digits), next to the
+real-vs-real floor: the same distance for as many digits of the *other* held-out half (neither
+half trains the classifier), and (c) the copy check (see
+[`diffit_toolkit.eval.yardsticks`][diffit_toolkit.eval.yardsticks]). At most 180 samples are
+scored: more are cut to a class-balanced random subset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from diffit_toolkit.eval.frechet import fd_from_features
+from diffit_toolkit.eval.yardsticks import HeldOutJudge, JudgeScore, accuracy_and_fd
+
+__all__ = ["DigitsClassifier", "DigitsMetric", "DigitsScore", "JudgeScore", "accuracy_and_fd", "batch_as_float",
+           "load_digits_classifier", "load_judge", "to_digits_tensor", "train_digits_classifier"]
 
 #: Feature size of the classifier's penultimate layer.
 FEATURE_DIM = 64
@@ -42,11 +46,17 @@ class DigitsClassifier(nn.Module):
 
 
 def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images (N, 1, 8, 8), labels)`` of a digits split: ``train``, ``test``, or a held-out half
+    (``reference`` or ``floor``, see [`digits_held_out_halves`][diffit_toolkit.data.digits.digits_held_out_halves])."""
     from diffit_toolkit.data import build_dataset
+    from diffit_toolkit.data.digits import digits_held_out_halves
 
+    if split in ("reference", "floor"):
+        ds = build_dataset("digits", split="all")
+        keep = digits_held_out_halves()[split == "floor"]
+        return ds.images[keep].float(), ds.labels[keep]
     ds = build_dataset("digits", split=split)
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return torch.stack(xs).float(), torch.as_tensor(np.array([int(y) for y in ys]))
+    return ds.images.float(), ds.labels
 
 
 def train_digits_classifier(seed: int = 0, epochs: int = 30) -> DigitsClassifier:
@@ -105,50 +115,9 @@ def load_digits_classifier(seed: int = 0, cache: str | Path | None = None) -> Di
     return load_judge(_MEMO, seed, cache, DigitsClassifier, train_digits_classifier)
 
 
-def accuracy_and_fd(x: torch.Tensor, labels, predict: Callable[[torch.Tensor], torch.Tensor],
-                    features: Callable[[torch.Tensor], np.ndarray], test_features: np.ndarray, what: str) -> tuple[float, float]:
-    """Share of samples ``x`` classified as their requested ``labels`` (``nan`` without labels) and
-    the Frechet distance of their features to ``test_features``; one-line errors name ``what``."""
-    if len(x) < 2:
-        raise ValueError(f"the {what} metric needs at least 2 images")
-    accuracy = float("nan")
-    if labels is not None:
-        y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
-        if len(y) != len(x):
-            raise ValueError(f"{len(x)} images but {len(y)} labels")
-        accuracy = float((predict(x) == y).float().mean())
-    return accuracy, fd_from_features(features(x), test_features)
-
-
-@dataclass(frozen=True)
-class JudgeScore:
-    """Result of an offline judge's ``score``.
-
-    Attributes:
-        accuracy: share of samples classified as their requested class (``nan`` without labels).
-        fd: Frechet distance to the held-out real images in the classifier's feature space.
-        floor: the same distance for as many real (train) images: the best a generator can expect.
-        num_images: number of samples scored.
-    """
-
-    accuracy: float
-    fd: float
-    floor: float
-    num_images: int
-    #: The judge's name at the start of `line`.
-    name: ClassVar[str] = "judge"
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    def line(self) -> str:
-        acc = "n/a" if np.isnan(self.accuracy) else f"{100 * self.accuracy:.1f}%"
-        return f"{self.name}: accuracy {acc}  FD {self.fd:.3f}  (real-vs-real floor {self.floor:.3f}, n={self.num_images})"
-
-
 class DigitsScore(JudgeScore):
     """Result of [`DigitsMetric.score`][diffit_toolkit.eval.digits.DigitsMetric.score] (fields as
-    [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
+    [`JudgeScore`][diffit_toolkit.eval.yardsticks.JudgeScore])."""
 
     name = "digits"
 
@@ -176,46 +145,26 @@ def to_digits_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x
 
 
-class DigitsMetric:
+class DigitsMetric(HeldOutJudge):
     """Accuracy and Frechet distance of digit samples in the feature space of
-    [`DigitsClassifier`][diffit_toolkit.eval.digits.DigitsClassifier].
+    [`DigitsClassifier`][diffit_toolkit.eval.digits.DigitsClassifier], with the fair floor and the
+    copy check of [`HeldOutJudge`][diffit_toolkit.eval.yardsticks.HeldOutJudge].
+
+    The classifier trains on the digits' train split (the generator's training digits); the
+    reference and floor sets are the two halves of the held-out test split (180 digits each), so
+    at most 180 samples are scored.
 
     Args:
-        seed: Classifier training seed.
+        seed: Classifier training seed (and seed of the random subsets).
         cache: Optional file where the trained classifier is kept.
     """
 
+    what = "digits"
+    score_class = DigitsScore
+
     def __init__(self, seed: int = 0, cache: str | Path | None = None) -> None:
-        self.classifier = load_digits_classifier(seed, cache)
-        self.seed = seed
-        self.test_x, self.test_y = _split("test")
-        self.train_x, _ = _split("train")
-        self.test_features = self.features(self.test_x)
-        self._train_features = self.features(self.train_x)
-        self._floors: dict[int, float] = {}
+        super().__init__(load_digits_classifier(seed, cache), reference=_split("reference"), floor=_split("floor"),
+                         train=_split("train")[0], seed=seed)
 
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        return self.classifier.features(to_digits_tensor(x)).double().numpy()
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(to_digits_tensor(x)).argmax(dim=1)
-
-    def test_accuracy(self) -> float:
-        """Accuracy of the classifier on the held-out real digits."""
-        return float((self.predict(self.test_x) == self.test_y).float().mean())
-
-    def floor(self, n: int) -> float:
-        """FD of ``n`` real train digits (a fixed draw) against the held-out ones."""
-        n = min(n, len(self._train_features))
-        if n not in self._floors:
-            idx = np.random.default_rng(self.seed).choice(len(self._train_features), n, replace=False)
-            self._floors[n] = fd_from_features(self._train_features[idx], self.test_features)
-        return self._floors[n]
-
-    def score(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> DigitsScore:
-        """Score samples (float [-1, 1] NCHW or uint8 NHWC as in an ADM ``.npz``) with their requested labels."""
-        x = to_digits_tensor(images)
-        accuracy, fd = accuracy_and_fd(x, labels, self.predict, self.features, self.test_features, "digits")
-        return DigitsScore(accuracy, fd, self.floor(len(x)), len(x))
+    def to_tensor(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return to_digits_tensor(images)

@@ -1,11 +1,12 @@
 """The offline judge of the embedded shapes: a small CNN trained on the generator's own images.
 
 Like the digits metric ([`diffit_toolkit.eval.digits`][diffit_toolkit.eval.digits]) and nothing
-downloaded: for conditional
-samples it reports (a) the share classified as their requested class and (b) the Frechet distance
-in the classifier's penultimate feature space against the held-out shapes (``split="test"``, a
-disjoint random stream), next to the real-vs-real floor: the same distance for as many real train
-images as there are samples.
+downloaded: for conditional samples it reports (a) the share classified as their requested class,
+(b) the Frechet distance in the classifier's penultimate feature space against the held-out
+shapes (``split="test"``, a disjoint random stream), next to the real-vs-real floor: the same
+distance for as many images of a third stream (``split="floor"``) that the judge never trained
+on either, and (c) the copy check against the train split (see
+[`diffit_toolkit.eval.yardsticks`][diffit_toolkit.eval.yardsticks]).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffit_toolkit.eval.digits import JudgeScore, accuracy_and_fd, batch_as_float, load_judge
-from diffit_toolkit.eval.frechet import fd_from_features
+from diffit_toolkit.eval.digits import batch_as_float, load_judge
+from diffit_toolkit.eval.yardsticks import HeldOutJudge, JudgeScore
 
 #: Feature size of the classifier's penultimate layer.
 FEATURE_DIM = 64
@@ -86,7 +87,7 @@ def load_shapes_classifier(seed: int = 0, cache: str | Path | None = None) -> Sh
 
 class ShapesScore(JudgeScore):
     """Result of [`ShapesMetric.score`][diffit_toolkit.eval.shapes.ShapesMetric.score] (fields as
-    [`JudgeScore`][diffit_toolkit.eval.digits.JudgeScore])."""
+    [`JudgeScore`][diffit_toolkit.eval.yardsticks.JudgeScore])."""
 
     name = "shapes"
 
@@ -99,50 +100,30 @@ def to_shapes_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x
 
 
-class ShapesMetric:
+class ShapesMetric(HeldOutJudge):
     """Accuracy and Frechet distance of shape samples in the feature space of
-    [`ShapesClassifier`][diffit_toolkit.eval.shapes.ShapesClassifier].
+    [`ShapesClassifier`][diffit_toolkit.eval.shapes.ShapesClassifier], with the fair floor and the
+    copy check of [`HeldOutJudge`][diffit_toolkit.eval.yardsticks.HeldOutJudge].
 
     Args:
-        seed: Judge training seed.
+        seed: Judge training seed (and seed of the random subsets).
         cache: Optional file where the trained judge is kept.
         classifier: Use this classifier instead of training one (tests).
+        num_test: Images of the reference and of the floor set (default: 2000 each); at most
+            this many samples are scored.
+        num_train: Training images the copy check searches (default: the whole train split).
     """
 
+    what = "shapes"
+    score_class = ShapesScore
+
     def __init__(self, seed: int = 0, cache: str | Path | None = None, classifier: ShapesClassifier | None = None,
-                 num_test: int | None = None) -> None:
+                 num_test: int | None = None, num_train: int | None = None) -> None:
         from diffit_toolkit.data.shapes import make_shapes
 
-        self.classifier = classifier if classifier is not None else load_shapes_classifier(seed, cache)
-        self.seed = seed
-        self.test_x, self.test_y = make_shapes("test", num=num_test)
-        self.test_features = self.features(self.test_x)
-        self._floors: dict[int, float] = {}
+        super().__init__(classifier if classifier is not None else load_shapes_classifier(seed, cache),
+                         reference=make_shapes("test", num=num_test), floor=make_shapes("floor", num=num_test),
+                         train=make_shapes("train", num=num_train)[0], seed=seed)
 
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        x = to_shapes_tensor(x)
-        return np.concatenate([self.classifier.features(x[i : i + 500]).double().numpy() for i in range(0, len(x), 500)])
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_shapes_tensor(x)
-        return torch.cat([self.classifier(x[i : i + 500]).argmax(dim=1) for i in range(0, len(x), 500)])
-
-    def test_accuracy(self) -> float:
-        """Accuracy of the judge on the held-out real shapes."""
-        return float((self.predict(self.test_x) == self.test_y).float().mean())
-
-    def floor(self, n: int) -> float:
-        """FD of ``n`` real train shapes (the first ``n`` of the train split) against the held-out ones."""
-        from diffit_toolkit.data.shapes import make_shapes
-
-        if n not in self._floors:
-            self._floors[n] = fd_from_features(self.features(make_shapes("train", num=n)[0]), self.test_features)
-        return self._floors[n]
-
-    def score(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> ShapesScore:
-        """Score samples (float [-1, 1] NCHW or uint8 NHWC as in an ADM ``.npz``) with their requested labels."""
-        x = to_shapes_tensor(images)
-        accuracy, fd = accuracy_and_fd(x, labels, self.predict, self.features, self.test_features, "shapes")
-        return ShapesScore(accuracy, fd, self.floor(len(x)), len(x))
+    def to_tensor(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return to_shapes_tensor(images)

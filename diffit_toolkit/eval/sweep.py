@@ -8,9 +8,10 @@ callable ``(images, labels) -> dict of numbers``) and returns one row per scale;
 [`plot_guidance_sweep`][diffit_toolkit.eval.sweep.plot_guidance_sweep] draws the trade-off curve
 (one line per setting, one point per scale).
 
-The judges: [`digits_judge`][diffit_toolkit.eval.sweep.digits_judge] and
-[`shapes_judge`][diffit_toolkit.eval.sweep.shapes_judge] (the offline class-accuracy + Frechet
-distance metrics of the embedded data sets) and
+The judges: [`digits_judge`][diffit_toolkit.eval.sweep.digits_judge],
+[`shapes_judge`][diffit_toolkit.eval.sweep.shapes_judge] and
+[`canvas_judge`][diffit_toolkit.eval.sweep.canvas_judge] (the offline class-accuracy + Frechet
+distance metrics of the embedded data sets, with their real-vs-real floor and copy check) and
 [`inception_judge`][diffit_toolkit.eval.sweep.inception_judge] (FID / IS against a
 reference, local Inception weights).
 """
@@ -79,7 +80,7 @@ def format_row(row: dict[str, float]) -> str:
     """One line per scale for the terminal."""
     parts = [f"guidance {row['guidance_scale']:g}:"]
     for key, value in row.items():
-        if key in ("guidance_scale", "sample_seconds", "num_images", "num_samples"):
+        if key in ("guidance_scale", "sample_seconds", "num_images", "num_samples", "num_given"):
             continue
         if key == "accuracy":
             parts.append(f"accuracy {100 * value:.1f}%")
@@ -163,6 +164,15 @@ def shapes_judge(cache: str | Path | None = None) -> Judge:
     from diffit_toolkit.eval.shapes import ShapesMetric
 
     metric = ShapesMetric(cache=cache)
+    return lambda images, labels: metric.score(images, labels).as_dict()
+
+
+def canvas_judge(cache: str | Path | None = None) -> Judge:
+    """FD (and class accuracy with labels) of 16x16 digit canvases
+    ([`CanvasMetric`][diffit_toolkit.eval.canvas.CanvasMetric])."""
+    from diffit_toolkit.eval.canvas import CanvasMetric
+
+    metric = CanvasMetric(cache=cache)
     return lambda images, labels: metric.score(images, labels).as_dict()
 
 

@@ -1,11 +1,13 @@
-"""The offline digits metric: real digits score at the floor, broken ones worse."""
+"""The offline digits metric: real held-out digits score at the floor, broken ones worse, copies show."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from diffit_toolkit.data.digits import digits_held_out_halves, digits_split_indices
 from diffit_toolkit.eval.digits import DigitsMetric, _split
 
 
@@ -16,19 +18,41 @@ def metric():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return _split("test")
+    return _split("floor")  # 180 real digits never seen by the classifier nor in the reference
 
 
 def test_classifier_is_accurate_on_held_out_digits(metric):
     assert metric.test_accuracy() > 0.95
 
 
+def test_reference_and_floor_are_disjoint_halves_the_judge_never_trained_on(metric):
+    reference, floor = digits_held_out_halves()
+    assert len(reference) == len(floor) == 180 and not set(reference) & set(floor)
+    assert set(reference) | set(floor) == set(digits_split_indices("test"))
+    assert not (set(reference) | set(floor)) & set(digits_split_indices("train"))
+    assert metric.max_images == 180 and len(metric.test_x) == 180
+    for half in (reference, floor):
+        counts = np.bincount(_split("all")[1].numpy()[half], minlength=10)
+        assert counts.max() - counts.min() <= 2  # each class near 18
+
+
 def test_real_held_out_digits_score_near_the_floor(metric, held_out):
     x, y = held_out
-    half = metric.score(x[::2], y[::2])  # 180 real digits never seen by the classifier
-    assert half.accuracy > 0.95
-    assert half.fd < 2.0 * half.floor  # the floor is real-vs-real at the same n
-    assert half.floor == pytest.approx(metric.floor(180))
+    some = metric.score(x[:100], y[:100])
+    assert some.accuracy > 0.9
+    assert some.floor == pytest.approx(metric.floor(100))
+    assert some.fd < 2.0 * some.floor  # the floor is real-vs-real at the same n, from another held-out half
+    assert 0.8 < some.copy_ratio < 1.25  # held-out digits are as far from the training digits as the floor set
+
+
+def test_more_images_than_the_floor_set_are_cut_to_a_class_balanced_subset(metric):
+    x, y = _split("train")
+    score = metric.score(x, y)
+    assert score.num_given == len(x) and score.num_images == 180
+    assert score.floor == pytest.approx(metric.floor(180))
+    # the training digits themselves: a perfect copier, which only the copy check exposes
+    assert score.copy_ratio < 0.05
+    assert score.fd < 2.0 * score.floor
 
 
 def test_shuffled_labels_give_chance_accuracy(metric, held_out):
@@ -39,9 +63,9 @@ def test_shuffled_labels_give_chance_accuracy(metric, held_out):
 
 def test_blurred_or_noisy_digits_score_worse(metric, held_out):
     x, y = held_out
-    real = metric.score(x[::2], y[::2])
-    blurred = metric.score(F.avg_pool2d(x[::2], 3, stride=1, padding=1), y[::2])
-    noisy = metric.score((x[::2] + 0.6 * torch.randn(x[::2].shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1), y[::2])
+    real = metric.score(x, y)
+    blurred = metric.score(F.avg_pool2d(x, 3, stride=1, padding=1), y)
+    noisy = metric.score((x + 0.6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1), y)
     for bad in (blurred, noisy):
         assert bad.fd > 3 * real.fd and bad.fd > 3 * real.floor
         assert bad.accuracy < real.accuracy
@@ -56,3 +80,5 @@ def test_uint8_nhwc_input_matches_float_input(metric, held_out):
     assert b.accuracy == pytest.approx(a.accuracy, abs=0.02) and b.fd == pytest.approx(a.fd, rel=0.1, abs=0.5)
     with pytest.raises(ValueError, match="8x8"):
         metric.score(torch.zeros(4, 1, 16, 16))
+    with pytest.raises(ValueError, match="100 images but 99 labels"):
+        metric.score(x[:100], y[:99])

@@ -1,0 +1,62 @@
+"""The digits-canvas judge: held-out canvases score at the floor; noise, digits stuck in one place
+and copies of the training canvases do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffit_toolkit.data.canvas import glyphs, make_canvases, paste
+from diffit_toolkit.eval.canvas import CanvasMetric, load_canvas_classifier, to_canvas_tensor, train_canvas_classifier
+
+
+@pytest.fixture(scope="module")
+def metric():
+    # a judge trained on 600 glyphs for 10 epochs, a few seconds (the shipped one: 1437 glyphs, 40 epochs)
+    return CanvasMetric(classifier=train_canvas_classifier(seed=0, epochs=10, num=600, batch=32))
+
+
+def test_judge_reads_the_digit_and_where_it_is(metric):
+    assert metric.test_accuracy() > 0.25  # chance: 0.1; the shipped judge reaches 96 %
+    assert metric.offset_error() < 1.5  # pixels; uniform guessing is off by about 2.7
+
+
+def test_held_out_canvases_score_near_the_floor_and_broken_ones_far_above(metric):
+    x, y, _ = make_canvases("floor")
+    some = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:400]]
+    real = metric.score(some)
+    assert real.floor == pytest.approx(metric.floor(400)) and real.num_images == 400
+    assert real.fd < 1.5 * real.floor
+    assert 0.8 < real.copy_ratio < 1.25
+    noisy = metric.score((some + 0.3 * torch.randn(some.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1))
+    assert noisy.fd > 5 * real.floor
+    images, _ = glyphs("floor")
+    centred = metric.score(paste(images, torch.full((len(images), 2), 4), 16))  # the right digits, always in the middle
+    assert centred.fd > 5 * metric.floor(len(images))
+
+
+def test_copies_of_training_canvases_show_in_the_copy_ratio_not_the_fd(metric):
+    x, y, _ = make_canvases("train")
+    score = metric.score(x, y)
+    assert score.num_given == len(x) and score.num_images == metric.max_images == 1440
+    assert score.copy_ratio < 0.05
+    assert score.fd < 1.5 * score.floor
+    assert score.accuracy > 0.25
+
+
+def test_input_layouts_cache_and_errors(tmp_path, monkeypatch):
+    import diffit_toolkit.eval.canvas as canvas_eval
+
+    x, _, _ = make_canvases("reference")
+    u8 = ((x[:4] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC as in an ADM .npz
+    assert torch.allclose(to_canvas_tensor(u8), x[:4], atol=1 / 127)
+    with pytest.raises(ValueError, match="16x16 gray"):
+        to_canvas_tensor(torch.zeros(2, 1, 8, 8))
+    # the cache file is written once and read back instead of training again
+    monkeypatch.setattr(canvas_eval, "_MEMO", {})
+    monkeypatch.setattr(canvas_eval, "train_canvas_classifier", lambda seed: train_canvas_classifier(seed, epochs=1, num=64))
+    first = load_canvas_classifier(seed=3, cache=tmp_path / "judge.pt")
+    monkeypatch.setattr(canvas_eval, "_MEMO", {})
+    monkeypatch.setattr(canvas_eval, "train_canvas_classifier", lambda seed: pytest.fail("trained again"))
+    again = load_canvas_classifier(seed=3, cache=tmp_path / "judge.pt")
+    assert torch.equal(first.features(x[:8]), again.features(x[:8]))
