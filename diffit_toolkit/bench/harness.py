@@ -42,7 +42,8 @@ class BenchConfig:
     """What to benchmark.
 
     Args:
-        recipe: recipe path or name; its ``model``, ``diffusion`` and ``sample`` sections are used.
+        recipe: recipe path or name; its ``model``, ``diffusion``, ``train`` (clipping, EMA,
+            optimizer) and ``sample`` sections are used.
         backbone: registered backbone when no recipe is given.
         preset: the backbone's preset (e.g. ``XL/2``, ``S/8``).
         mechanism: conditioning mechanism (``None``: the backbone's default).
@@ -176,23 +177,26 @@ class _ModelSpec:
         return self.recipe.model.get("backbone", "latent_diffit")
 
 
-def _model_specs(config: BenchConfig) -> tuple[_ModelSpec, Any, Any]:
-    """The model to measure (as a recipe), its diffusion section and its sample section."""
+def _model_specs(config: BenchConfig) -> tuple[_ModelSpec, Any]:
+    """The model to measure (as a recipe) and its sample section."""
     if config.recipe is not None:
         base = load_recipe(config.recipe)
         model = {**base.model, **config.model_options}
         diffusion, sample, label = base.diffusion.model_dump(), base.sample.model_dump(), base.name
+        train = base.train.model_dump()
     else:
         model = {"backbone": config.backbone, "preset": config.preset, **config.model_options}
         diffusion = {"learn_sigma": bool(config.model_options.get("learn_sigma", True))}
+        train = {}
         sample = {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.0}
         label = f"{config.backbone}:{config.preset}" if config.preset else config.backbone
     if config.mechanism is not None:
         model["mechanism"] = config.mechanism
     overrides = {k: v for k, v in dict(sampler=config.sampler, steps=config.sample_steps,
                                         guidance_scale=config.guidance_scale).items() if v is not None}
-    recipe = parse_recipe({"name": label, "model": model, "diffusion": diffusion, "sample": {**sample, **overrides}})
-    return _ModelSpec(label, recipe), recipe.diffusion, recipe.sample
+    recipe = parse_recipe({"name": label, "model": model, "diffusion": diffusion, "train": train,
+                           "sample": {**sample, **overrides}})
+    return _ModelSpec(label, recipe), recipe.sample
 
 
 def _dit_spec(spec: _ModelSpec) -> _ModelSpec:
@@ -221,27 +225,30 @@ def _inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: int)
 # -- measurements --------------------------------------------------------------------------------
 
 
-def train_step_bench(spec: _ModelSpec, diffusion, config: BenchConfig, device: torch.device, backend: str | None,
+def train_step_bench(spec: _ModelSpec, config: BenchConfig, device: torch.device, backend: str | None,
                      compiled: bool, peak: float | None) -> dict[str, Any]:
-    """img/s, step time, achieved TFLOP/s, MFU and peak memory of one training configuration."""
+    """img/s, step time, achieved TFLOP/s, MFU and peak memory of one training configuration.
+
+    The timed step is the trainer's own [`train_step`][diffit_toolkit.train.trainer.Trainer.train_step]
+    (autocast, gradient scaler, micro-batches, clipping, AdamW, schedule and EMA update) on one
+    fixed batch, with the recipe's ``train`` settings and the benchmark's batch, precision and
+    compile choice."""
     from diffit_toolkit.backbones.info import count_flops, count_parameters
+    from diffit_toolkit.train.distributed import DistEnv
+    from diffit_toolkit.train.trainer import Trainer
 
     model = _build(spec, device, backend, config.seed)
     flops_fwd = count_flops(model, batch_size=1)
     params = count_parameters(model)
-    model.train()
-    runner = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    process = build_process(spec.recipe)
+    train_section = spec.recipe.train.model_copy(update={
+        "batch_size": config.batch_size, "precision": config.precision, "compile": compiled, "seed": config.seed,
+        "strategy": "ddp", "grad_accum_steps": 1})
+    recipe = spec.recipe.model_copy(update={"train": train_section})
+    trainer = Trainer(recipe, DistEnv(rank=0, world_size=1, local_rank=0, device=device), model=model).setup()
     x0, y = _inputs(model, config.batch_size, device, config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, config.precision):
-            loss = process.loss(runner, x0, y, generator).mean()
-        loss.backward()
-        optimizer.step()
+        trainer.train_step(x0, y)
 
     _reset_peak_memory(device)
     seconds = _time(step, device, config.warmup, config.iters)
@@ -264,7 +271,7 @@ def train_step_bench(spec: _ModelSpec, diffusion, config: BenchConfig, device: t
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
     }
-    del model, runner, optimizer
+    del model, trainer
     return result
 
 
@@ -329,7 +336,7 @@ def attention_microbench(shape: tuple[int, int, int, int], device: torch.device,
     return rows
 
 
-def sampling_bench(spec: _ModelSpec, diffusion, sample, config: BenchConfig, device: torch.device,
+def sampling_bench(spec: _ModelSpec, sample, config: BenchConfig, device: torch.device,
                    backend: str | None) -> dict[str, Any]:
     """Images per second of the recipe's sampler with classifier-free guidance (one timed batch)."""
     model = _build(spec, device, backend, config.seed).eval()
@@ -376,7 +383,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = device_peak_tflops(device, config.precision, config.peak_tflops)
-    spec, diffusion, sample = _model_specs(config)
+    spec, sample = _model_specs(config)
     dtype = _DTYPES[config.precision] if device.type == "cuda" else torch.float32
     probe = _build(spec, torch.device("meta"), None, config.seed)
     cfg = getattr(probe, "cfg", None)
@@ -407,12 +414,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     for backend in trainable:
         for compiled in config.compile_modes:
             say(f"train {spec.label} backend={backend} compile={compiled}")
-            train.append(train_step_bench(spec, diffusion, config, device, backend, compiled, peak))
+            train.append(train_step_bench(spec, config, device, backend, compiled, peak))
     dit_spec = _dit_spec(spec) if config.compare_dit else None
     if dit_spec is not None:
         for compiled in config.compile_modes:
             say(f"train {dit_spec.label} backend=auto compile={compiled}")
-            train.append(train_step_bench(dit_spec, diffusion, config, device, "auto", compiled, peak))
+            train.append(train_step_bench(dit_spec, config, device, "auto", compiled, peak))
 
     attention: list[dict[str, Any]] = []
     if config.attention_shape is not None:
@@ -425,11 +432,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     best = max(mine, key=lambda row: row["img_per_s"])
     sampling = []
     say(f"sampling {spec.label} {sample.sampler} x{sample.steps}")
-    sampling.append(sampling_bench(spec, diffusion, sample, config, device, best["backend"]))
+    sampling.append(sampling_bench(spec, sample, config, device, best["backend"]))
     comparison = None
     if dit_spec is not None:
         say(f"sampling {dit_spec.label}")
-        sampling.append(sampling_bench(dit_spec, diffusion, sample, config, device, "auto"))
+        sampling.append(sampling_bench(dit_spec, sample, config, device, "auto"))
         dit_best = max((row for row in train if row["model"] == dit_spec.label), key=lambda row: row["img_per_s"])
         comparison = {
             "diffit": {"backend": best["backend"], "compile": best["compile"]},

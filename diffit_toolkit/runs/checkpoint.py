@@ -28,7 +28,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,6 @@ LOCK_FILE = ".lock"
 CHECKSUMS = "checksums.json"
 #: The files of a complete checkpoint (besides `CHECKSUMS`).
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
-#: Keys every training state holds.
-STATE_KEYS = ("step", "optimizer", "scheduler", "scaler", "ema_n_averaged", "data", "rng")
 #: Largest step a checkpoint may claim (a 10-digit step is beyond any real run).
 MAX_STEP = 10**10
 #: A temporary folder of another host is taken for abandoned after this long.
@@ -327,10 +325,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def check_train_state(state: dict[str, Any], path: Path) -> int:
-    """The step of a training state read from ``path``, after checking it has what a resume needs;
-    a malformed state is a one-line [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]."""
-    missing = [k for k in STATE_KEYS if k not in state]
+def check_train_state(state: dict[str, Any], path: Path, required: Sequence[str] = ("step",)) -> int:
+    """The step of a training state read from ``path``, after checking it holds the ``required``
+    keys (the trainer's layout, [`TrainState`][diffit_toolkit.train.state.TrainState]); a malformed
+    state is a one-line [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]."""
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path}: state.pt lacks {', '.join(missing)}; it was not written by this "
                               f"trainer: resume from another checkpoint")
@@ -344,17 +343,17 @@ def check_train_state(state: dict[str, Any], path: Path) -> int:
 
 
 def load_newest_verified(run_dir: str | Path, map_location: str | torch.device = "cpu",
-                         warn=None) -> dict[str, Any] | None:
+                         warn=None, required: Sequence[str] = ("step",)) -> dict[str, Any] | None:
     """The newest checkpoint of ``run_dir`` that verifies and reads, or ``None`` when there is none.
 
-    A checkpoint that fails (damaged, unreadable, malformed state) is skipped with ``warn``
+    A checkpoint that fails (damaged, unreadable, a state without the ``required`` keys) is skipped with ``warn``
     naming it and why, and the next older one is tried; when every one fails the newest error
     is raised."""
     errors: list[CheckpointError] = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             ckpt = load_checkpoint(path, map_location)
-            check_train_state(ckpt["state"], path)
+            check_train_state(ckpt["state"], path, required)
         except CheckpointError as exc:
             errors.append(exc)
             if warn is not None:

@@ -1,4 +1,8 @@
-"""The training loop: recipe -> data, model, process -> AdamW steps with EMA -> checkpoints, grids.
+"""The trainer: recipe -> data, model, process -> AdamW steps with EMA -> checkpoints, grids.
+
+[`Trainer`][diffit_toolkit.train.trainer.Trainer] holds what a step needs; its ``train_step`` is the
+step that ``train`` runs and ``bench`` times, its ``fit`` the loop; [`train`][diffit_toolkit.train.trainer.train]
+wires it to a run folder (lock, resume, logging).
 
 Runs unchanged in one process, under ``torchrun`` (DDP or FSDP2 over NCCL, or gloo on the CPU)
 and under SLURM. Rank 0 alone logs and writes files; checkpoints hold full (unsharded) states, so
@@ -51,15 +55,14 @@ from diffit_toolkit.train.distributed import (
     barrier,
     cleanup_distributed,
     full_model_state,
-    full_optimizer_state,
     load_model_state,
-    load_optimizer_state,
     local,
     no_gradient_sync,
     setup_distributed,
     shard_model,
 )
 from diffit_toolkit.train.logging import RunLogger
+from diffit_toolkit.train.state import EmaCount, OptimizerState, RandomState, RankRandomStates, TrainState
 
 
 class TrainingError(RuntimeError):
@@ -126,43 +129,6 @@ def ema_average_fn(decay: float, warmup: bool):
     return update
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _rng_states(generator: torch.Generator, env: DistEnv) -> dict[str, Any]:
-    """The random state for the checkpoint: rank 0's under ``rng``, every rank's under
-    ``rng_ranks`` when there are several (each rank draws its own label dropout and noise)."""
-    state = _rng_state(generator)
-    if not env.distributed:
-        return {"rng": state}
-    ranks: list[Any] = [None] * env.world_size
-    dist.all_gather_object(ranks, state)
-    return {"rng": ranks[0], "rng_ranks": ranks}
-
-
-def _own_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
-    """This rank's random state from a checkpoint: its own when written by as many processes,
-    else rank 0's (another process count continues the run, only to rounding)."""
-    ranks = state.get("rng_ranks")
-    return ranks[env.rank] if isinstance(ranks, list) and len(ranks) == env.world_size else state["rng"]
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def _agreed_stop(local: str | None, env: DistEnv) -> str | None:
     """A stop request seen by any rank stops every rank at the same step."""
     if not env.distributed:
@@ -214,17 +180,282 @@ def sample_images(recipe: Recipe, process, model, facts: dict[str, Any], device:
     return Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
 
 
-def _init_weights(model: torch.nn.Module, ema: AveragedModel, path: str | Path) -> None:
-    """Copy the weights at ``path`` into ``model`` and its EMA; a mismatch names the keys."""
-    from diffit_toolkit.generate import read_weights
+@dataclass
+class StepStats:
+    """One optimisation step: the batch's mean loss and gradient norm (the same on every rank),
+    and whether the update was applied (``False``: a non-finite loss or gradient, skipped)."""
 
+    loss: float
+    grad_norm: float
+    applied: bool
+
+
+class Trainer:
+    """The model, its EMA, the optimizer, schedule and gradient scaler, the process and, when a
+    dataset is given, the data order: everything a step needs and a checkpoint holds.
+
+    [`train_step`][diffit_toolkit.train.trainer.Trainer.train_step] is the one optimisation step
+    that ``train`` runs and ``bench`` times; [`fit`][diffit_toolkit.train.trainer.Trainer.fit] is
+    the loop around it (run folder, logging, checkpoints, grids, stop signals);
+    [`state`][diffit_toolkit.train.state.TrainState] is what a checkpoint remembers.
+
+    Args:
+        recipe: a validated recipe.
+        env: this process's place ([`setup_distributed`][diffit_toolkit.train.distributed.setup_distributed]).
+        dataset: the training data (``None``: no data order, e.g. for timing steps on given batches).
+        model: a built model to train instead of the recipe's (``bench`` builds its own).
+    """
+
+    def __init__(self, recipe: Recipe, env: DistEnv, *, dataset=None, model: torch.nn.Module | None = None) -> None:
+        cfg = self.cfg = recipe.train
+        self.recipe, self.env = recipe, env
+        torch.manual_seed(cfg.seed + env.rank)
+        random.seed(cfg.seed + env.rank)
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        if dataset is None:
+            self.facts: dict[str, Any] = {"num_classes": int(getattr(model, "num_classes", 0) or 0)}
+        else:
+            self.facts = data_facts(dataset)
+        self.model = (model if model is not None else build_model(recipe, self.facts)).to(env.device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
+        self.ema.requires_grad_(False)
+        self.sharded = cfg.strategy == "fsdp" and env.distributed
+        self.scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.precision == "fp16")
+        self.process = build_process(recipe)
+        self.generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
+        self.per_rank = self._per_rank_batch(dataset)
+        self.sampler = self.loader = None
+        if dataset is not None:
+            self.sampler = ResumableSampler(len(dataset), self.per_rank, env.rank, env.world_size, seed=cfg.seed)
+            self.loader = DataLoader(dataset, batch_size=self.per_rank, sampler=self.sampler,
+                                     num_workers=cfg.num_workers, drop_last=True,
+                                     pin_memory=env.device.type == "cuda",
+                                     # its own generator: creating an iterator must not consume the
+                                     # global RNG (label dropout draws from it), or a resume would diverge
+                                     generator=torch.Generator().manual_seed(cfg.seed))
+        self.sharded_blocks = None
+        self.optimizer = self.scheduler = self.state = None
+        self.train_model = self.sync_model = None
+
+    def _per_rank_batch(self, dataset) -> int:
+        cfg, world = self.cfg, self.env.world_size
+        if cfg.batch_size % world:
+            raise RecipeError(
+                f"recipe error at train.batch_size: {cfg.batch_size} is not divisible by {world} "
+                f"processes; choose a multiple of the process count"
+            )
+        per_rank = cfg.batch_size // world
+        if per_rank % cfg.grad_accum_steps:
+            raise RecipeError(
+                f"recipe error at train.grad_accum_steps: {per_rank} images per process "
+                f"(train.batch_size {cfg.batch_size} / {world} processes) do not split into "
+                f"{cfg.grad_accum_steps} equal micro-batches; choose a divisor of {per_rank}"
+            )
+        if dataset is not None and len(dataset) < cfg.batch_size:
+            raise RecipeError(
+                f"recipe error at train.batch_size: {cfg.batch_size} is larger than the dataset ({len(dataset)} items)"
+            )
+        return per_rank
+
+    def setup(self, weights: dict[str, torch.Tensor] | None = None) -> Trainer:
+        """Start from ``weights`` (full model and EMA weights, e.g. ``--init-from``) if given, shard
+        under FSDP (the model and its EMA alike, before the optimizer is built on the sharded
+        parameters), build the optimizer and schedule, wrap for DDP and ``torch.compile``."""
+        cfg, env, model = self.cfg, self.env, self.model
+        if weights is not None:
+            model.load_state_dict(weights)
+            self.ema.module.load_state_dict(weights)
+        if self.sharded:
+            self.sharded_blocks = shard_model(model)
+            shard_model(self.ema.module)
+        self.optimizer, self.scheduler = build_optimizer(self.recipe, model)
+        components = {"optimizer": OptimizerState(model, self.optimizer), "scheduler": self.scheduler,
+                      "scaler": self.scaler, "ema_n_averaged": EmaCount(self.ema)}
+        if self.sampler is not None:
+            components["data"] = self.sampler
+        own_rng = RandomState(self.generator)
+        components.update(rng=own_rng, rng_ranks=RankRandomStates(own_rng, env))
+        self.state = TrainState(components, optional=("rng_ranks",))
+        self.train_model = model
+        if self.sharded:
+            self.sync_model = model  # the module whose gradient synchronisation micro-batches turn off
+        elif env.distributed:
+            self.train_model = self.sync_model = DistributedDataParallel(
+                model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        return self
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint read by [`load_checkpoint`][diffit_toolkit.runs.load_checkpoint]
+        (full weights; each rank keeps its shard under FSDP)."""
+        path = ckpt["path"]
+        try:
+            load_model_state(self.model, ckpt["model"])
+            load_model_state(self.ema.module, ckpt["ema"])
+            self.state.load_state_dict(ckpt["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: state.pt is malformed ({one_line(exc)}); "
+                                  f"resume from another checkpoint with --resume") from None
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> StepStats:
+        """One optimisation step on this process's share ``x``, ``y`` of the batch: micro-batched
+        forward and backward, gradient clipping, then the optimizer, schedule and EMA updates, or
+        none of them when the loss or gradient is not finite (fp16's scaler skips on its own)."""
+        cfg, env, optimizer, scaler = self.cfg, self.env, self.optimizer, self.scaler
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = accumulate_gradients(self.train_model, self.process, x, y, self.generator, cfg.grad_accum_steps,
+                                        scaler, lambda: _autocast(env, cfg.precision), self.sync_model)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"out of {env.device.type.upper()} memory at step {self.step + 1} with "
+                f"{self.per_rank // cfg.grad_accum_steps} images per process: lower train.batch_size or raise "
+                f"train.grad_accum_steps, set model.grad_checkpointing: true, or use train.precision: bf16"
+            ) from None
+        scaler.unscale_(optimizer)
+        # under FSDP the norm is a DTensor reduced over all shards, the same on every rank
+        grad_norm = local(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        value = loss.clone()
+        if env.distributed:  # every rank sees the same mean loss and so agrees on a skip
+            dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        loss_value = float(value)
+        bad = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm)))
+        self.state.step += 1
+        if bad:  # weights never become non-finite
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.update()
+            return StepStats(loss_value, float(grad_norm), applied=False)
+        scaler.step(optimizer)
+        scaler.update()
+        self.scheduler.step()
+        self.ema.update_parameters(self.model)
+        return StepStats(loss_value, float(grad_norm), applied=True)
+
+    def batches(self):
+        """This process's batches on the device, endlessly, in the resumable data order."""
+        while True:
+            for x, y in self.loader:
+                self.sampler.advance()
+                x, y = apply_to_collection((x, y), torch.Tensor, lambda t: t.to(self.env.device, non_blocking=True))
+                yield x, (y if self.facts["num_classes"] else None)
+            self.sampler.next_epoch()
+
+    def weights_finite(self) -> bool:
+        finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in self.model.parameters()))],
+                              device=self.env.device)
+        if self.sharded:  # each rank sees its shards only
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def save_checkpoint(self, run_dir: Path, config: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of this step (collectives: every rank calls it; rank 0 writes and
+        gets its path)."""
+        if not self.weights_finite():
+            raise TrainingError(f"weights are not finite at step {self.step}; not checkpointing them. "
+                                f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}")
+        weights, ema_weights = full_model_state(self.model), full_model_state(self.ema.module)
+        state = self.state.state_dict()
+        path = None
+        if self.env.is_main:
+            path = save_checkpoint(run_dir, self.step, weights, ema_weights, state, config, self.cfg.keep_last)
+        barrier(self.env)
+        return path
+
+    def sample_grid(self, path: Path) -> Path | None:
+        """A grid of EMA samples written by rank 0. Under FSDP every rank samples (the same images:
+        the sharded EMA gathers its weights from all ranks as it runs)."""
+        if not (self.env.is_main or self.sharded):
+            return None
+        images, labels = sample_images(self.recipe, self.process, self.ema.module.eval(), self.facts, self.env.device)
+        self.model.train()
+        return save_sample_grid(images, labels, path) if self.env.is_main else None
+
+    def fit(self, run_dir: Path, logger: RunLogger, config: dict[str, Any], stop_after: int | None = None) -> TrainResult:
+        """Train to ``train.max_steps`` (or ``stop_after`` more steps, or a stop signal), with the
+        recipe's logging, checkpoints and grids; the final checkpoint and, at the end, the grid."""
+        cfg = self.cfg
+        result = TrainResult(run_dir=run_dir, step=self.step, model=self.model, ema=self.ema.module)
+        checkpointed_at = -1  # the same on every rank: only rank 0 gets a path back
+        consecutive_bad = 0
+        batches = self.batches()
+        self.model.train()
+        with stop_requests() as stop:
+            while self.step < cfg.max_steps and (stop_after is None or self.step - result.step < stop_after):
+                stats = self.train_step(*next(batches))
+                step = self.step
+                if stats.applied:
+                    consecutive_bad = 0
+                    result.losses.append(stats.loss)
+                    logger.step(step, stats.loss, lr=self.scheduler.get_last_lr()[0], grad_norm=stats.grad_norm,
+                                skipped=result.skipped_steps or None, log=step % cfg.log_every == 0)
+                else:
+                    result.skipped_steps += 1
+                    consecutive_bad += 1
+                    logger.message(f"step {step}: non-finite loss or gradient ({stats.loss}); step skipped "
+                                   f"({result.skipped_steps} so far)")
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"{consecutive_bad} consecutive steps up to step {step} had a non-finite loss or "
+                            f"gradient; stopping. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+                            f"Lower train.lr, set train.grad_clip, or use bf16 instead of fp16")
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                    result.checkpoint, checkpointed_at = self.save_checkpoint(run_dir, config), step
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    self._logged_grid(run_dir / "samples" / f"step_{step:07d}.png", logger)
+                result.stopped_by = _agreed_stop(stop["signal"], self.env)
+                if result.stopped_by:
+                    logger.message(f"{result.stopped_by} received: checkpointing at step {step} and stopping")
+                    break
+        if checkpointed_at != self.step:
+            result.checkpoint = self.save_checkpoint(run_dir, config)
+        result.step = self.step
+        if self.step >= cfg.max_steps:
+            result.grid = self._logged_grid(run_dir / "samples.png", logger)
+            if self.env.is_main:
+                result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+                logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
+        return result
+
+    def _logged_grid(self, path: Path, logger: RunLogger) -> Path | None:
+        grid = self.sample_grid(path)
+        if grid is not None:
+            logger.image("samples", grid, self.step)
+        return grid
+
+
+def _resume_point(trainer: Trainer, run_dir: Path, resume: str | Path | None, notes: list[str]) -> dict[str, Any] | None:
+    """The checkpoint to continue from (``resume``, or the run folder's newest that verifies),
+    checked against the model and the recipe; ``None`` for a new run."""
+    cfg, env = trainer.cfg, trainer.env
+    required = trainer.state.required_keys
+    if resume is not None:  # the checkpoint asked for, or an error
+        ckpt = load_checkpoint(resume, map_location=env.device)
+    else:  # damaged ones are skipped with a warning
+        ckpt = load_newest_verified(run_dir, map_location=env.device, warn=notes.append, required=required)
+    if ckpt is None:
+        return None
+    path = ckpt["path"]
     try:
-        state = read_weights(path)
-        check_state_dict(model, state, f"--init-from {path}")
-    except (ValueError, CheckpointError) as exc:
-        raise RecipeError(f"{str(exc).strip().splitlines()[0]}; initialise from weights of the recipe's model") from None
-    model.load_state_dict(state)
-    ema.module.load_state_dict(state)
+        check_state_dict(trainer.model, ckpt["model"], f"checkpoint {path}")
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}; it was written by another model: use another output_dir or the matching recipe") from None
+    step = check_train_state(ckpt["state"], path, required)
+    recorded = ckpt["config"].get("recipe", {}).get("train", {}) if isinstance(ckpt["config"].get("recipe"), dict) else {}
+    if isinstance(recorded, dict) and "seed" in recorded and recorded["seed"] != cfg.seed:
+        notes.append(f"{path} was written with train.seed={recorded['seed']}; continuing that run (its random "
+                     f"state), not a new one with seed {cfg.seed}: give another output_dir for a new run")
+    if step > cfg.max_steps:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, beyond train.max_steps "
+                              f"({cfg.max_steps}): raise train.max_steps to continue it, or give another output_dir")
+    return ckpt
 
 
 def train(
@@ -251,264 +482,66 @@ def train(
     """
     start_time = time.perf_counter()
     env = setup_distributed(device)
-    cfg = recipe.train
     run_dir = recipe.run_dir
     held = contextlib.ExitStack()
     try:
-        torch.manual_seed(cfg.seed + env.rank)
-        random.seed(cfg.seed + env.rank)
-        if env.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
-
-        dataset = build_dataset(recipe)
-        facts = data_facts(dataset)
-        model = build_model(recipe, facts).to(env.device)
-        ema = AveragedModel(model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
-        ema.requires_grad_(False)
-        sharded = cfg.strategy == "fsdp" and env.distributed
-        scaler = torch.amp.GradScaler("cuda", enabled=env.device.type == "cuda" and cfg.precision == "fp16")
-        process = build_process(recipe)
-        generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
-
-        if cfg.batch_size % env.world_size:
-            raise RecipeError(
-                f"recipe error at train.batch_size: {cfg.batch_size} is not divisible by {env.world_size} "
-                f"processes; choose a multiple of the process count"
-            )
-        per_rank = cfg.batch_size // env.world_size
-        if per_rank % cfg.grad_accum_steps:
-            raise RecipeError(
-                f"recipe error at train.grad_accum_steps: {per_rank} images per process "
-                f"(train.batch_size {cfg.batch_size} / {env.world_size} processes) do not split into "
-                f"{cfg.grad_accum_steps} equal micro-batches; choose a divisor of {per_rank}"
-            )
-        if len(dataset) < cfg.batch_size:
-            raise RecipeError(
-                f"recipe error at train.batch_size: {cfg.batch_size} is larger than the dataset ({len(dataset)} items)"
-            )
-        sampler = ResumableSampler(len(dataset), per_rank, env.rank, env.world_size, seed=cfg.seed)
-        loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
-                            drop_last=True, pin_memory=env.device.type == "cuda",
-                            # its own generator: creating an iterator must not consume the global
-                            # RNG (label dropout draws from it), or a resume would diverge
-                            generator=torch.Generator().manual_seed(cfg.seed))
-
+        trainer = Trainer(recipe, env, dataset=build_dataset(recipe))
         if env.is_main:  # before anything is read from or written to the run folder
             check_run_dir(run_dir)
             held.enter_context(run_lock(run_dir))
-        step = 0
-        environment = describe_environment(env.device, env.world_size, cfg.strategy)
-        resumed_on_other_setup: list[str] = []
-        skipped_notes: list[str] = []
-        if resume is not None:  # the checkpoint asked for, or an error
-            ckpt = load_checkpoint(resume, map_location=env.device)
-        else:  # the newest checkpoint that verifies; damaged ones are skipped with a warning
-            ckpt = load_newest_verified(run_dir, map_location=env.device, warn=skipped_notes.append)
-        checkpoint_path = None if ckpt is None else ckpt["path"]
+        notes: list[str] = []
+        trainer.setup()
+        ckpt = _resume_point(trainer, run_dir, resume, notes)
         if ckpt is not None:
-            try:
-                check_state_dict(model, ckpt["model"], f"checkpoint {checkpoint_path}")
-            except ValueError as exc:
-                raise CheckpointError(f"{exc}; it was written by another model: use another output_dir or the matching recipe") from None
-            step = check_train_state(ckpt["state"], checkpoint_path)
-            recorded = ckpt["config"].get("recipe", {}).get("train", {}) if isinstance(ckpt["config"].get("recipe"), dict) else {}
-            if isinstance(recorded, dict) and "seed" in recorded and recorded["seed"] != cfg.seed:
-                skipped_notes.append(f"{checkpoint_path} was written with train.seed={recorded['seed']}; continuing "
-                                     f"that run (its random state), not a new one with seed {cfg.seed}: give another "
-                                     f"output_dir for a new run")
-            if step > cfg.max_steps:
-                raise CheckpointError(f"checkpoint {checkpoint_path} is at step {step}, beyond train.max_steps "
-                                      f"({cfg.max_steps}): raise train.max_steps to continue it, or give another output_dir")
-            resumed_on_other_setup = exactness_differences(ckpt["config"].get("environment"), environment)
+            trainer.load_checkpoint(ckpt)
         elif init_from is not None:
-            _init_weights(model, ema, init_from)
-
-        # FSDP2: shard the model and its EMA alike (the EMA update then runs on each rank's shards)
-        # before the optimizer is built on the sharded parameters; a checkpoint's full states are
-        # loaded after, each rank keeping its shard.
-        sharded_blocks = shard_model(model) if sharded else 0
-        if sharded:
-            shard_model(ema.module)
-        optimizer, scheduler = build_optimizer(recipe, model)
-        if ckpt is not None:
-            try:
-                load_model_state(model, ckpt["model"])
-                load_model_state(ema.module, ckpt["ema"])
-                state = ckpt["state"]
-                ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-                load_optimizer_state(model, optimizer, state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                sampler.load_state_dict(state["data"])
-                _set_rng_state(_own_rng_state(state, env), generator)
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-                raise CheckpointError(f"checkpoint {checkpoint_path}: state.pt is malformed ({one_line(exc)}); "
-                                      f"resume from another checkpoint with --resume") from None
-
-        train_model: torch.nn.Module = model
-        sync_model = None  # the module whose gradient synchronisation micro-batches turn off
-        if sharded:
-            sync_model = model
-        elif env.distributed:
-            train_model = sync_model = DistributedDataParallel(
-                model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-        if cfg.compile:
-            train_model = torch.compile(train_model)
-
-        config = {"recipe": recipe.to_dict(), "model": model.config, "data": facts, "environment": environment}
-        logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=step, batch_size=cfg.batch_size,
-                           show_progress=progress, logging=recipe.logging, config=config, name=recipe.name)
+            _init_weights(trainer, init_from)
+        environment = describe_environment(env.device, env.world_size, recipe.train.strategy)
+        config = {"recipe": recipe.to_dict(), "model": trainer.model.config, "data": trainer.facts,
+                  "environment": environment}
+        logger = RunLogger(run_dir, total_steps=recipe.train.max_steps, start_step=trainer.step,
+                           batch_size=recipe.train.batch_size, show_progress=progress, logging=recipe.logging,
+                           config=config, name=recipe.name)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-            record_environment(run_dir, environment, step)
-            for note in skipped_notes:
-                logger.message(f"warning: {note}")
-            if sharded:
-                logger.message(f"FSDP over {env.world_size} processes: " + (
-                    f"{sharded_blocks} blocks sharded one by one, then the rest of the model" if sharded_blocks else
-                    f"backbone {model.config.get('backbone', type(model).__name__)} names no blocks (shard_units), "
-                    f"so the whole model is one unit, gathered at once"))
-            if checkpoint_path is not None:
-                logger.message(f"resumed from {checkpoint_path} at step {step}")
-            if resumed_on_other_setup:
-                logger.message(
-                    f"resuming on a different setup ({', '.join(resumed_on_other_setup)}): the run continues "
-                    f"correctly but is equal to an uninterrupted one only to float rounding, not bit for bit"
-                )
-
-        def weights_finite() -> bool:
-            finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in model.parameters()))],
-                                  device=env.device)
-            if sharded:  # each rank sees its shards only
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            return bool(finite.item())
-
-        def checkpoint_now() -> Path | None:
-            path = None
-            if not weights_finite():
-                raise TrainingError(f"weights are not finite at step {step}; not checkpointing them. "
-                                    f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}")
-            # collectives under FSDP (every rank gathers, rank 0 receives the full states)
-            weights, ema_weights = full_model_state(model), full_model_state(ema.module)
-            optimizer_state = full_optimizer_state(model, optimizer)
-            rng = _rng_states(generator, env)
-            if env.is_main:
-                state = {
-                    "step": step,
-                    "optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema_n_averaged": int(ema.n_averaged.item()),
-                    "data": sampler.state_dict(),
-                    **rng,
-                }
-                path = save_checkpoint(run_dir, step, weights, ema_weights, state, config, cfg.keep_last)
-            barrier(env)
-            return path
-
-        def grid_now(path: Path) -> Path | None:
-            """A grid of EMA samples written by rank 0. Under FSDP every rank samples (the same
-            images: the sharded EMA gathers its weights from all ranks as it runs)."""
-            if not (env.is_main or sharded):
-                return None
-            images, labels = sample_images(recipe, process, ema.module.eval(), facts, env.device)
-            model.train()
-            if not env.is_main:
-                return None
-            grid = save_sample_grid(images, labels, path)
-            logger.image("samples", grid, step)
-            return grid
-
-        losses: list[float] = []
-        last_checkpoint = None
-        # the step of the newest checkpoint, the same on every rank (only rank 0 gets a path back),
-        # so that every rank decides alike whether the run still needs its final checkpoint
-        checkpointed_at = -1
-        steps_this_run = 0
-        skipped = consecutive_bad = 0
-        stopped_by = None
-        batches = iter(loader)
-        model.train()
-        with stop_requests() as stop:
-            while step < cfg.max_steps and (stop_after is None or steps_this_run < stop_after):
-                try:
-                    x, y = next(batches)
-                except StopIteration:
-                    sampler.next_epoch()
-                    batches = iter(loader)
-                    x, y = next(batches)
-                sampler.advance()
-                x, y = apply_to_collection((x, y), torch.Tensor, lambda t: t.to(env.device, non_blocking=True))
-                y = y if facts["num_classes"] else None
-                try:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = accumulate_gradients(train_model, process, x, y, generator, cfg.grad_accum_steps, scaler,
-                                                lambda: _autocast(env, cfg.precision), sync_model)
-                except torch.OutOfMemoryError:
-                    raise TrainingError(
-                        f"out of {env.device.type.upper()} memory at step {step + 1} with "
-                        f"{per_rank // cfg.grad_accum_steps} images per process: lower train.batch_size or raise "
-                        f"train.grad_accum_steps, set model.grad_checkpointing: true, or use train.precision: bf16"
-                    ) from None
-                scaler.unscale_(optimizer)
-                # under FSDP the norm is a DTensor reduced over all shards, the same on every rank
-                grad_norm = local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-                value = loss.clone()
-                if env.distributed:  # every rank sees the same mean loss and so agrees on a skip
-                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
-                loss_value = float(value)
-                # fp16's gradient scaler skips overflowing steps itself; any other non-finite
-                # loss or gradient skips the update here, so weights never become NaN.
-                bad = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(float(grad_norm)))
-                step += 1
-                steps_this_run += 1
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler.is_enabled():
-                        scaler.update()
-                    skipped += 1
-                    consecutive_bad += 1
-                    logger.message(f"step {step}: non-finite loss or gradient ({loss_value}); step skipped ({skipped} so far)")
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        good = latest_checkpoint(run_dir)
-                        raise TrainingError(
-                            f"{consecutive_bad} consecutive steps up to step {step} had a non-finite loss or "
-                            f"gradient; stopping. Last good checkpoint: {good or 'none yet'}. Lower train.lr, "
-                            f"set train.grad_clip, or use bf16 instead of fp16"
-                        )
-                else:
-                    consecutive_bad = 0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    ema.update_parameters(model)
-                    losses.append(loss_value)
-                    logger.step(step, loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                                skipped=skipped or None, log=step % cfg.log_every == 0)
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                    last_checkpoint, checkpointed_at = checkpoint_now(), step
-                if cfg.sample_every and step % cfg.sample_every == 0:
-                    grid_now(run_dir / "samples" / f"step_{step:07d}.png")
-                requested = _agreed_stop(stop["signal"], env)
-                if requested:
-                    stopped_by = requested
-                    logger.message(f"{requested} received: checkpointing at step {step} and stopping")
-                    break
-
-        if checkpointed_at != step:
-            last_checkpoint = checkpoint_now()
-        result = TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_checkpoint,
-                             model=model, ema=ema.module, stopped_by=stopped_by, skipped_steps=skipped)
-        if step >= cfg.max_steps:
-            result.grid = grid_now(run_dir / "samples.png")
-        if env.is_main and step >= cfg.max_steps:
-            result.loss_curve = save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-            logger.message(f"samples: {result.grid}  loss curve: {result.loss_curve}")
+            record_environment(run_dir, environment, trainer.step)
+            other_setup = exactness_differences(ckpt["config"].get("environment"), environment) if ckpt else []
+            for line in _start_messages(trainer, notes, ckpt, other_setup):
+                logger.message(line)
+        result = trainer.fit(run_dir, logger, config, stop_after=stop_after)
         logger.close()
         result.seconds = time.perf_counter() - start_time
         return result
     finally:
         held.close()
         cleanup_distributed()
+
+
+def _init_weights(trainer: Trainer, path: str | Path) -> None:
+    """Copy the weights at ``path`` into the model and its EMA; a mismatch names the keys."""
+    from diffit_toolkit.generate import read_weights
+
+    try:
+        state = read_weights(path)
+        check_state_dict(trainer.model, state, f"--init-from {path}")
+    except (ValueError, CheckpointError) as exc:
+        raise RecipeError(f"{str(exc).strip().splitlines()[0]}; initialise from weights of the recipe's model") from None
+    load_model_state(trainer.model, state)
+    load_model_state(trainer.ema.module, state)
+
+
+def _start_messages(trainer: Trainer, notes: list[str], ckpt: dict[str, Any] | None, other_setup: list[str]) -> list[str]:
+    lines = [f"warning: {note}" for note in notes]
+    if trainer.sharded:
+        model = trainer.model
+        lines.append(f"FSDP over {trainer.env.world_size} processes: " + (
+            f"{trainer.sharded_blocks} blocks sharded one by one, then the rest of the model" if trainer.sharded_blocks else
+            f"backbone {model.config.get('backbone', type(model).__name__)} names no blocks (shard_units), "
+            f"so the whole model is one unit, gathered at once"))
+    if ckpt is not None:
+        lines.append(f"resumed from {ckpt['path']} at step {trainer.step}")
+    if other_setup:
+        lines.append(f"resuming on a different setup ({', '.join(other_setup)}): the run continues "
+                     f"correctly but is equal to an uninterrupted one only to float rounding, not bit for bit")
+    return lines

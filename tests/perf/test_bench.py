@@ -104,3 +104,27 @@ def test_peak_table() -> None:
     assert device_peak_tflops(torch.device("cpu"), "bf16", 100.0) == 100.0
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         BenchConfig(batch_size=0)
+
+
+def test_bench_times_the_trainers_own_step(monkeypatch) -> None:
+    """The training rows time ``Trainer.train_step``, the step ``train`` runs (EMA, clipping,
+    scaler and schedule included), not a step of its own."""
+    from diffit_toolkit.bench import harness
+    from diffit_toolkit.train.trainer import Trainer
+
+    calls = []
+    step = Trainer.train_step
+
+    def counted(self, x, y):
+        stats = step(self, x, y)
+        calls.append((tuple(x.shape), stats.applied, int(self.ema.n_averaged)))
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    config = BenchConfig(preset="S/8", model_options={"input_size": 16, "depth": 1}, batch_size=2, warmup=1, iters=2,
+                         device="cpu", compare_dit=False, attention_shape=None)
+    spec, _ = harness._model_specs(config)
+    row = harness.train_step_bench(spec, config, harness.torch.device("cpu"), None, False, None)
+    assert [c[0] for c in calls] == [(2, 4, 16, 16)] * 3 and all(c[1] for c in calls)
+    assert [c[2] for c in calls] == [1, 2, 3]  # the EMA is updated on every timed step
+    assert row["img_per_s"] > 0
