@@ -358,6 +358,12 @@ class Launcher:
             raise ValueError(f"--jobs must be at least 1, got {self.jobs}")
         if self.kind != "local":
             require_submitit()
+        if self.kind == "slurm":
+            import shutil
+
+            if shutil.which("srun") is None:
+                raise ValueError("--launcher slurm: no SLURM on this machine (srun not found); submit from the cluster's "
+                                 "login node, or try the setup here with --launcher submitit-local")
 
 
 class LauncherError(RuntimeError):
@@ -365,11 +371,11 @@ class LauncherError(RuntimeError):
 
 
 def require_submitit() -> None:
-    """One line when submitit (the SLURM launcher) is not installed."""
+    """One line (a usage error) when submitit (the SLURM launcher) is not installed."""
     import importlib.util
 
     if importlib.util.find_spec("submitit") is None:
-        raise LauncherError("--launcher slurm needs submitit, which is not installed: pip install 'diffit-toolkit[cluster]'")
+        raise ValueError("--launcher slurm needs submitit, which is not installed: pip install 'diffit-toolkit[cluster]'")
 
 
 def launch(specs: Sequence[RunSpec], launcher: Launcher, log: Callable[[str], None] = print,
@@ -522,27 +528,43 @@ def _log_tail(path: Path) -> str:
 # - submitit -
 
 
-def _submitit(specs: Sequence[RunSpec], launcher: Launcher, log: Callable[[str], None],
-              report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+def make_executor(launcher: Launcher, folder: Path) -> Any:
+    """The submitit executor of ``launcher``: SLURM (partition, time limit, GPUs, CPUs, the array's
+    parallelism, the timeout signal two minutes ahead so a job requeues itself) or submitit's local one."""
     import submitit
 
-    folder = Path(launcher.folder or Path(specs[0].run_dir).parents[1] / "submitit")
     cluster = "local" if launcher.kind == "submitit-local" else "slurm"
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     cpus = launcher.cpus or (10 * launcher.gpus if launcher.gpus else 4)
     params: dict[str, Any] = dict(timeout_min=launcher.time_min, nodes=1, tasks_per_node=1, cpus_per_task=cpus,
-                                  name="diffit-sweep")
+                                  gpus_per_node=launcher.gpus, name="diffit-sweep")
     if cluster == "slurm":
-        params.update(gpus_per_node=launcher.gpus, slurm_array_parallelism=launcher.jobs, slurm_signal_delay_s=120)
+        params.update(slurm_array_parallelism=launcher.jobs, slurm_signal_delay_s=120)
         if launcher.partition:
             params["slurm_partition"] = launcher.partition
-    else:  # the local executor: this machine's threads shared between the jobs at once
-        params["gpus_per_node"] = launcher.gpus
     executor.update_parameters(**params)
+    return executor
+
+
+def _submitit(specs: Sequence[RunSpec], launcher: Launcher, log: Callable[[str], None],
+              report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    folder = Path(launcher.folder or Path(specs[0].run_dir).parents[1] / "submitit")
+    executor = make_executor(launcher, folder)
     for spec in specs:
         prepare_run_dir(spec)
-    submitted = executor.map_array(RunJob(), [s.as_dict() for s in specs])
-    log(f"submitted {len(submitted)} jobs ({cluster}): {submitted[0].job_id.split('_')[0]}; logs in {folder}")
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DIFFIT_TOOLKIT_JOB_THREADS")}
+    if launcher.kind == "submitit-local":  # the local executor starts every job at once: share the threads
+        threads = str(max(1, (os.cpu_count() or 1) // len(specs)))
+        os.environ.update({k: threads for k in saved})
+    try:
+        submitted = executor.map_array(RunJob(), [s.as_dict() for s in specs])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    log(f"submitted {len(submitted)} jobs ({launcher.kind}): {submitted[0].job_id.split('_')[0]}; logs in {folder}")
     statuses = []
     for spec, job in zip(specs, submitted):
         try:
