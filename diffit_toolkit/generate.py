@@ -37,7 +37,11 @@ class Generator:
         return int(self.facts["num_classes"])
 
     def labels(self, classes: list[int] | None, num_images: int) -> torch.Tensor | None:
-        """Labels cycling through ``classes`` (default: all), ``None`` for unconditional models."""
+        """Labels cycling through ``classes`` (default: all) in turn, ``None`` for unconditional models.
+
+        Image ``i`` asks for ``classes[i % len(classes)]``: every run of ``len(classes)`` consecutive
+        images holds every class once, so any batch, shard or leading part of the samples (a metric
+        that scores the first ``n``) has the classes in equal share."""
         if not self.num_classes:
             if classes:
                 raise ValueError("this model is unconditional: drop --classes")
@@ -47,7 +51,7 @@ class Generator:
         if bad:
             raise ValueError(f"class {bad[0]} is not one of the model's {self.num_classes} classes (0..{self.num_classes - 1})")
         per = -(-num_images // len(chosen))
-        return torch.tensor(chosen, device=self.device).repeat_interleave(per)[:num_images]
+        return torch.tensor(chosen, device=self.device).repeat(per)[:num_images]
 
     def check_guidance(self, sample: SampleSection) -> None:
         """Refuse classifier-free guidance for a model whose null class was never trained."""
@@ -448,6 +452,13 @@ def _image_channels(generator: Generator) -> int:
 
 
 def save_sample_grid(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
-    """Grid with one row per distinct label (or square-ish when unconditional)."""
-    rows = len(torch.unique(labels)) if labels is not None else max(1, int(len(images) ** 0.5))
-    return save_grid(images, path, rows=rows)
+    """Grid with one row per distinct label (or square-ish when unconditional).
+
+    The samples' labels take turns (``Generator.labels``): the grid keeps a whole number of turns
+    and groups them by label (stable), so that each row shows one class."""
+    if labels is None:
+        return save_grid(images, path, rows=max(1, int(len(images) ** 0.5)))
+    rows = len(torch.unique(labels))
+    keep = max(rows, len(images) // rows * rows)
+    order = torch.argsort(labels[:keep], stable=True)
+    return save_grid(images[:keep][order], path, rows=rows)
