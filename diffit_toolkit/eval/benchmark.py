@@ -164,12 +164,20 @@ def _base_overrides(plan: BenchmarkPlan) -> list[str]:
     return out
 
 
+_FACTS: dict[str, dict[str, Any]] = {}
+
+
 def count_params(recipe_path: Path, overrides: Sequence[str]) -> tuple[int, Any]:
     """Parameters of the model a recipe builds (on the meta device: no memory, no training)."""
+    import json
+
     from diffit_toolkit.build import build_dataset, build_model, data_facts, load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    model = build_model(recipe, data_facts(build_dataset(recipe)), device="meta")
+    data_key = json.dumps(recipe.data, sort_keys=True, default=str)
+    if data_key not in _FACTS:  # the data are read once per testbed
+        _FACTS[data_key] = data_facts(build_dataset(recipe))
+    model = build_model(recipe, _FACTS[data_key], device="meta")
     return sum(p.numel() for p in model.parameters()), recipe
 
 
