@@ -211,6 +211,7 @@ def test_head_dim_72_runs_as_64_plus_16() -> None:
                                                                         (128, 0), (16, 0)]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (full-size bf16 check)")
 @pytest.mark.parametrize("head_dim", [64, 72, 128])
 def test_gpu_full_size_bf16(head_dim: int) -> None:
@@ -244,6 +245,7 @@ def test_gpu_full_size_bf16(head_dim: int) -> None:
     torch.testing.assert_close(out2.float(), out.detach().float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (module-level bf16 check)")
 @pytest.mark.parametrize("window", [None, 8])
 def test_gpu_attention_module_through_the_fused_gather(window: int | None) -> None:
