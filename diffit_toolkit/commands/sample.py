@@ -69,7 +69,7 @@ def sample(
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
-    from diffit_toolkit.runs import CheckpointError
+    from diffit_toolkit.runs import CheckpointError, RunFolderError, confined
     from diffit_toolkit.train.distributed import barrier, cleanup_distributed, setup_distributed
 
     for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
@@ -105,6 +105,11 @@ def sample(
         except (CheckpointError, PluginError, ValueError) as exc:
             exit_with_error(exc, 2)
         grid = out or (_default_grid(run) if npz is None else None)
+        if out is None and grid is not None and grid.parent.name == "samples":
+            try:  # the default grid lies inside the run folder: never written through a link there
+                confined(grid.parent.parent, grid)
+            except RunFolderError as exc:
+                exit_with_error(exc, 1)
         share = len(shard_range(num, batch_size, env.rank, env.world_size))  # this process's images
         label = f"sampling (rank 0 of {env.world_size})" if env.distributed else "sampling"
         try:

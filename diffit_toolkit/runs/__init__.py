@@ -25,11 +25,15 @@ from diffit_toolkit.runs.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from diffit_toolkit.runs.files import atomic_output, confined, write_text_atomic
 from diffit_toolkit.runs.environment import describe_environment, exactness_differences, parse_device, record_environment
 from diffit_toolkit.runs.model_file import check_state_dict, load_model_file, load_weights, read_config, read_state_dict, save_model_file
 from diffit_toolkit.runs.outputs import save_grid, save_loss_curve
 
 __all__ = [
+    "atomic_output",
+    "confined",
+    "write_text_atomic",
     "CheckpointError",
     "RunFolderError",
     "check_run_dir",

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffit_toolkit.runs.files import RunFolderError, confined, open_no_follow
+
 CHECKPOINT_DIR = "checkpoints"
 #: The run folder's lock file (``fcntl.flock``; holds the holder's PID and host).
 LOCK_FILE = ".lock"
@@ -55,10 +57,6 @@ _HOST = socket.gethostname()
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; one line naming the file."""
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used (taken by another run, not a run, a dangerous path)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -225,7 +223,7 @@ def save_checkpoint(
     [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError]
     says what failed in one line. Checkpoints newer than ``step`` are never pruned.
     """
-    root = Path(run_dir) / CHECKPOINT_DIR
+    root = confined(run_dir, Path(run_dir) / CHECKPOINT_DIR)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{_HOST}"
     try:
@@ -370,12 +368,16 @@ def load_newest_verified(run_dir: str | Path, map_location: str | torch.device =
 
 #: Names whose presence marks a folder as a run folder (so training may continue in it).
 RUN_MARKERS = (CHECKPOINT_DIR, "recipe.yaml", "metrics.jsonl", LOCK_FILE)
+#: Everything a run writes at the top of its folder; none of them may be a symbolic link.
+RUN_OUTPUTS = (*RUN_MARKERS, "environment.json", "samples.png", "loss.png", "samples", "tensorboard",
+               "wandb", "wandb_id.txt")
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
     """Refuse run folders that would scatter a run over unrelated files: the file-system root,
     the home folder (or a folder above it), an existing file, a non-empty folder that is not a
-    run. Returns the folder."""
+    run, a run folder in which one of the names a run writes is a symbolic link (the run would
+    write through it, outside its folder). Returns the folder."""
     path = Path(run_dir).expanduser()
     resolved = path.resolve()
     home = Path.home().resolve()
@@ -393,6 +395,9 @@ def check_run_dir(run_dir: str | Path) -> Path:
             shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
             raise RunFolderError(f"output folder {path} holds other files ({shown}) and is not a run folder; "
                                  f"give an empty or new folder")
+        for name in RUN_OUTPUTS:
+            if name in entries:
+                confined(path, path / name)
     return path
 
 
@@ -405,7 +410,7 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     path = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, run_dir)
     except OSError as exc:
         raise RunFolderError(f"cannot use output folder {run_dir} ({_why(exc)})") from None
     try:

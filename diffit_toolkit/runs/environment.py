@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diffit_toolkit.runs.files import write_text_atomic
+
 #: The facts that must match for a resumed run to be bit-identical to an uninterrupted one.
 EXACTNESS_KEYS = ("torch", "cuda", "device", "threads", "world_size", "strategy")
 
@@ -91,4 +93,4 @@ def record_environment(run_dir: Path, current: dict[str, Any], step: int) -> Non
         except (OSError, ValueError):
             history = []
     history.append({"start_step": step, **current})
-    path.write_text(json.dumps(history, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(history, indent=2) + "\n", root=run_dir)

@@ -9,20 +9,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffit_toolkit.runs.files import atomic_output
+
 #: Grids upscale small images (8x8 digits) with nearest neighbours to at least this many pixels.
 MIN_GRID_CELL = 32
 
 
 def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
-    """Save ``images`` (B, C, H, W) in [-1, 1] as a PNG grid with ``rows`` rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``images`` (B, C, H, W) in [-1, 1] as a PNG grid with ``rows`` rows (atomically: a
+    link at ``path`` is replaced, never written through)."""
     x = images.detach().float().clamp(-1, 1).add(1).div(2).cpu()
     if x.shape[-1] < MIN_GRID_CELL:
         x = F.interpolate(x, scale_factor=math.ceil(MIN_GRID_CELL / x.shape[-1]), mode="nearest")
     cols = math.ceil(x.shape[0] / rows)
     from torchvision.utils import save_image  # torchvision imports slowly: on first use
 
-    save_image(x, str(path), nrow=cols, padding=2, pad_value=1.0)
+    with atomic_output(path) as tmp:
+        save_image(x, str(tmp), nrow=cols, padding=2, pad_value=1.0)
     return path
 
 
@@ -53,6 +56,7 @@ def save_loss_curve(metrics: Path, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from diffit_toolkit.optional import missing, require
+from diffit_toolkit.runs.files import open_no_follow, write_text_atomic
 from diffit_toolkit.recipe import LoggingSection, WandbSection
 
 
@@ -24,7 +26,7 @@ def _start_wandb(section: WandbSection, run_dir: Path, config: dict[str, Any], n
 
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-    id_file.write_text(run_id + "\n")
+    write_text_atomic(id_file, run_id + "\n", root=run_dir)
     return wandb.init(project=section.project, entity=section.entity, name=section.name or name, tags=section.tags,
                       mode=section.mode, dir=str(run_dir), id=run_id, resume="allow", config=config)
 
@@ -45,7 +47,7 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(errors="replace").splitlines()
             if (record := _record(line)) is not None and record.get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept), root=path.parent)
 
 
 class RunLogger:
@@ -89,7 +91,7 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         _truncate_after(path, start_step)
-        self.metrics = open(path, "a")
+        self.metrics = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, run_dir), "a")
         reason = missing("tensorboard")
         if self.logging.tensorboard is False:
             pass

@@ -34,6 +34,7 @@ from diffit_toolkit.errors import one_line
 from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
 from diffit_toolkit.generate import Generator, save_sample_grid
 from diffit_toolkit.recipe import Recipe, RecipeError
+from diffit_toolkit.runs.files import write_text_atomic
 from diffit_toolkit.runs import (
     CheckpointError,
     check_run_dir,
@@ -504,7 +505,7 @@ def train(
                            config=config, name=recipe.name)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml(), root=run_dir)
             record_environment(run_dir, environment, trainer.step)
             other_setup = exactness_differences(ckpt["config"].get("environment"), environment) if ckpt else []
             for line in _start_messages(trainer, notes, ckpt, other_setup):
