@@ -298,11 +298,13 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
     """Write ``arr_0`` (uint8 NHWC) and, when conditional, ``arr_1`` (labels): the ADM layout."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from diffit_toolkit.runs.files import atomic_output
+
     arrays = {"arr_0": to_uint8_nhwc(images)}
     if labels is not None:
         arrays["arr_1"] = labels.numpy().astype(np.int64)
-    np.savez(path, **arrays)
+    with atomic_output(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 
@@ -323,9 +325,30 @@ def shard_range(num_images: int, batch_size: int, rank: int, world_size: int) ->
     return range(min(first * batch_size, num_images), min(last * batch_size, num_images))
 
 
-def _part_file(npz: Path, key: str, rank: int) -> Path:
-    """Where a rank streams one array of the ``.npz``: rank 0 into the whole array, the others into a shard."""
-    return npz.with_name(f"{npz.name}.{key}.tmp" if rank == 0 else f"{npz.name}.rank{rank}.{key}.tmp")
+def _part_file(npz: Path, key: str, rank: int, token: str = "") -> Path:
+    """Where a rank streams one array of the ``.npz``: rank 0 into the whole array, the others into a
+    shard; ``token`` names the writing launch, so two samplings to one path never share a file."""
+    stem = f"{npz.name}.{token}" if token else npz.name
+    return npz.with_name(f"{stem}.{key}.tmp" if rank == 0 else f"{stem}.rank{rank}.{key}.tmp")
+
+
+def _writer_token(world_size: int) -> str:
+    """A name for this sampling's temporary files that no other sampling shares: this process's
+    own, or under torchrun rank 0's, sent to every rank (a collective). Ranks that share no process
+    group (called in turn in one process) use the plain names."""
+    import os
+    import secrets
+
+    import torch.distributed as dist
+
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    if world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            return ""
+        box = [token]
+        dist.broadcast_object_list(box, src=0)
+        token = box[0]
+    return token
 
 
 def _open_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> Any:
@@ -375,6 +398,8 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     """
     import zipfile
 
+    from diffit_toolkit.runs.files import temporary_name
+
     part = shard_range(num_images, batch_size, rank, world_size)
     distributed = world_size > 1
     if distributed and (npz is None or barrier is None):
@@ -390,12 +415,14 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     done = 0
     written: list[Path] = []
     handed_over = False  # every rank has finished its shard: rank 0 owns them all (and removes them)
+    token = _writer_token(world_size) if npz is not None else ""
+    zipped = temporary_name(npz) if npz is not None else None
     try:
         if npz is not None:
             npz.parent.mkdir(parents=True, exist_ok=True)
             rows = num_images if rank == 0 else len(part)  # rank 0's file becomes the whole array
             for key, (shape, dtype) in arrays.items():
-                files[key] = _open_npy(_part_file(npz, key, rank), (rows, *shape), dtype)
+                files[key] = _open_npy(_part_file(npz, key, rank, token), (rows, *shape), dtype)
         for images, labels in generator.batches(num_images, sample, classes, batch_size, seed, images=part):
             if files:
                 files["arr_0"].write(to_uint8_nhwc(images).tobytes())
@@ -418,19 +445,19 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
             for other in range(1, world_size):
                 count = len(shard_range(num_images, batch_size, other, world_size))
                 for key, (shape, dtype) in arrays.items():
-                    with open(_part_file(npz, key, 0), "ab") as target:
-                        _append_rows(target, _part_file(npz, key, other), (count, *shape), dtype)
+                    with open(_part_file(npz, key, 0, token), "ab") as target:
+                        _append_rows(target, _part_file(npz, key, other, token), (count, *shape), dtype)
             if grid is not None:
-                first = np.load(_part_file(npz, "arr_0", 0), mmap_mode="r")[:GRID_MAX_IMAGES]
+                first = np.load(_part_file(npz, "arr_0", 0, token), mmap_mode="r")[:GRID_MAX_IMAGES]
                 pixels = torch.from_numpy(np.array(first)).permute(0, 3, 1, 2)[:, : _image_channels(generator)]
                 kept = [pixels.float() / 127.5 - 1]
                 if "arr_1" in arrays:
-                    kept_labels = [torch.from_numpy(np.array(np.load(_part_file(npz, "arr_1", 0), mmap_mode="r")[:GRID_MAX_IMAGES]))]
+                    kept_labels = [torch.from_numpy(np.array(np.load(_part_file(npz, "arr_1", 0, token), mmap_mode="r")[:GRID_MAX_IMAGES]))]
         if npz is not None:
-            with zipfile.ZipFile(npz.with_name(npz.name + ".tmp"), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for key in arrays:
-                    zf.write(_part_file(npz, key, 0), f"{key}.npy")
-            npz.with_name(npz.name + ".tmp").replace(npz)
+                    zf.write(_part_file(npz, key, 0, token), f"{key}.npy")
+            zipped.replace(npz)
             written.append(npz)
     finally:
         for handle in files.values():
@@ -439,8 +466,8 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
             ranks = range(world_size) if handed_over else [rank]  # after the barrier rank 0 removes every shard
             for key in arrays:
                 for r in ranks:
-                    _part_file(npz, key, r).unlink(missing_ok=True)
-            npz.with_name(npz.name + ".tmp").unlink(missing_ok=True)
+                    _part_file(npz, key, r, token).unlink(missing_ok=True)
+            zipped.unlink(missing_ok=True)
     if grid is not None:
         written.append(save_sample_grid(torch.cat(kept), torch.cat(kept_labels) if kept_labels else None, grid))
     return written

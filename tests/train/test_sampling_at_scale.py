@@ -159,3 +159,35 @@ def test_a_single_process_keeps_the_gpu_it_was_given(monkeypatch, device, world,
     monkeypatch.setenv("LOCAL_RANK", "0")
     env = distributed.setup_distributed(device)
     assert env.device == torch.device("cuda", expected) and chosen == [expected]  # under torchrun: cuda:LOCAL_RANK
+
+
+def test_two_samplings_to_one_npz_never_mix(tmp_path, tiny_recipe):
+    """Two real ``sample --npz`` processes with different seeds writing the same path at once:
+    the file is whole, and exactly one of the two (the last renamed); no temporary file is left."""
+    import os
+    import subprocess
+    import sys
+
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.train import train
+
+    train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def command(seed: int, npz: Path) -> list[str]:
+        return [sys.executable, "-m", "diffit_toolkit.cli", "sample", str(tmp_path / "run"), "--num", "200",
+                "--batch-size", "20", "--steps", "3", "--seed", str(seed), "--npz", str(npz), "--device", "cpu",
+                "--no-progress"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command(seed, out / "s.npz"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for seed in (1, 2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for seed in (1, 2):
+        assert subprocess.run(command(seed, tmp_path / f"alone{seed}.npz"), env=env).returncode == 0
+    both = np.load(out / "s.npz")
+    alone = [np.load(tmp_path / f"alone{seed}.npz") for seed in (1, 2)]
+    assert any(np.array_equal(both["arr_0"], a["arr_0"]) and np.array_equal(both["arr_1"], a["arr_1"]) for a in alone)
+    assert [p.name for p in out.iterdir()] == ["s.npz"]
