@@ -59,12 +59,14 @@ PARTS: dict[str, tuple[bool, int, int, int]] = {
     "environment": (False, 60, 60, 1),
     "cuda_tests": (True, 180, 60, 1),
     "triton_kernels": (False, 150, 120, 1),
-    "compile_block": (False, 150, 90, 1),
+    "compile_block": (False, 180, 90, 1),
     "train": (False, 240, 120, 1),
     "ddp": (False, 120, 90, 1),
     "fsdp": (False, 120, 90, 1),
     "bench": (False, 330, 120, 2),
 }
+#: The order phase 1 starts them in: the longest first, so that they overlap the others.
+START_ORDER = ("train", "compile_block", "cuda_tests", "triton_kernels", "ddp", "fsdp", "environment", "bench")
 
 #: Dependencies: (distribution, import name, parts that need it). Distributions of pyproject that
 #: no part imports (diffusers, scikit-learn, scipy, torch-fidelity, torchvision) are listed as such.
@@ -107,6 +109,12 @@ TARGETS = [
 BENCH_BACKENDS = ("sdpa", "flex", "triton", "xformers")
 
 
+def bench_backends(tiny: bool) -> tuple[str, ...]:
+    """The backends compiled and benchmarked; the tiny run adds ``math`` (the CPU can train with
+    it), so that the loop over further backends runs on the CPU too."""
+    return BENCH_BACKENDS + (("math",) if tiny else ())
+
+
 # == the parts (each runs in its own process: ``--part NAME``) ====================================
 
 
@@ -138,7 +146,7 @@ def part_environment(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         figures.update(device_name=props.name, gpu_count=torch.cuda.device_count(),
                        capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                       cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+                       cudnn=torch.backends.cudnn.version(), nccl=_nccl_version())
         checks.add("cuda_device", True, props.name)
     else:
         figures["device_name"] = platform.processor() or platform.machine()
@@ -148,6 +156,16 @@ def part_environment(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     figures["attention_backends"] = {e.name: e.obj.unavailable_reason() or "available" for e in attention_backends.entries()}
     checks.add("registry_loads", "sdpa" in figures["attention_backends"], sorted(figures["attention_backends"]))
     return figures
+
+
+def _nccl_version() -> str | None:
+    import torch
+
+    try:
+        version = torch.cuda.nccl.version()
+    except Exception:  # a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def part_cuda_tests(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
@@ -243,7 +261,8 @@ def part_triton_kernels(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
                 lambda q, k, v, bias: attention_math(low(q).float(), low(k).float(), low(v).float(), bias, scale),
                 inputs, rnd(B, H, N, d))
 
-    # 4. Attention in a DiffiTBlock for every mechanism that touches the bias
+    # 4. Attention in a DiffiTBlock for every mechanism that touches the bias, both blocks in bf16
+    #    autocast (math computes its attention in fp32 from the same bf16 q, k, v)
     blocks_b = 2 if tiny else 8
     for mechanism, window in (("tmsa", None), ("window_tmsa", win), ("relative_bias", None), ("relative_bias", win),
                               ("separate_token", None), ("separate_token", win)):
@@ -262,7 +281,8 @@ def part_triton_kernels(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
         checks.add(f"{name}.backend", picked.name == "triton" and picked.gathered_fn is not None, picked.name)
         x, c = rnd(blocks_b, N, H * d), rnd(blocks_b, 64)
         found = []
-        for block, autocast in ((pair[0], not tiny), (pair[1], False)):
+        for block in pair:  # both under the same autocast: what differs is the attention kernel
+            autocast = not tiny
             xi, ci = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = block(xi, ci)
@@ -291,7 +311,7 @@ def part_compile_block(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     heads, d, grid, batch = (2, 32, 4, 2) if tiny else (16, 72, 16, 8)
     tol = 1e-4 if tiny else 2e-2
     rows, compiled_ok = {}, []
-    for name in BENCH_BACKENDS:
+    for name in bench_backends(tiny):
         backend = attention_backends.get(name)
         reason = backend.unavailable_reason()
         if reason is None and not backend.supports(dev.type, dtype, True, d, True):
@@ -568,8 +588,11 @@ def part_fsdp(ctx, checks):
 
 
 def part_bench(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
-    """``run_bench``: DiffiT-XL/2 (every backend that loads and compiled in ``compile_block``)
-    against DiT-XL/2, compiled, in this one process; then 25-step DPM-Solver++ sampling."""
+    """``run_bench`` in this one process: DiffiT-XL/2 with the first backend against DiT-XL/2, both
+    compiled (every target's figure, the attention microbenchmark of every backend, guided
+    DDPM-250 sampling), then 25-step DPM-Solver++ sampling, then one training row per further
+    backend that loads and compiled in ``compile_block``. After each step the figures so far are
+    written, so a timeout keeps them."""
     import torch
 
     from diffit_toolkit.bench import BenchConfig, run_bench
@@ -578,11 +601,11 @@ def part_bench(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
 
     tiny = ctx["tiny"]
     compiled = _read_part(ctx["out"], "compile_block")
-    allowed = set(compiled.get("figures", {}).get("compiled_ok", BENCH_BACKENDS)) if compiled else set(BENCH_BACKENDS)
+    passed = (compiled or {}).get("figures", {}).get("compiled_ok")
     backends, excluded = [], {}
-    for name in BENCH_BACKENDS:
+    for name in bench_backends(tiny):
         reason = attention_backends.get(name).unavailable_reason()
-        if reason is None and name not in allowed and compiled and compiled.get("figures"):
+        if reason is None and passed is not None and name not in passed:
             reason = "did not pass compile_block: " + str(compiled["figures"]["backends"].get(name, {}).get("reason", "failed"))
         if reason is None:
             backends.append(name)
@@ -591,47 +614,86 @@ def part_bench(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     if not backends:
         raise RuntimeError(f"no attention backend to benchmark: {excluded}")
     if tiny:
-        config = BenchConfig(recipe=str(ROOT / "recipes" / "diffit_latent.yaml"), device="cpu", precision="fp32",
-                             model_options={"preset": "S/8", "input_size": 16, "depth": 2}, backends=backends,
-                             compile_modes=(False,), batch_size=2, warmup=1, iters=2, attention_shape=(1, 2, 16, 32),
-                             sample_steps=2, sample_batch=2)
+        base = dict(recipe=str(ROOT / "recipes" / "diffit_latent.yaml"), device="cpu", precision="fp32",
+                    model_options={"preset": "S/8", "input_size": 16, "depth": 2}, compile_modes=(False,), batch_size=2,
+                    warmup=1, iters=2, attention_shape=(1, 2, 16, 32), sample_steps=2, sample_batch=2)
         dpm_steps = 2
-    else:
-        config = BenchConfig(recipe=str(ROOT / "recipes" / "diffit_latent.yaml"), device="cuda", precision="bf16",
-                             backends=backends, compile_modes=(True,), batch_size=64, warmup=3, iters=10,
-                             attention_shape=(64, 16, 256, 72), sample_batch=16)
+    else:  # the Performance page's setting: XL/2 at 256 px (32x32x4 latents), batch 64, bf16, compiled
+        base = dict(recipe=str(ROOT / "recipes" / "diffit_latent.yaml"), device="cuda", precision="bf16",
+                    compile_modes=(True,), batch_size=64, warmup=3, iters=10, attention_shape=(64, 16, 256, 72),
+                    sample_batch=16)
         dpm_steps = 25
-    report = run_bench(config, progress=lambda message: print(f"bench: {message}", flush=True))
+    say = lambda message: print(f"bench: {message}", flush=True)  # noqa: E731
+    # 1. the first backend (sdpa when it loads) side by side with DiT; attention rows of every backend
+    config = BenchConfig(**{**base, "backends": backends[:1], "attention_shape": None})
+    report = run_bench(config, progress=say)
+    say(f"attention microbenchmark {base['attention_shape']} of {', '.join(backends)}")
+    report["attention"] = run_bench_attention(base, backends)
+    figures = {"excluded_backends": excluded, "backends_done": backends[:1], "report": report}
+    _figures_from(report, figures)
+    _save_partial(ctx, figures)
+    # 2. 25-step DPM-Solver++ with the same models
     spec, sample = _model_specs(config)
     dpm = sample.model_copy(update={"sampler": "dpm_solver++", "steps": dpm_steps})
     device = torch.device(config.device)
-    best = report["comparison"]["diffit"]["backend"]
-    print(f"bench: sampling dpm_solver++ x{dpm_steps}", flush=True)
-    report["sampling_dpm"] = [sampling_bench(spec, dpm, config, device, best),
+    say(f"sampling dpm_solver++ x{dpm_steps}")
+    report["sampling_dpm"] = [sampling_bench(spec, dpm, config, device, report["comparison"]["diffit"]["backend"]),
                               sampling_bench(_dit_spec(spec), dpm, config, device, "auto")]
-    comparison = report["comparison"]
+    _figures_from(report, figures)
+    _save_partial(ctx, figures)
+    # 3. the further backends: training rows against the same DiT row (sampling kept to 2 steps)
+    for name in backends[1:]:
+        extra = run_bench(BenchConfig(**{**base, "backends": [name], "compare_dit": False, "attention_shape": None,
+                                         "sample_steps": 2}), progress=say)
+        report["train"] += extra["train"]
+        figures["backends_done"].append(name)
+        _figures_from(report, figures)
+        _save_partial(ctx, figures)
+    checks.add("dit_compared", any(r["model"].startswith("dit") for r in report["train"]),
+               [r["model"] + ":" + r["backend"] for r in report["train"]])
+    checks.add("every_backend_measured", figures["backends_done"] == backends, ", ".join(figures["backends_done"]))
+    checks.add("every_figure_finite", all(_finite(v) for v in _numbers(report)), "train, attention, sampling rows")
+    return figures
+
+
+def run_bench_attention(base: dict[str, Any], backends: list[str]) -> list[dict[str, Any]]:
+    """The harness's attention microbenchmark for every backend (dense bias, in-kernel gather, and
+    sdpa without bias as the reference line)."""
+    import torch
+
+    from diffit_toolkit.bench.harness import attention_microbench
+
+    device = torch.device(base["device"])
+    return attention_microbench(tuple(base["attention_shape"]), device, base["precision"], max(1, base["warmup"]),
+                                base["iters"], backends)
+
+
+def _figures_from(report: dict[str, Any], figures: dict[str, Any]) -> None:
+    """The targets' figures from the report so far: the best DiffiT training row against the DiT row."""
+    dit = [r for r in report["train"] if r["backbone"] == "dit"]
+    mine = [r for r in report["train"] if r["backbone"] != "dit"]
+    best = max(mine, key=lambda r: r["img_per_s"])
     biased = [r for r in report["attention"] if r["bias"] != "none"]
     best_attention = min(biased, key=lambda r: r["ratio_to_reference"]) if biased else None
     ddpm = report["sampling"][0]
-    figures = {
-        "train_img_per_s_ratio": comparison["train_img_per_s_ratio"],
-        "diffit_mfu": comparison["diffit_mfu"],
-        "dit_mfu": comparison["dit_mfu"],
-        "peak_memory_ratio": comparison["peak_memory_ratio"],
-        "attention_best_bias_ratio": best_attention["ratio_to_reference"] if best_attention else None,
-        "attention_best_bias_backend": f"{best_attention['backend']} ({best_attention['bias']})" if best_attention else None,
-        "ddpm_img_per_s": ddpm["img_per_s"],
-        "ddpm_sampler": f"{ddpm['sampler']} x{ddpm['steps']} guidance {ddpm['guidance_scale']:g}",
-        "dpm_img_per_s": report["sampling_dpm"][0]["img_per_s"],
-        "dpm_sampler": f"dpm_solver++ x{dpm_steps}",
-        "best_backend": best,
-        "excluded_backends": excluded,
-        "report": report,
-    }
-    checks.add("dit_compared", comparison is not None and any(r["model"].startswith("dit") for r in report["train"]),
-               [r["model"] + ":" + r["backend"] for r in report["train"]])
-    checks.add("every_figure_finite", all(_finite(v) for v in _numbers(report)), "train, attention, sampling rows")
-    return figures
+    figures.update(
+        best_backend=best["backend"],
+        train_img_per_s_ratio=best["img_per_s"] / dit[0]["img_per_s"] if dit else None,
+        diffit_mfu=best["mfu"], dit_mfu=dit[0]["mfu"] if dit else None,
+        peak_memory_ratio=best["peak_memory_bytes"] / dit[0]["peak_memory_bytes"] if dit else None,
+        attention_best_bias_ratio=best_attention["ratio_to_reference"] if best_attention else None,
+        attention_best_bias_backend=f"{best_attention['backend']} ({best_attention['bias']})" if best_attention else None,
+        ddpm_img_per_s=ddpm["img_per_s"], ddpm_sampler=f"{ddpm['sampler']} x{ddpm['steps']} guidance {ddpm['guidance_scale']:g}",
+    )
+    if report.get("sampling_dpm"):
+        figures.update(dpm_img_per_s=report["sampling_dpm"][0]["img_per_s"],
+                       dpm_sampler=f"dpm_solver++ x{report['sampling_dpm'][0]['steps']}")
+
+
+def _save_partial(ctx: dict[str, Any], figures: dict[str, Any]) -> None:
+    """The figures so far, as the part's record (replaced by the final one when the part ends)."""
+    path = Path(ctx["out"]) / "parts" / "bench.json"
+    path.write_text(json.dumps({"part": "bench", "status": "partial", "figures": figures, "checks": []}, default=str))
 
 
 PART_FUNCTIONS = {"environment": part_environment, "cuda_tests": part_cuda_tests, "triton_kernels": part_triton_kernels,
@@ -773,9 +835,10 @@ def _finish(job: dict[str, Any], out: Path, timed_out: bool) -> dict[str, Any]:
         record = {"part": name, "status": "timeout", "figures": partial.get("figures", {}),
                   "checks": partial.get("checks", []),
                   "reason": f"timed out after {job['timeout']:.0f} s" + (f" (last output: {last})" if last else "")}
-    elif record is None:
-        record = {"part": name, "status": "error", "figures": {}, "checks": [],
-                  "reason": f"exited with code {proc.returncode} and no result" + (f": {last}" if last else "")}
+    elif record is None or record.get("status") == "partial":
+        kept = " after partial results" if record else " and no result"
+        record = {"part": name, "status": "error", "figures": (record or {}).get("figures", {}), "checks": [],
+                  "reason": f"exited with code {proc.returncode}{kept}" + (f": {last}" if last else "")}
     record.update(seconds=seconds, timeout_s=job["timeout"])
     print(f"[{seconds:6.1f}s] {name}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""),
           flush=True)
@@ -814,8 +877,9 @@ def evaluate_targets(bench: dict[str, Any] | None, tiny: bool, device_name: str)
             if tiny:
                 row.update(status="n/a", reason="the targets are for DiffiT-XL/2 at 256 px on an H100; this is the tiny run")
             else:
+                unit_ = f" {unit}" if unit else ""
                 row.update(status="pass" if met else "fail",
-                           reason=None if met else f"{value:.3g} {unit} is not {op} {threshold:g} {unit}".replace("  ", " "))
+                           reason=None if met else f"{value:.3g}{unit_} is not {op} {threshold:g}{unit_}")
                 if "H100" not in device_name:
                     row["note"] = f"measured on {device_name}; the targets are set for an H100"
         rows.append(row)
@@ -846,10 +910,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['what']} | {shown.strip()} | {row['op']} {need.strip()} | {row['status']} |")
     report = result["parts"].get("bench", {}).get("figures", {}).get("report")
     if report:
+        model = report["meta"]["model"]
+        mine = f"{model['backbone']}:{model['preset']}" if model.get("preset") else model["label"]
         lines += ["", "| model | backend | compile | img/s | step ms | MFU | peak mem GiB |", "|---|---|---|---|---|---|---|"]
         for row in report["train"]:
             mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f} %"
-            lines.append(f"| {row['model']} ({row['mechanism']}) | {row['backend']} | {'yes' if row['compile'] else 'no'} | "
+            label = row["model"] if row["backbone"] == "dit" else mine
+            lines.append(f"| {label} ({row['mechanism']}) | {row['backend']} | {'yes' if row['compile'] else 'no'} | "
                          f"{row['img_per_s']:.1f} | {row['step_ms']:.1f} | {mfu} | {row['peak_memory_bytes'] / 2**30:.2f} |")
         if report["attention"]:
             lines += ["", "| attention backend | bias | ms (fwd + bwd) | x sdpa without bias |", "|---|---|---|---|"]
@@ -857,7 +924,7 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {row['backend']} | {row['bias']} | {row['ms']:.3f} | {row['ratio_to_reference']:.2f} |")
         lines += ["", "| model | sampler | batch | img/s |", "|---|---|---|---|"]
         for row in report["sampling"] + report.get("sampling_dpm", []):
-            lines.append(f"| {row['model']} | {row['sampler']} x{row['steps']}, guidance {row['guidance_scale']:g} | "
+            lines.append(f"| {row['model'] if row['model'].startswith('dit') else mine} | {row['sampler']} x{row['steps']}, guidance {row['guidance_scale']:g} | "
                          f"{row['batch']} | {row['img_per_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -905,7 +972,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             runnable.append(name)
     for name, record in results.items():
         print(f"[   0.0s] {name}: skip ({record['reason']})", flush=True)
-    phase1 = [n for n in runnable if PARTS[n][3] == 1]
+    phase1 = sorted((n for n in runnable if PARTS[n][3] == 1), key=START_ORDER.index)
     phase2 = [n for n in runnable if PARTS[n][3] == 2]
     _run_jobs(phase1, args, env, timeouts, args.jobs, results)
     for name in phase2:  # timings: alone, within what is left of the budget

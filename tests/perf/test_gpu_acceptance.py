@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,10 +82,17 @@ def test_the_json_holds_every_figure(tiny) -> None:
         assert parts[strategy]["backend"] == "gloo" and parts[strategy]["world_size"] == 1
     bench = parts["bench"]
     report = bench["report"]
-    assert {row["model"].split(":")[0] for row in report["train"]} == {"diffit_latent_xl2_256", "dit"}
-    assert bench["train_img_per_s_ratio"] == report["comparison"]["train_img_per_s_ratio"]
+    best = max((r for r in report["train"] if r["backbone"] != "dit"), key=lambda r: r["img_per_s"])
+    dit = [r for r in report["train"] if r["backbone"] == "dit"][0]
+    assert bench["best_backend"] == best["backend"]
+    assert bench["train_img_per_s_ratio"] == pytest.approx(best["img_per_s"] / dit["img_per_s"])
+    assert bench["peak_memory_ratio"] == pytest.approx(best["peak_memory_bytes"] / dit["peak_memory_bytes"])
     assert [row["sampler"] for row in report["sampling_dpm"]] == ["dpm_solver++", "dpm_solver++"]
     assert "flex" in bench["excluded_backends"]  # no CPU backward: left out with its reason
+    # the further backends' rows (math on the CPU) beside the first backend's and DiT's
+    assert bench["backends_done"] == ["sdpa", "math"]
+    assert [(row["backend"], row["backbone"]) for row in report["train"]] == [
+        ("sdpa", "latent_diffit"), ("auto", "dit"), ("math", "latent_diffit")]
     # every target: its value, n/a in the tiny run with the reason
     targets = {row["target"]: row for row in result["targets"]}
     assert list(targets) == [t[0] for t in acceptance.TARGETS]
@@ -157,3 +165,24 @@ def test_missing_dependencies_say_how_to_bring_them(monkeypatch) -> None:
     assert not rows["pydantic"]["installed"] and "train" in rows["pydantic"]["needed_by"]
     assert "pip download --no-deps" in rows["pydantic"]["hint"] and "pydantic-core" in rows["pydantic"]["hint"]
     assert rows["torch"]["installed"] and rows["torch"]["hint"] is None
+
+
+def test_a_timed_out_part_keeps_its_partial_figures(tmp_path) -> None:
+    """A part killed at its timeout (here a real process group that sleeps) keeps the figures it
+    had written, and its reason names the timeout and its last output."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "parts" / "bench.json").write_text(json.dumps({"part": "bench", "status": "partial",
+                                                               "figures": {"ddpm_img_per_s": 4.0}, "checks": []}))
+    log = (tmp_path / "logs" / "bench.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", "print('bench: sampling dpm_solver++', flush=True); "
+                             "import time; time.sleep(60)"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    time.sleep(1.0)
+    job = {"name": "bench", "proc": proc, "log": log, "start": time.monotonic() - 1, "timeout": 1.0}
+    record = acceptance._finish(job, tmp_path, timed_out=True)
+    assert proc.poll() is not None  # killed
+    assert record["status"] == "timeout" and record["figures"] == {"ddpm_img_per_s": 4.0}
+    assert record["reason"] == "timed out after 1 s (last output: bench: sampling dpm_solver++)"
+    targets = {r["target"]: r for r in acceptance.evaluate_targets(record, False, "NVIDIA H100")}
+    assert targets["ddpm250_guided"]["status"] == "pass"
+    assert targets["dpm25"]["status"] == "fail" and targets["dpm25"]["reason"].startswith("not measured: bench timeout")
