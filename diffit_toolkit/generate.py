@@ -5,7 +5,7 @@ Used by ``diffit-toolkit sample`` and by the trainer for its sample grids."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +31,7 @@ class Generator:
     recipe: Recipe
     facts: dict[str, Any]
     device: torch.device
+    _decoder: tuple[Any, float | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -86,16 +87,7 @@ class Generator:
         y_all = self.labels(classes, num_images)
         size, channels = self.facts["resolution"], self.facts["channels"]
         null_class = getattr(self.model, "null_class", None)
-        vae = None
-        scale = self.facts.get("latent_scale")
-        if channels not in (1, 3) and not self.facts.get("vae"):
-            raise ValueError(f"the model makes {channels}-channel latents and no VAE is recorded: pass --vae FOLDER "
-                             f"(the VAE that decodes them)")
-        if self.facts.get("vae"):
-            from diffit_toolkit.data import load_vae
-
-            vae = load_vae(self.facts["vae"], device=self.device)
-            scale = scale or float(vae.config.scaling_factor)
+        vae, scale = self.decoder()
         for start in range(images.start, images.stop, batch_size):
             n = min(batch_size, images.stop - start)
             y = None if y_all is None else y_all[start : start + n]
@@ -107,6 +99,33 @@ class Generator:
 
                 x = decode_latents(vae, x, scale)
             yield x.float().clamp(-1, 1).cpu(), None if y is None else y.cpu()
+
+    def decoder(self) -> tuple[Any, float | None]:
+        """``(vae, latent scale)`` that turn the model's latents into images (loaded once), or
+        ``(None, None)`` for a pixel model."""
+        channels = self.facts["channels"]
+        if channels not in (1, 3) and not self.facts.get("vae"):
+            raise ValueError(f"the model makes {channels}-channel latents and no VAE is recorded: pass --vae FOLDER "
+                             f"(the VAE that decodes them)")
+        if not self.facts.get("vae"):
+            return None, None
+        if self._decoder is None:
+            from diffit_toolkit.data import load_vae
+
+            vae = load_vae(self.facts["vae"], device=self.device)
+            self._decoder = (vae, self.facts.get("latent_scale") or float(vae.config.scaling_factor))
+        return self._decoder
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)`` of the images [`batches`][diffit_toolkit.generate.Generator.batches]
+        yields: the model's side, or for a latent model the side its VAE decodes to (each of the
+        VAE's down blocks after the first halves the side, as diffusers computes its scale factor)."""
+        side = int(self.facts["resolution"])
+        vae, _ = self.decoder()
+        if vae is None:
+            return side, side, int(self.facts["channels"])
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return side * factor, side * factor, int(vae.config.out_channels)
 
     def sample(self, num_images: int, sample: SampleSection, classes: list[int] | None = None,
                batch_size: int = 64, seed: int = 0,
@@ -405,8 +424,8 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     if distributed and (npz is None or barrier is None):
         raise ValueError("sampling on several processes writes an .npz: give --npz PATH (the grid is drawn from it)")
     generator.check_guidance(sample)
-    size = generator.facts["resolution"]
-    arrays = {"arr_0": ((size, size, 3), np.dtype(np.uint8))}
+    height, width, _ = generator.image_shape()  # the decoded images' side for a latent model
+    arrays = {"arr_0": ((height, width, 3), np.dtype(np.uint8))}
     if generator.num_classes:
         arrays["arr_1"] = ((), np.dtype(np.int64))
     files: dict[str, Any] = {}
@@ -425,7 +444,11 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
                 files[key] = _open_npy(_part_file(npz, key, rank, token), (rows, *shape), dtype)
         for images, labels in generator.batches(num_images, sample, classes, batch_size, seed, images=part):
             if files:
-                files["arr_0"].write(to_uint8_nhwc(images).tobytes())
+                pixels = to_uint8_nhwc(images)
+                if pixels.shape[1:] != arrays["arr_0"][0]:  # a header that lies makes every reader return garbage
+                    raise ValueError(f"the sampler made images of {pixels.shape[1:]}, not the {arrays['arr_0'][0]} "
+                                     f"the .npz declares")
+                files["arr_0"].write(pixels.tobytes())
                 if labels is not None:
                     files["arr_1"].write(labels.numpy().astype(np.int64).tobytes())
             if grid is not None and not distributed and done < GRID_MAX_IMAGES:

@@ -61,3 +61,16 @@ def test_train_and_sample_on_cached_latents(tmp_path, monkeypatch):
     assert scale == meta.latent_scale
     torch.testing.assert_close(again, original(load_vae(meta.vae), z, meta.latent_scale).clamp(-1, 1))
     torch.testing.assert_close(again, images)
+
+    # the .npz of decoded samples declares the decoded side (the VAE upsamples 8 -> 16), which
+    # np.load and the ADM evaluator's reader take from the header
+    from diffit_toolkit.generate import write_samples
+
+    assert gen.image_shape() == (16, 16, 3)
+    write_samples(gen, 5, gen.recipe.sample, npz=tmp_path / "s.npz", batch_size=2, seed=0)
+    arrays = np.load(tmp_path / "s.npz")
+    assert arrays["arr_0"].shape == (5, 16, 16, 3) and arrays["arr_1"].shape == (5,)
+    decoded, _ = gen.sample(5, gen.recipe.sample, batch_size=2, seed=0)
+    from diffit_toolkit.generate import to_uint8_nhwc
+
+    assert np.array_equal(arrays["arr_0"], to_uint8_nhwc(decoded))
