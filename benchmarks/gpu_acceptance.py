@@ -177,6 +177,9 @@ def part_cuda_tests(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", *files]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx["timeout"] - 10)
     print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+    if not report.is_file():
+        said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()] or [""]
+        raise RuntimeError(f"pytest wrote no report (rc {proc.returncode}): {said[-1][:300]}")
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -309,7 +312,7 @@ def part_compile_block(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     dtype = torch.float32 if tiny else torch.bfloat16
     compiler = "aot_eager" if tiny else "inductor"  # inductor on a CPU needs a C++ build (a minute)
     heads, d, grid, batch = (2, 32, 4, 2) if tiny else (16, 72, 16, 8)
-    tol = 1e-4 if tiny else 2e-2
+    tol = 1e-4 if tiny else 3e-2
     rows, compiled_ok = {}, []
     for name in bench_backends(tiny):
         backend = attention_backends.get(name)
@@ -627,9 +630,12 @@ def part_bench(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     # 1. the first backend (sdpa when it loads) side by side with DiT; attention rows of every backend
     config = BenchConfig(**{**base, "backends": backends[:1], "attention_shape": None})
     report = run_bench(config, progress=say)
+    failures: dict[str, str] = {}
+    figures = {"excluded_backends": excluded, "backends_done": backends[:1], "backend_failures": failures, "report": report}
+    _figures_from(report, figures)
+    _save_partial(ctx, figures)
     say(f"attention microbenchmark {base['attention_shape']} of {', '.join(backends)}")
-    report["attention"] = run_bench_attention(base, backends)
-    figures = {"excluded_backends": excluded, "backends_done": backends[:1], "report": report}
+    report["attention"] = run_bench_attention(base, backends, failures)
     _figures_from(report, figures)
     _save_partial(ctx, figures)
     # 2. 25-step DPM-Solver++ with the same models
@@ -643,29 +649,46 @@ def part_bench(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     _save_partial(ctx, figures)
     # 3. the further backends: training rows against the same DiT row (sampling kept to 2 steps)
     for name in backends[1:]:
-        extra = run_bench(BenchConfig(**{**base, "backends": [name], "compare_dit": False, "attention_shape": None,
-                                         "sample_steps": 2}), progress=say)
+        try:
+            extra = run_bench(BenchConfig(**{**base, "backends": [name], "compare_dit": False, "attention_shape": None,
+                                             "sample_steps": 2}), progress=say)
+        except Exception as exc:  # this backend's training row fails; the others are kept
+            traceback.print_exc()
+            failures[f"train {name}"] = _one_line(exc)
+            continue
         report["train"] += extra["train"]
         figures["backends_done"].append(name)
         _figures_from(report, figures)
         _save_partial(ctx, figures)
     checks.add("dit_compared", any(r["model"].startswith("dit") for r in report["train"]),
                [r["model"] + ":" + r["backend"] for r in report["train"]])
-    checks.add("every_backend_measured", figures["backends_done"] == backends, ", ".join(figures["backends_done"]))
+    checks.add("every_backend_measured", figures["backends_done"] == backends and not failures,
+               "; ".join(f"{k}: {v}" for k, v in failures.items()) or ", ".join(figures["backends_done"]))
     checks.add("every_figure_finite", all(_finite(v) for v in _numbers(report)), "train, attention, sampling rows")
     return figures
 
 
-def run_bench_attention(base: dict[str, Any], backends: list[str]) -> list[dict[str, Any]]:
-    """The harness's attention microbenchmark for every backend (dense bias, in-kernel gather, and
-    sdpa without bias as the reference line)."""
+def run_bench_attention(base: dict[str, Any], backends: list[str], failures: dict[str, str]) -> list[dict[str, Any]]:
+    """The harness's attention microbenchmark, one backend at a time (a backend that fails is
+    recorded in ``failures``, the others are kept): dense bias, in-kernel gather, and sdpa without
+    bias as the reference line (each backend's ratio is to the reference timed in its own call)."""
     import torch
 
     from diffit_toolkit.bench.harness import attention_microbench
 
     device = torch.device(base["device"])
-    return attention_microbench(tuple(base["attention_shape"]), device, base["precision"], max(1, base["warmup"]),
-                                base["iters"], backends)
+    rows: list[dict[str, Any]] = []
+    for name in backends:
+        try:
+            found = attention_microbench(tuple(base["attention_shape"]), device, base["precision"],
+                                         max(1, base["warmup"]), base["iters"], [name])
+        except Exception as exc:
+            traceback.print_exc()
+            failures[f"attention {name}"] = _one_line(exc)
+            continue
+        reference = [r for r in found if r["bias"] == "none"]
+        rows += [r for r in found if r["bias"] != "none"] + ([] if any(r["bias"] == "none" for r in rows) else reference)
+    return sorted(rows, key=lambda r: r["bias"] == "none")  # the reference line last
 
 
 def _figures_from(report: dict[str, Any], figures: dict[str, Any]) -> None:
@@ -783,16 +806,36 @@ def check_dependencies() -> list[dict[str, Any]]:
     return rows
 
 
+#: Put on the path of every process when the project is not installed: what the installed package
+#: maps (``plugins/`` as ``diffit_plugins``, ``recipes/`` as ``diffit_toolkit.recipes``), as
+#: setuptools' editable finder does.
+SOURCE_TREE_FINDER = """import importlib.abc, importlib.util, sys
+from pathlib import Path
+
+_MAPPED = {"diffit_plugins": Path(%r) / "plugins", "diffit_toolkit.recipes": Path(%r) / "recipes"}
+
+
+class _SourceTree(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        folder = _MAPPED.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+
+
+sys.meta_path.insert(0, _SourceTree())
+"""
+
+
 def _source_tree_env(out: Path) -> dict[str, str]:
-    """The environment of the part processes: the source tree importable (``diffit_toolkit`` and
-    the built-ins as ``diffit_plugins``) when the package is not installed."""
+    """The environment of the part processes: when the project is not installed, the source tree
+    on ``PYTHONPATH`` and a ``sitecustomize`` that maps ``diffit_plugins`` and
+    ``diffit_toolkit.recipes`` (what ``pip install -e .`` would)."""
     env = dict(os.environ)
     if importlib.util.find_spec("diffit_plugins") is None:
-        shim = out / "_pythonpath"
+        shim = out / "_source_tree"
         shim.mkdir(parents=True, exist_ok=True)
-        link = shim / "diffit_plugins"
-        if not link.exists():
-            link.symlink_to(ROOT / "plugins", target_is_directory=True)
+        (shim / "sitecustomize.py").write_text(SOURCE_TREE_FINDER % (str(ROOT), str(ROOT)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(shim), env.get("PYTHONPATH")]))
         print(f"diffit-toolkit is not installed: running from the source tree {ROOT}", flush=True)
     return env

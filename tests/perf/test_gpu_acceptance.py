@@ -186,3 +186,21 @@ def test_a_timed_out_part_keeps_its_partial_figures(tmp_path) -> None:
     targets = {r["target"]: r for r in acceptance.evaluate_targets(record, False, "NVIDIA H100")}
     assert targets["ddpm250_guided"]["status"] == "pass"
     assert targets["dpm25"]["status"] == "fail" and targets["dpm25"]["reason"].startswith("not measured: bench timeout")
+
+
+def test_the_source_tree_runs_without_an_install(tmp_path) -> None:
+    """On a machine where the project is not installed, the parts get the source tree and a
+    ``sitecustomize`` mapping ``diffit_plugins`` and ``diffit_toolkit.recipes`` (checked here in a
+    Python started without site processing, so that the installed finder is not there)."""
+    import site
+
+    (tmp_path / "sitecustomize.py").write_text(acceptance.SOURCE_TREE_FINDER % (str(ROOT), str(ROOT)))
+    paths = [*site.getsitepackages(), str(ROOT), str(tmp_path)]
+    code = (f"import sys; sys.path[:0] = {paths!r}; import sitecustomize, importlib.util, importlib.resources; "
+            "print(importlib.util.find_spec('diffit_plugins').origin); "
+            "print(importlib.resources.files('diffit_toolkit.recipes') / 'diffit_latent.yaml')")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plugins, recipe = proc.stdout.split()
+    assert Path(plugins) == ROOT / "plugins" / "__init__.py" and Path(recipe).is_file()
+    assert Path(recipe).parent == ROOT / "recipes"
