@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -9,6 +12,7 @@ from typer.testing import CliRunner
 from diffit_toolkit.cli import app
 
 RUNNER = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 WIDE = {"COLUMNS": "300"}
 
 
@@ -95,3 +99,50 @@ def test_the_progress_bar_shows_counts_and_eta_on_a_terminal_only(monkeypatch, e
 def test_every_command_with_a_progress_bar_can_turn_it_off(command):
     out = RUNNER.invoke(app, [command, "--help"], env=WIDE)
     assert out.exit_code == 0 and "--no-progress" in out.output
+
+
+BROKEN_PLUGIN = '''
+from torch import nn
+
+from diffit_toolkit import ConditioningMechanism, register_conditioning
+
+
+def project(dim):
+    return nn.Linear(dim, dim * 3 // 0)  # the plugin author's bug
+
+
+@register_conditioning("broken_traceback_probe")
+class Broken(ConditioningMechanism):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.proj = project(spec.dim)
+
+    def forward(self, c):
+        raise NotImplementedError
+'''
+
+
+@pytest.mark.parametrize("switch", ["--traceback", "env"])
+def test_traceback_shows_the_plugins_own_stack_behind_the_one_line(tmp_path, switch):
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "broken_probe.py"
+    plugin.write_text(BROKEN_PLUGIN)
+    base = [sys.executable, "-m", "diffit_toolkit.cli", "-p", str(plugin)]
+    args = ["recipe", "validate", "recipes/quickstart.yaml", "--set", "model.mechanism=broken_traceback_probe"]
+    env = {k: v for k, v in os.environ.items() if k != "DIFFIT_TOOLKIT_TRACEBACK"}
+    plain = subprocess.run(base + args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert plain.returncode == 2
+    assert "Traceback" not in plain.stdout + plain.stderr
+    assert len([line for line in plain.stdout.splitlines() if line.startswith("error:")]) == 1
+    if switch == "env":
+        shown = subprocess.run(base + args, capture_output=True, text=True, cwd=ROOT,
+                               env={**env, "DIFFIT_TOOLKIT_TRACEBACK": "1"})
+    else:
+        shown = subprocess.run(base[:3] + ["--traceback"] + base[3:] + args, capture_output=True, text=True, cwd=ROOT,
+                               env=env)
+    assert shown.returncode == 2
+    assert "ZeroDivisionError" in shown.stderr and str(plugin) in shown.stderr
+    assert "dim * 3 // 0" in shown.stderr and "in project" in shown.stderr  # the plugin's frames, to the line
+    assert shown.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]  # the same one line closes it

@@ -5,11 +5,17 @@ reports a failure. One module per feature area adds its commands to `app`;
 
 Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not be written),
 2 a usage error (a bad option, recipe or path: fix the command and run it again).
+
+A failure is one line; ``--traceback`` (or ``DIFFIT_TOOLKIT_TRACEBACK=1``) adds the full chain of
+exceptions behind it, also those a one-line message replaced (a plugin's own stack included).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
@@ -28,6 +34,25 @@ console = Console()
 
 #: Exit codes of every command.
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+#: Set to 1 for the full exception chain behind every one-line error (as ``--traceback``).
+TRACEBACK_ENV = "DIFFIT_TOOLKIT_TRACEBACK"
+_show_traceback = {"on": False}
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception behind it (``__cause__``, else ``__context__``, also where
+    ``raise ... from None`` hid it), the first raised first."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain[::-1]
+
+
+def format_chain(exc: BaseException) -> str:
+    """The tracebacks of [`exception_chain`][diffit_toolkit.commands.exception_chain], joined."""
+    parts = ["".join(traceback.format_exception(type(e), e, e.__traceback__, chain=False)) for e in exception_chain(exc)]
+    return "\nwhich led to:\n\n".join(parts)
 
 
 def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
@@ -35,6 +60,10 @@ def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
     and exit with ``code``: how every command reports a failure."""
     text = str(message).strip()
     first = text.splitlines()[0] if text else "failed"
+    if _show_traceback["on"] or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        cause = message if isinstance(message, BaseException) else sys.exc_info()[1]
+        if cause is not None:
+            Console(stderr=True).print(escape(format_chain(cause)), soft_wrap=True, highlight=False)
     console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
@@ -64,8 +93,11 @@ def global_options(
         help=f"Load a plugin module (dotted name or .py file) before the command runs; repeatable. "
              f"Also read from {PLUGINS_ENV} (comma-separated).",
     ),
+    show_traceback: bool = typer.Option(False, "--traceback", help=f"On an error, also print the full chain of "
+                                        f"exceptions behind its one line (or set {TRACEBACK_ENV}=1)."),
 ) -> None:
     """DiffiT / DiT diffusion transformers: train, sample, evaluate, extend."""
+    _show_traceback["on"] = show_traceback
     try:
         load_plugin_modules(list(plugin or []))
     except PluginError as exc:
