@@ -512,9 +512,18 @@ def _read_status(spec: RunSpec, returncode: int) -> dict[str, Any]:
     try:
         return json.loads((Path(spec.run_dir) / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
-        tail = _log_tail(Path(spec.run_dir) / LOG_FILE)
-        return {"status": "failed", "name": spec.name, "seed": spec.seed,
-                "error": f"the job process exited with code {returncode} ({tail}); see {Path(spec.run_dir) / LOG_FILE}"}
+        pass
+    if returncode < 0 and -returncode in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        # stopped before its training loop listened for signals (while starting): nothing to lose
+        from diffit_toolkit.runs import checkpoint_step, latest_checkpoint
+
+        newest = latest_checkpoint(spec.run_dir) if (Path(spec.run_dir) / "checkpoints").is_dir() else None
+        return {"status": "stopped", "stopped_by": signal.Signals(-returncode).name, "name": spec.name,
+                "seed": spec.seed, "step": (checkpoint_step(newest) or 0) if newest else 0, "max_steps": "?",
+                "run_dir": spec.run_dir}
+    tail = _log_tail(Path(spec.run_dir) / LOG_FILE)
+    return {"status": "failed", "name": spec.name, "seed": spec.seed,
+            "error": f"the job process exited with code {returncode} ({tail}); see {Path(spec.run_dir) / LOG_FILE}"}
 
 
 def _log_tail(path: Path) -> str:

@@ -198,3 +198,14 @@ def test_a_result_made_with_other_settings_is_not_reused(tmp_path, monkeypatch):
     write_json(run_dir / RESULT_FILE, {"key": "another", "rows": [{"recipe": "tmsa", "seed": 0, "step": 1}]})
     with pytest.raises(ValueError, match="holds a result made with other settings"):
         run_ablation(suite, log=lambda line: None)
+
+
+def test_a_worker_killed_while_starting_counts_as_stopped_not_failed(tmp_path):
+    from diffit_toolkit.eval.jobs import LOG_FILE, RunSpec, _read_status
+
+    spec = RunSpec(name="tmsa", recipe="r.yaml", overrides=[], seed=0, run_dir=str(tmp_path), judge_dir=str(tmp_path))
+    (tmp_path / LOG_FILE).write_text("importing\n")
+    status = _read_status(spec, -signal.SIGTERM)  # no status file: the signal came before the training loop
+    assert status["status"] == "stopped" and status["stopped_by"] == "SIGTERM" and status["step"] == 0
+    crashed = _read_status(spec, 1)
+    assert crashed["status"] == "failed" and "importing" in crashed["error"] and LOG_FILE in crashed["error"]
