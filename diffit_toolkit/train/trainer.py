@@ -415,6 +415,12 @@ class Trainer:
                 if result.stopped_by:
                     logger.message(f"{result.stopped_by} received: checkpointing at step {step} and stopping")
                     break
+        ran = self.step - result.step
+        if ran and result.skipped_steps == ran and not result.stopped_by:  # shorter than max_bad_steps
+            raise TrainingError(
+                f"every step of this run ({ran}, up to step {self.step}) had a non-finite loss or gradient, so "
+                f"nothing was learned; not checkpointing. Last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}. "
+                f"Lower train.lr, set train.grad_clip, or check the data and the mechanism for inf/nan")
         if checkpointed_at != self.step:
             result.checkpoint = self.save_checkpoint(run_dir, config)
         result.step = self.step

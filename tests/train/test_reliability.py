@@ -278,3 +278,12 @@ def test_fuzzed_yaml_text_gives_only_recipe_errors(text):
             load_recipe(path)
         except RecipeError as exc:
             assert "\n" not in str(exc)
+
+
+def test_a_run_whose_every_step_is_non_finite_fails_even_below_the_limit(tmp_path, monkeypatch, tiny_recipe):
+    _nan_at(monkeypatch, set(range(1, 100)))
+    recipe = tiny_recipe(tmp_path, "run", max_steps=4, ckpt_every=0, max_bad_steps=10)
+    with pytest.raises(TrainingError) as err:
+        train(load_recipe(recipe), device="cpu", progress=False)
+    assert "every step of this run (4, up to step 4) had a non-finite loss" in str(err.value)
+    assert "\n" not in str(err.value) and list_checkpoints(tmp_path / "run") == []
