@@ -12,8 +12,8 @@ part; its reason is recorded and the others still run. Parts:
   backward: the kernel entry points (gathered table, per-sample tables over windows with an extra
   key, dense bias) and ``Attention`` inside a ``DiffiTBlock`` for every mechanism that touches the
   bias, head dim 72, bf16 at full size (CPU: Triton's interpreter, fp32, toy size).
-* ``compile_block``: ``torch.compile(fullgraph=True)`` of a DiffiT block per attention backend,
-  output and gradients against eager.
+* ``compile_block``: ``torch.compile`` of a DiffiT block per attention backend, output and
+  gradients against eager, no graph break for sdpa and triton.
 * ``train``: a short real training through ``diffit-toolkit train`` (bf16, compiled), then a
   resume from its checkpoint: the loss falls, checkpoints, samples and the loss curve are written.
 * ``ddp`` / ``fsdp``: the trainer's DDP and FSDP2 paths in a torchrun process group of one (NCCL on
@@ -95,6 +95,14 @@ DEPENDENCIES: list[tuple[str, str, tuple[str, ...]]] = [
     ("torchvision", "torchvision", ()),
 ]
 
+#: What the GPU machines' image lacks of what the parts import (its package list of 2026-11: Python
+#: 3.12, torch 2.11, triton, numpy, pillow, matplotlib, pytest, hypothesis, pyyaml, rich, typer,
+#: einops, pluggy, lightning-utilities, safetensors are there): pydantic and what it needs, at the
+#: versions installed here.
+GPU_WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                   "manylinux1_x86_64")
+
 #: The Performance page's targets (H100, DiffiT-XL/2 at 256 px, batch 64, bf16).
 TARGETS = [
     # name, figure key, comparison, threshold, unit, what
@@ -106,7 +114,9 @@ TARGETS = [
     ("ddpm250_guided", "ddpm_img_per_s", ">=", 3.3, "img/s", "guided DDPM-250 sampling"),
     ("dpm25", "dpm_img_per_s", ">=", 30.0, "img/s", "25-step DPM-Solver++ sampling"),
 ]
-BENCH_BACKENDS = ("sdpa", "flex", "triton", "xformers")
+BENCH_BACKENDS = ("sdpa", "triton", "flex", "xformers")
+#: Backends promised to compile into one graph with the block (no graph break).
+ONE_GRAPH = ("sdpa", "triton", "math")
 
 
 def bench_backends(tiny: bool) -> tuple[str, ...]:
@@ -301,7 +311,8 @@ def part_triton_kernels(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
 
 
 def part_compile_block(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
-    """``torch.compile(fullgraph=True)`` of a DiffiT block (tmsa, relative bias) per backend."""
+    """``torch.compile`` of a DiffiT block (tmsa, relative bias) per backend: output and every
+    gradient equal eager's; one graph (no break) for the backends of `ONE_GRAPH`."""
     import torch
     import torch._dynamo
 
@@ -347,8 +358,8 @@ def part_compile_block(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
 
         want = grads(block)
         start = time.perf_counter()
-        try:
-            got = grads(torch.compile(block, backend=counting, fullgraph=True))
+        try:  # as the trainer compiles (graph breaks allowed); the breaks are counted below
+            got = grads(torch.compile(block, backend=counting))
         except Exception as exc:  # the failure is this backend's result
             rows[name] = {"status": "fail", "reason": _one_line(exc)}
             checks.add(f"{name}.compiles", False, rows[name]["reason"])
@@ -356,7 +367,8 @@ def part_compile_block(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         worst = max(_rel_err(got[k], want[k]) for k in want)
         ok = checks.add(f"{name}.matches_eager", worst <= tol, f"worst rel err {worst:.2e} over {len(want)} tensors")
-        ok &= checks.add(f"{name}.one_graph", len(graphs) == 1, f"{len(graphs)} graph(s)")
+        if name in ONE_GRAPH:
+            ok &= checks.add(f"{name}.one_graph", len(graphs) == 1, f"{len(graphs)} graph(s)")
         rows[name] = {"status": "pass" if ok else "fail", "compile_s": round(seconds, 2), "max_rel_err": worst,
                       "graphs": len(graphs)}
         if ok:
@@ -827,6 +839,34 @@ sys.meta_path.insert(0, _SourceTree())
 """
 
 
+def gather_wheels(folder: Path, python: str, names: tuple[str, ...] = GPU_WHEELS) -> int:
+    """Download (here, where pip reaches an index) the wheels of ``names`` at the versions installed
+    here, for CPython ``python`` on x86-64 Linux, into ``folder`` (carry it; ``--wheels`` installs it)."""
+    pins = [f"{name}=={md.version(name)}" for name in names]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", *[a for p in WHEEL_PLATFORMS for a in ("--platform", p)], "-d", str(folder), *pins]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
+    return proc.returncode
+
+
+def install_wheels(folder: Path, out: Path) -> Path | None:
+    """``pip install --no-deps --target`` of every wheel in ``folder`` into ``out/_site`` (put first
+    on the path of this process and of the parts); ``None`` when it fails (said in one line)."""
+    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    target = out / "_site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--no-cache-dir", "--upgrade", "--target", str(target), *wheels], capture_output=True, text=True)
+    if proc.returncode != 0 or not wheels:
+        said = (proc.stderr.strip().splitlines() or ["no wheels in the folder"])[-1]
+        print(f"could not install the wheels of {folder}: {said}", flush=True)
+        return None
+    print(f"installed {len(wheels)} wheels into {target}", flush=True)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    return target
+
+
 def _source_tree_env(out: Path) -> dict[str, str]:
     """The environment of the part processes: when the project is not installed, the source tree
     on ``PYTHONPATH`` and a ``sitecustomize`` that maps ``diffit_plugins`` and
@@ -980,11 +1020,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         (out / folder).mkdir(parents=True, exist_ok=True)
     for stale in (out / "parts").glob("*.json"):
         stale.unlink()
-    if args.wheels:
-        wheels = sorted(str(p) for p in Path(args.wheels).glob("*.whl"))
-        print(f"installing {len(wheels)} wheels from {args.wheels}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *wheels], check=False)
-        importlib.invalidate_caches()
+    site = install_wheels(Path(args.wheels), out) if args.wheels else None
     try:
         write_synthetic_data(out)
         write_recipe(out)
@@ -995,6 +1031,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         if not row["installed"] and row["needed_by"]:
             print(f"missing {row['distribution']} (needed by {', '.join(row['needed_by'])}): {row['hint']}", flush=True)
     env = _source_tree_env(out)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     names = [p for p in PARTS if not args.parts or p in args.parts.split(",")]
     timeouts = {p: float(PARTS[p][2] if args.tiny else PARTS[p][1]) for p in names}
     for item in args.timeout or []:
@@ -1063,14 +1101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=None, help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument("--timeout", action="append", metavar="PART=SECONDS", help="override one part's timeout")
     parser.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
-    parser.add_argument("--jobs", type=int, default=None, help="correctness parts at once (default: 4 on CUDA, 2 on CPU)")
-    parser.add_argument("--wheels", default=None, help="install the wheels in this folder (pip --no-deps) first")
+    parser.add_argument("--jobs", type=int, default=None, help="correctness parts at once (default: all on CUDA, 2 on CPU)")
+    parser.add_argument("--wheels", default=None, help="install the wheels in this folder first (pip --no-deps "
+                        "--target OUT/_site, put first on the path)")
+    parser.add_argument("--gather-wheels", default=None, metavar="FOLDER",
+                        help="only download, here, the wheels a GPU machine lacks (pydantic and its needs) into FOLDER")
+    parser.add_argument("--for-python", default="3.12", help="the GPU machine's Python for --gather-wheels (3.12)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--part-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     parser.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = args.out or f"acceptance_{args.device}{'_tiny' if args.tiny else ''}"
-    args.jobs = args.jobs or (4 if args.device == "cuda" else 2)
+    args.jobs = args.jobs or (len(PARTS) if args.device == "cuda" else 2)
+    if args.gather_wheels:
+        return gather_wheels(Path(args.gather_wheels), args.for_python)
     if args.dist_worker:
         return dist_worker(args.dist_worker, args.device, args.out, args.tiny)
     if args.part:
