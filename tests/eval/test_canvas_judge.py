@@ -60,3 +60,29 @@ def test_input_layouts_cache_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(canvas_eval, "train_canvas_classifier", lambda seed: pytest.fail("trained again"))
     again = load_canvas_classifier(seed=3, cache=tmp_path / "judge.pt")
     assert torch.equal(first.features(x[:8]), again.features(x[:8]))
+
+
+def test_eval_command_picks_the_canvas_judge_for_16x16_gray_data():
+    from diffit_toolkit.commands.eval import OFFLINE_SIZES, _offline_metric, _offline_metric_class
+
+    assert OFFLINE_SIZES["digits_canvas"] == (16, 16)
+    assert _offline_metric({"channels": 1, "resolution": 16, "num_classes": 0}) == "digits_canvas"
+    assert _offline_metric({"channels": 1, "resolution": 16, "num_classes": 10}) == "digits_canvas"
+    assert _offline_metric_class("digits_canvas") is CanvasMetric
+    assert _offline_metric({"channels": 1, "resolution": 8, "num_classes": 10}) == "digits"
+
+
+def test_the_ablation_scores_the_canvas_with_its_judge(tmp_path, monkeypatch):
+    import math
+
+    import diffit_toolkit.eval.canvas as canvas_eval
+    from diffit_toolkit.eval.ablation import judge_for
+
+    monkeypatch.setattr(canvas_eval, "_MEMO", {})
+    monkeypatch.setattr(canvas_eval, "train_canvas_classifier", lambda seed: train_canvas_classifier(seed, epochs=1, num=64))
+    name, judge, held_out = judge_for({"kind": "digits_canvas"}, tmp_path)
+    assert name == "digits_canvas" and (tmp_path / "canvas_classifier.pt").is_file() and 0 <= held_out <= 1
+    x, _, _ = make_canvases("floor")
+    row = judge(x[:50], None)  # unconditional samples: no labels, no accuracy
+    assert row["num_images"] == row["num_given"] == 50 and math.isnan(row["accuracy"])
+    assert row["fd"] >= 0 and row["floor"] > 0 and row["copy_ratio"] > 0
