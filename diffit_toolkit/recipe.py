@@ -15,13 +15,15 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from diffit_toolkit.errors import did_you_mean
 
@@ -50,9 +52,23 @@ class RecipeError(ValueError):
     """A recipe problem, one line, with the key path."""
 
 
+def _takes_int(annotation: Any) -> bool:
+    """True for ``int`` and unions holding ``int`` but not ``bool`` (``int | None``)."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return int in members and bool not in members
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: ``lr: .inf`` or ``guidance_scale: nan`` are errors, not silent garbage
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``max_steps: true`` (YAML's yes/no/true/false) is an error, not the number 1 or 0."""
+        if isinstance(value, bool) and _takes_int(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a whole number, not a boolean")
+        return value
 
 
 class DiffusionSection(_Section):
@@ -243,6 +259,15 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        """The name is the run folder's (``runs/<name>``) unless ``output_dir`` is set: never a path."""
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError("must be one plain folder name (the run folder is runs/<name>): no '/', '\\', '..' or "
+                             "empty name; set output_dir for another place")
+        return name
 
     @property
     def run_dir(self) -> Path:

@@ -123,3 +123,31 @@ def test_cli_guidance_scale_must_be_finite(tmp_path):
                                env={"COLUMNS": "300"})
         assert result.exit_code == 2, result.output
         assert "--guidance-scale" in result.output and "finite" in result.output, result.output
+
+
+def _int_fields():
+    from diffit_toolkit.recipe import DiffusionSection, LoggingSection, SampleSection, TrainSection, _takes_int
+
+    for section, cls in (("train", TrainSection), ("sample", SampleSection), ("diffusion", DiffusionSection),
+                         ("logging", LoggingSection)):
+        for name, info in cls.model_fields.items():
+            if _takes_int(info.annotation):
+                yield f"{section}.{name}"
+
+
+@pytest.mark.parametrize("key", sorted(_int_fields()))
+@pytest.mark.parametrize("value", ["true", "false", "yes", "no"])
+def test_a_yaml_boolean_is_never_read_as_a_whole_number(key, value):
+    from diffit_toolkit.recipe import RecipeError, read_recipe
+
+    with pytest.raises(RecipeError, match=f"recipe error at {key}: expected a whole number, not a boolean"):
+        read_recipe(QUICKSTART, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".", "x\\y", " "])
+def test_a_recipe_name_is_never_a_path(name):
+    from diffit_toolkit.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="recipe error at name: must be one plain folder name"):
+        parse_recipe({"name": name})
+    assert parse_recipe({"name": "ok-name_1.2"}).run_dir.parts == ("runs", "ok-name_1.2")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -194,7 +195,7 @@ def _model_specs(config: BenchConfig) -> tuple[_ModelSpec, Any]:
         model["mechanism"] = config.mechanism
     overrides = {k: v for k, v in dict(sampler=config.sampler, steps=config.sample_steps,
                                         guidance_scale=config.guidance_scale).items() if v is not None}
-    recipe = parse_recipe({"name": label, "model": model, "diffusion": diffusion, "train": train,
+    recipe = parse_recipe({"name": re.sub(r"[^A-Za-z0-9_.+-]", "_", label), "model": model, "diffusion": diffusion, "train": train,
                            "sample": {**sample, **overrides}})
     return _ModelSpec(label, recipe), recipe.sample
 
