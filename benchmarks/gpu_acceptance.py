@@ -25,7 +25,8 @@ part; its reason is recorded and the others still run. Parts:
 The correctness parts run side by side (``--jobs``); ``bench`` runs alone afterwards and gets what
 is left of ``--budget``. Written to ``--out``: ``acceptance.json`` (device, versions, every figure,
 every target with pass/fail, every failure's one-line reason), ``acceptance.md`` (tables for
-docs/performance.md), ``logs/<part>.log`` and each part's run folders.
+docs/performance.md) and ``logs/<part>.log``; to ``--work`` (default: ``--out``) the synthetic data
+and the run folders with their checkpoints.
 Exit code: 0 when no part failed and no applicable target was missed, else 1.
 
 Fault injection (used by the tests): ``DIFFIT_ACCEPTANCE_RAISE=part,...`` makes those parts raise.
@@ -455,13 +456,13 @@ def part_train(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     from diffit_toolkit.runs import list_checkpoints, load_checkpoint
 
     settings = _train_settings(ctx)
-    run = Path(ctx["out"]) / "train_run"
+    run = Path(ctx["work"]) / "train_run"
     shutil.rmtree(run, ignore_errors=True)
     log = Path(ctx["out"]) / "train_commands.log"
     steps, more = settings["steps"], settings["more"]
-    common = ["train", str(Path(ctx["out"]) / RECIPE_FILE), "--device", ctx["device"], "--no-progress", "--output-dir", str(run),
+    common = ["train", str(Path(ctx["work"]) / RECIPE_FILE), "--device", ctx["device"], "--no-progress", "--output-dir", str(run),
               *[a for s in settings["set"] for a in ("--set", s)],
-              "--set", f"train.ckpt_every={settings['ckpt_every']}", "--set", "train.keep_last=10"]
+              "--set", f"train.ckpt_every={settings['ckpt_every']}", "--set", "train.keep_last=2"]
     start = time.perf_counter()
     first = _cli([*common, "--set", f"train.max_steps={steps}"], ctx["timeout"] * 0.75, log)
     first_s = time.perf_counter() - start
@@ -508,6 +509,7 @@ def part_distributed(ctx: dict[str, Any], checks: Checks, strategy: str) -> dict
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
            str(Path(__file__).resolve()), "--dist-worker", strategy, "--device", ctx["device"], "--out", ctx["out"],
+           "--work", ctx["work"],
            *(["--tiny"] if ctx["tiny"] else [])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx["timeout"] - 5)
     print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
@@ -521,7 +523,7 @@ def part_distributed(ctx: dict[str, Any], checks: Checks, strategy: str) -> dict
     return data
 
 
-def dist_worker(strategy: str, device: str, out: str, tiny: bool) -> int:
+def dist_worker(strategy: str, device: str, out: str, work: str, tiny: bool) -> int:
     """One torchrun process: a process group of one (NCCL on CUDA, gloo on the CPU), the trainer's
     ``strategy`` path on it (DDP wrapper or FSDP2 shards), one step, a checkpoint gathered and
     written, read back into a fresh trainer, one more step."""
@@ -561,9 +563,9 @@ def dist_worker(strategy: str, device: str, out: str, tiny: bool) -> int:
     size = (["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "train.batch_size=8"] if tiny
             else ["model.hidden_size=384", "model.depth=4", "model.num_heads=6", "model.patch_size=2", "train.batch_size=32",
                   "train.precision=bf16"])
-    run_dir = Path(out) / f"{strategy}_run"
+    run_dir = Path(work) / f"{strategy}_run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    recipe = load_recipe(Path(out) / RECIPE_FILE,
+    recipe = load_recipe(Path(work) / RECIPE_FILE,
                          [*size, f"train.strategy={strategy}", f"output_dir={run_dir}"])
     trainer = Trainer(recipe, env, dataset=build_dataset(recipe)).setup()
     if strategy == "ddp":
@@ -885,6 +887,7 @@ def _launch(name: str, args: argparse.Namespace, env: dict[str, str], timeout: f
     out = Path(args.out)
     log = (out / "logs" / f"{name}.log").open("w")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--device", args.device, "--out", str(out),
+           "--work", args.work,
            "--part-timeout", str(timeout), *(["--tiny"] if args.tiny else [])]
     part_env = dict(env)
     if name == "triton_kernels" and args.device == "cpu":
@@ -1016,14 +1019,17 @@ def orchestrate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     out = Path(args.out).resolve()
     args.out = str(out)
+    work = Path(args.work or out).resolve()
+    args.work = str(work)
     for folder in ("parts", "logs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     for stale in (out / "parts").glob("*.json"):
         stale.unlink()
     site = install_wheels(Path(args.wheels), out) if args.wheels else None
     try:
-        write_synthetic_data(out)
-        write_recipe(out)
+        work.mkdir(parents=True, exist_ok=True)
+        write_synthetic_data(work)
+        write_recipe(work)
     except Exception as exc:  # the parts that train say so
         print(f"could not write the synthetic data: {_one_line(exc)}", flush=True)
     deps = check_dependencies()
@@ -1098,6 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes and a few steps (the CPU check of this script)")
     parser.add_argument("--out", default=None, help="output folder (default: acceptance_<device>[_tiny])")
+    parser.add_argument("--work", default=None, help="folder of the data and the run folders with their checkpoints "
+                        "(default: --out; about 1.5 GB on a GPU)")
     parser.add_argument("--parts", default=None, help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument("--timeout", action="append", metavar="PART=SECONDS", help="override one part's timeout")
     parser.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
@@ -1116,9 +1124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gather_wheels:
         return gather_wheels(Path(args.gather_wheels), args.for_python)
     if args.dist_worker:
-        return dist_worker(args.dist_worker, args.device, args.out, args.tiny)
+        return dist_worker(args.dist_worker, args.device, args.out, args.work, args.tiny)
     if args.part:
-        ctx = {"device": args.device, "tiny": args.tiny, "out": args.out, "timeout": args.part_timeout,
+        ctx = {"device": args.device, "tiny": args.tiny, "out": args.out, "work": args.work, "timeout": args.part_timeout,
                "started": time.perf_counter()}
         return run_part(args.part, ctx)
     unknown = [p for p in (args.parts or "").split(",") if p and p not in PARTS]
