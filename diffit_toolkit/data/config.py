@@ -41,15 +41,18 @@ class DataConfig:
     """Which data to train or evaluate on; ``build()`` makes the dataset.
 
     Attributes:
-        kind: a registered dataset kind: ``digits`` (embedded, the default), ``shapes`` (embedded),
+        kind: a registered dataset kind: ``digits`` (embedded, the default), ``digits_canvas``
+            (embedded: the digits at random offsets on a 16x16 canvas), ``shapes`` (embedded),
             ``image_folder``, ``npz`` or ``latents``.
         path: Folder or file of the data (every kind but ``digits``).
-        resolution: Image side; required for ``image_folder``, upsamples ``digits`` (native 8), checked for ``npz`` and ``latents``.
+        resolution: Image side; required for ``image_folder``, upsamples ``digits`` (native 8), the canvas side of
+            ``digits_canvas`` (default 16), checked for ``npz`` and ``latents``.
         channels: 1 or 3 for images (default: 1 for digits, 3 for folders, as stored for npz); checked for ``latents``.
         hflip: Random horizontal flips (``latents``: the stored flipped variant is picked).
         conditional: Use class labels; ``False`` gives label 0 and ``num_classes`` 0 (flat folders).
         on_bad_file: Unreadable image files: ``skip`` (warn, count in ``dataset.skipped``) or ``stop`` (error naming the file).
-        split: Digits only: ``train`` (default, 80 %), ``test`` (the held-out 20 %) or ``all``.
+        split: Digits: ``train`` (default, 80 %), ``test`` (the held-out 20 %) or ``all``; digits canvas:
+            ``train`` (default), ``reference`` or ``floor`` (the two halves of the held-out digits).
         verify: Image folders: check every file with PIL while indexing.
         interpolation: Digits: resampling when ``resolution`` is not 8 (``bilinear``, ``nearest``, ``bicubic``).
     """
