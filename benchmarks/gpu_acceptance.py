@@ -136,7 +136,8 @@ class Checks:
         self.items: list[dict[str, Any]] = []
 
     def add(self, name: str, ok: bool, detail: Any = "") -> bool:
-        self.items.append({"name": name, "ok": bool(ok), "detail": str(detail)[:300]})
+        detail = " ".join(str(detail).split())[:300]  # one line
+        self.items.append({"name": name, "ok": bool(ok), "detail": detail})
         print(f"check {name}: {'ok' if ok else 'FAIL'} {detail}", flush=True)
         return bool(ok)
 
@@ -255,8 +256,10 @@ def part_triton_kernels(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
     index = relative_position_index((grid, grid)).to(dev)
     T = (2 * grid - 1) ** 2
     qkv = {"q": rnd(B, H, N, d), "k": rnd(B, H, N, d), "v": rnd(B, H, N, d), "table": rnd(T, H, s=0.5)}
-    kernel_case("gathered_global", lambda q, k, v, table: gathered_attention_triton(low(q), low(k), low(v), table, index, None, scale),
-                lambda q, k, v, table: attention_gathered_math(low(q).float(), low(k).float(), low(v).float(), table, index, None, scale),
+    kernel_case("gathered_global",
+                lambda q, k, v, table: gathered_attention_triton(low(q), low(k), low(v), table, index, None, scale),
+                lambda q, k, v, table: attention_gathered_math(low(q).float(), low(k).float(), low(v).float(), table, index,
+                                                               None, scale),
                 qkv, rnd(B, H, N, d))
     # 2. per-sample tables (relative_bias) over windows, with an extra key (separate_token)
     n_w, windows = win * win, (grid // win) ** 2
@@ -488,7 +491,8 @@ def part_train(ctx: dict[str, Any], checks: Checks) -> dict[str, Any]:
                   max(10.0, ctx["timeout"] - (time.perf_counter() - ctx["started"]) - 5), log)
     resume_s = time.perf_counter() - start
     said = second.stdout + second.stderr
-    checks.add("resume_exit_0", second.returncode == 0, f"rc {second.returncode} {(second.stderr.strip().splitlines() or [''])[-1][:200]}")
+    last = (second.stderr.strip().splitlines() or [""])[-1][:200]
+    checks.add("resume_exit_0", second.returncode == 0, f"rc {second.returncode} {last}")
     checks.add("resumed_from_checkpoint", f"resumed from {run / 'checkpoints' / want[-1]}" in " ".join(said.split())
                or f"at step {steps}" in said, "the start message names the checkpoint and step")
     final = list_checkpoints(run)[-1] if list_checkpoints(run) else None
@@ -514,7 +518,8 @@ def part_distributed(ctx: dict[str, Any], checks: Checks, strategy: str) -> dict
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx["timeout"] - 5)
     print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
     if not result.is_file():
-        lines = [line for line in proc.stderr.splitlines() if line.strip() and "Error" in line] or proc.stderr.splitlines() or [""]
+        lines = ([line for line in proc.stderr.splitlines() if line.strip() and "Error" in line]
+                 or proc.stderr.splitlines() or [""])
         raise RuntimeError(f"torchrun exited with code {proc.returncode}: {lines[-1].strip()[:300]}")
     data = json.loads(result.read_text())
     for item in data.pop("checks"):
@@ -1010,7 +1015,8 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {row['backend']} | {row['bias']} | {row['ms']:.3f} | {row['ratio_to_reference']:.2f} |")
         lines += ["", "| model | sampler | batch | img/s |", "|---|---|---|---|"]
         for row in report["sampling"] + report.get("sampling_dpm", []):
-            lines.append(f"| {row['model'] if row['model'].startswith('dit') else mine} | {row['sampler']} x{row['steps']}, guidance {row['guidance_scale']:g} | "
+            label = row["model"] if row["model"].startswith("dit") else mine
+            lines.append(f"| {label} | {row['sampler']} x{row['steps']}, guidance {row['guidance_scale']:g} | "
                          f"{row['batch']} | {row['img_per_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
