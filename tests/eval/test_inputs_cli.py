@@ -93,5 +93,5 @@ def test_eval_digits_metric_on_an_adm_npz(tmp_path):
     numbers = json.loads((tmp_path / "m.json").read_text())
     assert numbers["accuracy"] > 0.9 and numbers["fd"] < 2 * numbers["floor"]
     bigger = tmp_path / "big.npz"
-    np.savez(bigger, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    np.savez(bigger, arr_0=np.zeros((4, 24, 24, 3), np.uint8))  # no offline judge takes 24x24
     assert "8x8" in _one_line_error(runner.invoke(app, ["eval", str(bigger)]))
