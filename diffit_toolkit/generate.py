@@ -5,6 +5,7 @@ Used by ``diffit-toolkit sample`` and by the trainer for its sample grids."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ class Generator:
     facts: dict[str, Any]
     device: torch.device
     _decoder: tuple[Any, float | None] | None = field(default=None, init=False, repr=False)
+    #: What the caller should be told about how these weights will sample (e.g. default settings).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -216,6 +219,9 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
         raise ValueError(f"weights must be 'ema' or 'model', got '{weights}'")
     dev = parse_device(device)
     if path.is_file() or ((is_pretrained_dir(path) or _is_diffusers_dir(path)) and not (path / "state.pt").is_file()):
+        if weights != "ema":
+            raise ValueError(f"{path} holds one set of weights (exported or converted); the choice of 'model' or "
+                             f"'ema' weights applies to checkpoints only: drop --weights")
         return _load_exported(path, dev, recipe, vae)
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)
@@ -236,10 +242,20 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}: config.json does not describe its weights ({first_line(exc)})") from None
     model.eval()
+    check_finite_weights(model, f"checkpoint {path} ({weights} weights)")
     facts = dict(config["data"])
     if vae is not None:
         facts["vae"] = vae
     return Generator(model, process, recipe_obj, facts, dev)
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights holding inf or nan (they sample black or noise images without any error)."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold inf or nan (first: {bad[0]}); they cannot "
+                              f"sample: use an earlier checkpoint")
 
 
 def _load_exported(path: Path, dev: torch.device, recipe: str | Path | None, vae: str | None) -> Generator:
@@ -265,8 +281,14 @@ def _load_exported(path: Path, dev: torch.device, recipe: str | Path | None, vae
     else:
         recipe_obj = _bare_recipe(recipe, model)
         facts = _facts_from_model(model, vae)
+    check_finite_weights(model, str(path))
     process = build_process(recipe_obj)
-    return Generator(model.to(dev).eval(), process, recipe_obj, facts, dev)
+    notes = []
+    if recipe is None and not (settings_file is not None and settings_file.is_file()):
+        notes.append(f"{path} carries no sampling settings ({SAMPLING_NAME}): sampling with the default DiT "
+                     f"settings ({recipe_obj.diffusion.process}, {recipe_obj.diffusion.schedule} schedule, "
+                     f"{recipe_obj.diffusion.prediction} prediction); pass --recipe for the model's own")
+    return Generator(model.to(dev).eval(), process, recipe_obj, facts, dev, notes=notes)
 
 
 def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -298,12 +320,30 @@ def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tens
 
 def export_model(generator: Generator, out: str | Path) -> Path:
     """Write ``generator``'s weights as a pretrained folder plus ``sampling.json`` (the recipe's
-    model, diffusion and sample sections and the data facts, with the VAE reference)."""
+    model, diffusion and sample sections and the data facts, with the VAE reference).
+
+    The folder is written under a temporary name beside ``out`` and renamed once complete, so
+    ``out`` never holds a partial export (a crash or a full disk leaves nothing, and a retry
+    is not blocked); ``out`` must not exist or be an empty folder."""
+    import shutil
+
+    from diffit_toolkit.runs.files import temporary_name, why_write_failed
+
     out = Path(out)
-    save_pretrained(generator.model, out)
-    recipe = generator.recipe.to_dict()
-    settings = {"recipe": {k: recipe[k] for k in EXPORTED_SECTIONS}, "data": generator.facts}
-    (out / SAMPLING_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    check_finite_weights(generator.model, "the weights to export")
+    tmp = temporary_name(out)
+    try:
+        save_pretrained(generator.model, tmp)
+        recipe = generator.recipe.to_dict()
+        settings = {"recipe": {k: recipe[k] for k in EXPORTED_SECTIONS}, "data": generator.facts}
+        (tmp / SAMPLING_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        os.rename(tmp, out)  # fails rather than replace an existing export
+    except Exception as exc:  # safetensors and torch wrap a full disk in their own exceptions
+        raise CheckpointError(f"could not write {out} ({why_write_failed(exc, out.parent)}); nothing was written") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import EXIT_USAGE, app, console, exit_with_error
+from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, console, exit_with_error
 
 
 @app.command()
@@ -40,7 +40,10 @@ def export(
             exit_with_error(exc, EXIT_USAGE)
         console.print(f"wrote {path}: diffusers DiTTransformer2DModel ({weights} weights)", highlight=False)
         return
-    path = export_model(gen, out)
+    try:
+        path = export_model(gen, out)
+    except CheckpointError as exc:  # non-finite weights; a full disk, a read-only target, a name too long
+        exit_with_error(exc, EXIT_FAILURE)
     cfg = gen.model.config
     vae = f", VAE {gen.facts['vae']}" if gen.facts.get("vae") else ""
     console.print(f"wrote {path}: {cfg['backbone']} ({weights} weights), sampler {gen.recipe.sample.sampler} "

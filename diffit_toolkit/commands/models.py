@@ -107,6 +107,8 @@ def convert(
         options["num_heads"] = num_heads
     if output.is_dir():
         _error(f"output {output} is a folder; give a file path ending in .safetensors")
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        _error(f"output {output} is the source itself; write the converted model to another file")
     try:
         model = load_released(source, layout=layout, null_class=not no_null_class, **options)
     except (ValueError, FileNotFoundError) as exc:

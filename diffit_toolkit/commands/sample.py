@@ -92,6 +92,9 @@ def sample(
                             f"(and --out for a grid, drawn by rank 0)", 2)
         try:
             gen = load_generator(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
+            if env.is_main:
+                for note in gen.notes:
+                    console.print(f"warning: {note}", soft_wrap=True, highlight=False)
             try:
                 settings = SampleSection.model_validate({**gen.recipe.sample.model_dump(), **overrides})
             except pydantic.ValidationError as exc:

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffit_toolkit.runs.files import RunFolderError, confined, open_no_follow
+from diffit_toolkit.runs.files import why_write_failed as _why
 
 CHECKPOINT_DIR = "checkpoints"
 #: The run folder's lock file (``fcntl.flock``; holds the holder's PID and host).
@@ -83,32 +84,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _why(exc: BaseException, folder: Path | None = None) -> str:
-    """What went wrong, in a few words. safetensors and torch wrap ``ENOSPC`` in their own
-    exceptions (``SafetensorError: ... os error 28``; torch's ``RuntimeError: unexpected pos``
-    with the ``OSError`` as its context), so the OS reason is looked for in the chain and the
-    text, and, failing that, in the free space of ``folder``."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc)
-    if "No space left" in text or "StorageFull" in text or "os error 28" in text or "code: 28" in text:
-        return os.strerror(errno.ENOSPC)
-    if "Disk quota" in text or "QuotaExceeded" in text or "os error 122" in text:
-        return os.strerror(errno.EDQUOT)
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    described = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    if folder is not None:
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(folder).free < 1 << 20:
-                return f"{os.strerror(errno.ENOSPC)}: {described}"
-    return described
 
 
 def _writer_alive(pid: int, host: str | None, folder: Path) -> bool:

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +101,29 @@ def open_no_follow(path: str | Path, flags: int, root: str | Path, mode: int = 0
         if exc.errno == errno.ELOOP:
             raise _link_error(path, Path(root)) from None
         raise
+
+
+def why_write_failed(exc: BaseException, folder: Path | None = None) -> str:
+    """What went wrong, in a few words. safetensors and torch wrap ``ENOSPC`` in their own
+    exceptions (``SafetensorError: ... os error 28``; torch's ``RuntimeError: unexpected pos``
+    with the ``OSError`` as its context), so the OS reason is looked for in the chain and the
+    text, and, failing that, in the free space of ``folder``."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text or "os error 28" in text or "code: 28" in text:
+        return os.strerror(errno.ENOSPC)
+    if "Disk quota" in text or "QuotaExceeded" in text or "os error 122" in text:
+        return os.strerror(errno.EDQUOT)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    described = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return f"{os.strerror(errno.ENOSPC)}: {described}"
+    return described

@@ -298,3 +298,18 @@ def test_no_null_class_keeps_every_row_a_class_and_refuses_guidance():
     with pytest.raises(ValueError, match="guidance-scale 1"):
         gen.check_guidance(SimpleNamespace(guidance_scale=4.0))
     gen.check_guidance(SimpleNamespace(guidance_scale=1.0))
+
+
+def test_cli_convert_never_overwrites_its_source(tmp_path):
+    sd = released_state_dict("diffit")
+    src = tmp_path / "DiffiT-tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(src))
+    before = src.read_bytes()
+    link = tmp_path / "same.safetensors"
+    link.symlink_to(src)
+    for output in (src, link):
+        result = CliRunner().invoke(app, ["convert", str(src), str(output)], env={"COLUMNS": "300"})
+        assert result.exit_code == 2 and "is the source itself" in result.output, result.output
+    assert src.read_bytes() == before

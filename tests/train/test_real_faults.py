@@ -464,3 +464,81 @@ def test_sigterm_stops_an_ablation_without_scoring_the_half_trained_run(tmp_path
     assert code == 0, output
     rows = (out / "curves.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith(f"abl,tmsa,0,{stopped_at + 2},")
+
+
+# -- exports: whole or not at all -----------------------------------------------------------------
+
+FULL_DISK_EXPORT = """
+set -e
+mount -t tmpfs -o size=300k tmpfs "$MNT"
+set +e
+{cli} export "$RUN" "$MNT/exported" > "$OUT/out.txt" 2>&1
+echo $? > "$OUT/rc.txt"
+ls -a "$MNT" > "$OUT/ls.txt"
+"""
+
+
+@needs_tmpfs
+def test_an_export_to_a_full_disk_leaves_nothing_and_a_retry_works(tmp_path, tiny_recipe):
+    # protection: export_model writes a temporary folder and renames it once complete
+    recipe = tiny_recipe(tmp_path, "run", max_steps=1)
+    train(load_recipe(recipe, ["model.hidden_size=96", "model.num_heads=4", "model.depth=2"]), device="cpu",
+          progress=False)
+    (tmp_path / "mnt").mkdir()
+    env = {**ENV, "MNT": str(tmp_path / "mnt"), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path)}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", FULL_DISK_EXPORT.format(cli=" ".join(CLI))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = (tmp_path / "out.txt").read_text()
+    assert (tmp_path / "rc.txt").read_text().strip() == "1" and "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not write" in errors[0] and "nothing was written" in errors[0], out
+    assert (tmp_path / "ls.txt").read_text().split() == [".", ".."]  # no partial folder to block a retry
+    code, output = invoke("export", str(tmp_path / "run"), str(tmp_path / "exported"))
+    assert code == 0, output
+
+
+def test_non_finite_weights_are_refused_by_sample_and_export(tmp_path, tiny_recipe):
+    # protection: check_finite_weights in load_generator and export_model
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
+    code, output = invoke("export", str(tmp_path / "run"), str(tmp_path / "exported"))
+    assert code == 0, output
+    weights = tmp_path / "exported" / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(state)[3]
+    state[name][0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    code, output = invoke("sample", str(tmp_path / "exported"), "--num", "2", "--steps", "2", "--device", "cpu",
+                          "--no-progress", "--out", str(tmp_path / "g.png"))
+    assert code != 0 and f"1 weight tensor(s) hold inf or nan (first: {name})" in output, output
+    assert not (tmp_path / "g.png").exists()
+    # a checkpoint whose EMA weights are damaged this way (checksums rewritten to match)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    ema[name][0] = float("inf")
+    save_file(ema, str(ckpt / "ema.safetensors"))
+    (ckpt / "checksums.json").unlink()
+    code, output = invoke("sample", str(tmp_path / "run"), "--num", "2", "--steps", "2", "--device", "cpu",
+                          "--no-progress", "--out", str(tmp_path / "g.png"))
+    assert code != 0 and "(ema weights): 1 weight tensor(s) hold inf or nan" in output, output
+    code, output = invoke("export", str(tmp_path / "run"), str(tmp_path / "again"))
+    assert code != 0 and "hold inf or nan" in output and not (tmp_path / "again").exists(), output
+    assert _json  # (kept for symmetry with the other tests' imports)
+
+
+def test_an_export_without_settings_says_how_it_samples_and_refuses_model_weights(tmp_path, tiny_recipe):
+    train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=1)), device="cpu", progress=False)
+    code, output = invoke("export", str(tmp_path / "run"), str(tmp_path / "exported"))
+    assert code == 0, output
+    code, output = invoke("sample", str(tmp_path / "exported"), "--weights", "model", "--num", "2", "--steps", "2",
+                          "--device", "cpu", "--no-progress", "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "drop --weights" in output, output
+    (tmp_path / "exported" / "sampling.json").unlink()
+    code, output = invoke("sample", str(tmp_path / "exported"), "--num", "2", "--steps", "2", "--device", "cpu",
+                          "--no-progress", "--out", str(tmp_path / "g.png"))
+    assert code == 0, output
+    assert "warning:" in output and "carries no sampling settings (sampling.json)" in output and "--recipe" in output
