@@ -8,12 +8,15 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
@@ -36,16 +39,26 @@ def _run(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, dict]:
-    out = tmp_path_factory.mktemp("acceptance")
-    proc = _run(out)
-    assert (out / "acceptance.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+def tiny(tmp_path_factory) -> tuple[dict[str, Any], Path, dict]:
+    """The tiny run, made once even when pytest-xdist spreads these tests over workers (their
+    temporary folders share a parent): (its exit code and output, its folder, its JSON)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "gpu_acceptance_tiny"
+    with FileLock(str(shared / "gpu_acceptance_tiny.lock")):
+        if not (out / "done.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            proc = _run(out)
+            (out / "done.json").write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
+                                                       "stderr": proc.stderr}))
+    proc = json.loads((out / "done.json").read_text())
+    assert (out / "acceptance.json").is_file(), proc["stdout"][-3000:] + proc["stderr"][-3000:]
     return proc, out, json.loads((out / "acceptance.json").read_text())
 
 
 def test_every_part_passes_or_is_skipped_with_its_reason(tiny) -> None:
     proc, _, result = tiny
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc["returncode"] == 0, proc["stdout"][-3000:]
     assert list(result["parts"]) == list(acceptance.PARTS)
     assert result["failures"] == []
     for name, part in result["parts"].items():
