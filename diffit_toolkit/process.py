@@ -96,10 +96,6 @@ class Process:
         return ClassifierFreeGuidance(model, config, null_class=null_class)
 
     # -- sampling ------------------------------------------------------------------------------
-    def sampler_names(self) -> list[str]:
-        """The samplers registered for this process, as recipes name them."""
-        return sampler_names(self.name)
-
     def sample(self, model: Model, noise: Tensor, y: Tensor | None, sample: SampleSection,
                generator: torch.Generator, null_class: int | None = None) -> Tensor:
         """Draw ``x_0`` from ``noise`` (B, C, H, W) with the recipe's sampler and guidance."""

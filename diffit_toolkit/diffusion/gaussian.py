@@ -468,13 +468,6 @@ class GaussianDiffusion:
         """Uniform training step indices ``(B,)`` (DiT samples t uniformly)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
 
-    def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """``KL(q(x_T | x_0) || N(0, I))`` in bits per dimension, ``(B,)``."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-        mean, _, log_variance = self.q_mean_variance(x_start, t)
-        zero = torch.zeros_like(mean)
-        return mean_flat(normal_kl(mean, log_variance, zero, zero)) / math.log(2.0)
-
 
 def create_gaussian_diffusion(
     timestep_respacing: int | str | Sequence[int] | None = None,
