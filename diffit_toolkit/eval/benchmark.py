@@ -35,7 +35,9 @@ from diffit_toolkit.eval.jobs import Launcher, RunSpec, current_plugins, launch,
 from diffit_toolkit.eval.stats import ALPHA, POWER, detectable_difference, holm, pooled_std, verdict, welch
 
 #: The built-in CPU testbeds: name -> base recipe, relative to the shipped recipes (or a path).
-DEFAULT_TESTBEDS: dict[str, str] = {"digits": "ablation/base.yaml"}
+#: ``digits``: 8x8 class-conditional digits (16 tokens); ``canvas``: unconditional digits at random
+#: offsets on a 16x16 canvas (64 tokens: positions and windows matter).
+DEFAULT_TESTBEDS: dict[str, str] = {"digits": "ablation/base.yaml", "canvas": "benchmark/base.yaml"}
 #: The references a mechanism is compared with by default.
 DEFAULT_AGAINST = ("tmsa", "adaln_zero")
 #: Guidance scales tried at the final checkpoint of a conditional testbed (the best FD is kept).
@@ -337,7 +339,8 @@ def analyse(plan: BenchmarkPlan, arms: Sequence[Arm], notes: Sequence[str] = ())
         tb = testbeds.setdefault(arm.testbed, {"recipe": str(plan.testbeds[arm.testbed]), "mechanisms": {}})
         tb["mechanisms"][arm.label] = {
             "mechanism": arm.mechanism, "role": arm.role, "params": arm.params, "overrides": arm.overrides,
-            "matched_to": arm.matched_to, "seeds": seeds, "values": values, "accuracy": accuracies,
+            "matched_to": arm.matched_to, "seeds": seeds, "values": values,
+            "accuracy": [_finite(a) for a in accuracies],  # null on an unconditional testbed (plain JSON: no NaN)
             "mean": _finite(mean), "std": _finite(std), "n": len(values)}
     by_key = {(a.testbed, a.label): a for a in arms}
     for arm in arms:
@@ -386,7 +389,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| mechanism | role | params | seeds | {metric} | class accuracy (%) |", "|---|---|---|---|---|---|"]
         for label, arm in tb["mechanisms"].items():
             role = arm["role"] + (f" (matched to {', '.join(arm['matched_to'])})" if arm["matched_to"] else "")
-            acc = [a for a in arm["accuracy"] if math.isfinite(a)]
+            acc = [a for a in arm["accuracy"] if a is not None]
             acc_text = f"{100 * np.mean(acc):.1f}" if acc else "n/a"
             lines.append(f"| {label} | {role} | {arm['params']:,} | {arm['n']} | {_num(arm['mean'])} ± {_num(arm['std'])} "
                          f"| {acc_text} |")

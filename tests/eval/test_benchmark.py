@@ -45,7 +45,7 @@ def test_benchmark_cli_ranks_a_user_plugin_and_reuses_its_cache(tmp_path, classi
     (out / "runs" / "judges").mkdir(parents=True)
     shutil.copy(classifier, out / "runs" / "judges" / "classifier.pt")
     args = ["-p", str(ROOT / "docs" / "examples" / "user_plugin.py"), "benchmark", "gated_tmsa", "--against", "tmsa",
-            "--seeds", "2", "--steps", "4", "--num-images", "10", "--sample-steps", "2", "--guidance-scales", "1,2",
+            "--testbeds", "digits", "--seeds", "2", "--steps", "4", "--num-images", "10", "--sample-steps", "2", "--guidance-scales", "1,2",
             *TINY, "--device", "cpu", "--jobs", "2", "--out", str(out)]
     first = _cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -79,7 +79,7 @@ def test_benchmark_cli_ranks_a_user_plugin_and_reuses_its_cache(tmp_path, classi
 
 
 def _plan(tmp_path: Path, mechanism: str = "adaln_zero", against: tuple[str, ...] = ("tmsa",)) -> bm.BenchmarkPlan:
-    return bm.BenchmarkPlan(mechanism=mechanism, against=list(against), testbeds=bm.resolve_testbeds(None),
+    return bm.BenchmarkPlan(mechanism=mechanism, against=list(against), testbeds=bm.resolve_testbeds("digits"),
                             seeds=[0, 1, 2, 3, 4], out=tmp_path / "bench", steps=10, num_images=10)
 
 
@@ -132,6 +132,18 @@ def test_the_report_ranks_injected_results_with_holm_over_all_pairs(tmp_path):
     assert saved["testbeds"]["digits"]["mechanisms"]["tmsa"]["values"] == [9.0, 9.3, 8.8, 9.1, 9.2]
     md = (tmp_path / "bench" / "benchmark.md").read_text()
     assert "| adaln_zero vs tmsa |" in md and "better" in md and "matched to tmsa" in md
+
+
+def test_every_default_testbed_is_a_shipped_recipe_that_takes_every_reference():
+    from diffit_toolkit.build import load_recipe
+
+    testbeds = bm.resolve_testbeds(None)
+    assert list(testbeds) == list(bm.DEFAULT_TESTBEDS) and "digits" in testbeds
+    for name, path in testbeds.items():
+        assert path.is_file(), name
+        for mechanism in bm.DEFAULT_AGAINST:
+            recipe = load_recipe(path, [f"model.mechanism={mechanism}"])
+            assert recipe.model["mechanism"] == mechanism
 
 
 def test_benchmark_bad_input_is_one_line_naming_the_fix(tmp_path):
