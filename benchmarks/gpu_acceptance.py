@@ -415,9 +415,8 @@ def write_recipe(out: Path) -> Path:
     process (cosine schedule, epsilon), DDIM grids with guidance. JSON is YAML."""
     recipe = {
         "name": "gpu_acceptance",
-        "model": {"backbone": "latent_diffit", "preset": None, "input_size": 32, "in_channels": 3, "patch_size": 2,
-                  "hidden_size": 384, "depth": 12, "num_heads": 6, "num_classes": 10, "class_dropout_prob": 0.1,
-                  "mechanism": "tmsa", "rel_pos_bias": True},
+        "model": {"backbone": "latent_diffit", "preset": "S/2", "input_size": 32, "in_channels": 3, "num_classes": 10,
+                  "class_dropout_prob": 0.1, "mechanism": "tmsa", "rel_pos_bias": True},
         "diffusion": {"process": "gaussian", "schedule": "cosine", "learn_sigma": False},
         "data": {"kind": "npz", "path": str(out / DATA_FILE)},
         "train": {"batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "grad_clip": 1.0, "ema_decay": 0.999,
@@ -434,13 +433,12 @@ def _train_settings(ctx: dict[str, Any]) -> dict[str, Any]:
     (a 16x16 token grid, the token count of XL/2 at 256 px) on a GPU; a one-block model on the CPU."""
     if ctx["tiny"]:
         return {"label": "latent_diffit tiny (width 32, 1 block, patch 4)", "steps": 40, "ckpt_every": 20, "more": 4,
-                "set": ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4",
-                        "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=5", "train.log_every=1",
+                "set": ["model.preset=null", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+                        "model.patch_size=4", "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=5", "train.log_every=1",
                         "train.precision=fp32", "train.compile=false", "sample.num_images=10", "sample.steps=4"]}
     return {"label": "latent_diffit S/2 (width 384, 12 blocks, patch 2, 256 tokens)", "steps": 300, "ckpt_every": 150,
             "more": 20,
-            "set": ["model.hidden_size=384", "model.depth=12", "model.num_heads=6", "model.patch_size=2",
-                    "train.batch_size=64", "train.lr=1e-3", "train.warmup_steps=50", "train.log_every=5",
+            "set": ["model.preset=S/2", "train.batch_size=64", "train.lr=1e-3", "train.warmup_steps=50", "train.log_every=5",
                     "train.precision=bf16", "train.compile=true", "sample.num_images=20"]}
 
 
@@ -565,9 +563,9 @@ def dist_worker(strategy: str, device: str, out: str, work: str, tiny: bool) -> 
                                "init_s": round(time.perf_counter() - start, 2)}
     checks.add("process_group", dist.get_backend() == ("nccl" if dev.type == "cuda" else "gloo"), figures["backend"])
     env = GroupOfOne(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)
-    size = (["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "train.batch_size=8"] if tiny
-            else ["model.hidden_size=384", "model.depth=4", "model.num_heads=6", "model.patch_size=2", "train.batch_size=32",
-                  "train.precision=bf16"])
+    size = (["model.preset=null", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
+             "train.batch_size=8"] if tiny
+            else ["model.preset=S/2", "model.depth=4", "train.batch_size=32", "train.precision=bf16"])
     run_dir = Path(work) / f"{strategy}_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     recipe = load_recipe(Path(work) / RECIPE_FILE,
@@ -1111,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy sizes and a few steps (the CPU check of this script)")
     parser.add_argument("--out", default=None, help="output folder (default: acceptance_<device>[_tiny])")
     parser.add_argument("--work", default=None, help="folder of the data and the run folders with their checkpoints "
-                        "(default: --out; about 1.5 GB on a GPU)")
+                        "(default: --out; about 1 GB on a GPU)")
     parser.add_argument("--parts", default=None, help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument("--timeout", action="append", metavar="PART=SECONDS", help="override one part's timeout")
     parser.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
