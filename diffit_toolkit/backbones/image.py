@@ -370,3 +370,7 @@ def image_diffit(preset: str | None = "cifar10", **options: Any) -> ImageDiffiT:
             (``mechanism``, ``num_classes``, ...).
     """
     return image_config(preset, **options).build("image_diffit")
+
+
+# What `diffit-toolkit model-info` lists for this factory (any registered factory may declare them).
+image_diffit.presets, image_diffit.model_name = tuple(IMAGE_PRESETS), "DiffiT"

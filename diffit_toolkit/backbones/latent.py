@@ -271,3 +271,8 @@ LATENT_MODELS: dict[str, Any] = {
     **{f"DiffiT-{p}": (lambda p=p, **kw: latent_diffit(p, **kw)) for p in LATENT_PRESETS},
     **{f"DiT-{p}": (lambda p=p, **kw: dit(p, **kw)) for p in LATENT_PRESETS},
 }
+
+
+# What `diffit-toolkit model-info` lists for these factories (any registered factory may declare them).
+latent_diffit.presets, latent_diffit.model_name = tuple(LATENT_PRESETS), "DiffiT"
+dit.presets, dit.model_name = tuple(LATENT_PRESETS), "DiT"

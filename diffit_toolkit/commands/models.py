@@ -13,15 +13,12 @@ from diffit_toolkit.commands import EXIT_USAGE, app, console, exit_with_error
 
 
 def _listed() -> dict[str, tuple[str, list[str]]]:
-    """Presets listed by ``model-info`` per built-in backbone, and the model-name prefix shown."""
-    from diffit_toolkit.backbones.image import IMAGE_PRESETS
-    from diffit_toolkit.backbones.latent import LATENT_PRESETS
+    """Every registered backbone (a plugin's too) with the presets its factory declares
+    (``factory.presets``) and the model-name prefix shown (``factory.model_name``, else its name)."""
+    from diffit_toolkit.registry import backbones
 
-    return {
-        "latent_diffit": ("DiffiT", list(LATENT_PRESETS)),
-        "dit": ("DiT", list(LATENT_PRESETS)),
-        "image_diffit": ("DiffiT", list(IMAGE_PRESETS)),
-    }
+    return {entry.name: (getattr(entry.obj, "model_name", entry.name), list(getattr(entry.obj, "presets", ())))
+            for entry in backbones.entries()}
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -56,7 +53,7 @@ def model_info(
     for key, value in (("mechanism", mechanism), ("input_size", input_size), ("num_classes", num_classes)):
         if value is not None:
             options[key] = value
-    chosen = backbone or list(listed)
+    chosen = backbone or [name for name, (_, presets) in listed.items() if presets]
     from diffit_toolkit.registry import PluginError, backbones
 
     for name in chosen:

@@ -313,3 +313,21 @@ def test_cli_convert_never_overwrites_its_source(tmp_path):
         result = CliRunner().invoke(app, ["convert", str(src), str(output)], env={"COLUMNS": "300"})
         assert result.exit_code == 2 and "is the source itself" in result.output, result.output
     assert src.read_bytes() == before
+
+
+def test_model_info_lists_a_plugin_backbones_own_presets():
+    from diffit_toolkit.backbones.latent import dit
+    from diffit_toolkit.registry import PluginSystem, backbones, use_plugin_system
+
+    def tiny_dit(preset=None, **options):
+        sizes = {"T1": {"hidden_size": 32, "depth": 1}, "T2": {"hidden_size": 32, "depth": 2}}[preset]
+        return dit(None, **{"input_size": 8, "in_channels": 4, "patch_size": 2, "num_heads": 2, **sizes, **options})
+
+    tiny_dit.presets, tiny_dit.model_name = ("T1", "T2"), "TinyDiT"
+    with use_plugin_system(PluginSystem()):
+        backbones.register("tiny_dit", tiny_dit)
+        result = CliRunner().invoke(app, ["model-info", "-b", "tiny_dit"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0, result.output
+        assert "TinyDiT-T1" in result.output and "TinyDiT-T2" in result.output
+        everything = CliRunner().invoke(app, ["model-info", "-p", "T2"], env={"COLUMNS": "120"})
+        assert everything.exit_code == 0 and "TinyDiT-T2" in everything.output and "XL" not in everything.output
