@@ -216,6 +216,17 @@ def _build(spec: _ModelSpec, device: torch.device, backend: str | None, seed: in
     return build_model(spec.recipe.model_copy(update={"model": model}), device=device)
 
 
+def _attention_facts(model: torch.nn.Module) -> tuple[int, bool]:
+    """(head dim, relative bias?) of the model's first transformer block, asked of the block
+    itself (its ``BlockSpec``), whatever the backbone; (64, True) for a model without blocks."""
+    from diffit_toolkit.nn.block import DiffiTBlock
+
+    block = next((m for m in model.modules() if isinstance(m, DiffiTBlock)), None)
+    if block is None:
+        return 64, True
+    return block.spec.dim // block.spec.num_heads, bool(block.spec.rel_pos_bias)
+
+
 def _inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
@@ -386,10 +397,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     peak = device_peak_tflops(device, config.precision, config.peak_tflops)
     spec, sample = _model_specs(config)
     dtype = _DTYPES[config.precision] if device.type == "cuda" else torch.float32
-    probe = _build(spec, torch.device("meta"), None, config.seed)
-    cfg = getattr(probe, "cfg", None)
-    head_dim = cfg.hidden_size // cfg.num_heads if cfg is not None and hasattr(cfg, "hidden_size") else 64
-    has_bias = bool(getattr(cfg, "rel_pos_bias", True))
+    head_dim, has_bias = _attention_facts(_build(spec, torch.device("meta"), None, config.seed))
     backends = config.backends if config.backends is not None else ["auto", *usable_backends(device, dtype, head_dim)]
     from diffit_toolkit.registry import attention_backends
 
