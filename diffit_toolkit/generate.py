@@ -54,8 +54,14 @@ class Generator:
         bad = [c for c in chosen if not 0 <= c < self.num_classes]
         if bad:
             raise ValueError(f"class {bad[0]} is not one of the model's {self.num_classes} classes (0..{self.num_classes - 1})")
-        per = -(-num_images // len(chosen))
-        return torch.tensor(chosen, device=self.device).repeat(per)[:num_images]
+        return self.label_slice(chosen, 0, num_images)
+
+    def label_slice(self, chosen: list[int], start: int, count: int) -> torch.Tensor:
+        """Labels of images ``start .. start + count`` when ``chosen`` take turns (image ``i`` asks
+        for ``chosen[i % len(chosen)]``), made for that slice alone: memory does not grow with the
+        total number of images."""
+        index = torch.arange(start, start + count) % len(chosen)
+        return torch.tensor(chosen)[index].to(self.device)
 
     def check_guidance(self, sample: SampleSection) -> None:
         """Refuse classifier-free guidance for a model whose null class was never trained."""
@@ -87,13 +93,14 @@ class Generator:
         images = range(num_images) if images is None else images
         if images.step != 1 or (len(images) and not 0 <= images.start < images.stop <= num_images):
             raise ValueError(f"images must be a contiguous part of range({num_images}), got {images}")
-        y_all = self.labels(classes, num_images)
+        first = self.labels(classes, min(num_images, 1))  # checks the classes
+        chosen = None if first is None else (list(classes) if classes else list(range(self.num_classes)))
         size, channels = self.facts["resolution"], self.facts["channels"]
         null_class = getattr(self.model, "null_class", None)
         vae, scale = self.decoder()
         for start in range(images.start, images.stop, batch_size):
             n = min(batch_size, images.stop - start)
-            y = None if y_all is None else y_all[start : start + n]
+            y = None if chosen is None else self.label_slice(chosen, start, n)
             gens = self.image_generators(seed, start, n)
             noise = randn((n, channels, size, size), gens, self.device)
             x = self.process.sample(self.model, noise, y, sample, gens, null_class=null_class)

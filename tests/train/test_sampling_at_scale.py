@@ -191,3 +191,12 @@ def test_two_samplings_to_one_npz_never_mix(tmp_path, tiny_recipe):
     alone = [np.load(tmp_path / f"alone{seed}.npz") for seed in (1, 2)]
     assert any(np.array_equal(both["arr_0"], a["arr_0"]) and np.array_equal(both["arr_1"], a["arr_1"]) for a in alone)
     assert [p.name for p in out.iterdir()] == ["s.npz"]
+
+
+def test_labels_are_made_per_batch_not_for_every_image_up_front():
+    gen = _generator("ddim")
+    batches = gen.batches(10**12, gen.recipe.sample, classes=[1, 2], batch_size=4, seed=0,
+                          images=range(10**12 - 5, 10**12))
+    _, labels = next(batches)  # would need terabytes if every label were made first
+    assert labels.tolist() == [2, 1, 2, 1]  # image i asks for classes[i % 2]
+    assert gen.labels([1, 2], 5).tolist() == [1, 2, 1, 2, 1]
