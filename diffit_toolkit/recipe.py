@@ -34,6 +34,8 @@ RECIPES_DIR = Path(str(importlib.resources.files("diffit_toolkit.recipes")))
 
 #: Largest recipe file read (a real recipe is a few KiB; pure-Python YAML takes seconds per MiB).
 MAX_RECIPE_BYTES = 256 * 1024
+#: How many recipe files one ``extends:`` chain may stack, and read in all.
+MAX_EXTENDS_DEPTH, MAX_EXTENDS_FILES = 16, 64
 #: Largest ``--set`` value.
 MAX_OVERRIDE_CHARS = 4096
 #: Upper bounds of the model section's sizes (per key; lists are bounded element-wise), so that a
@@ -357,12 +359,23 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
-def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The recipe at ``path`` as a dict, with its ``extends:`` chain merged in (not validated)."""
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = (), _read: list[Path] | None = None) -> dict[str, Any]:
+    """The recipe at ``path`` as a dict, with its ``extends:`` chain merged in (not validated).
+
+    A chain deeper than `MAX_EXTENDS_DEPTH` or reading more than `MAX_EXTENDS_FILES` files in all
+    (a fan-out of ``extends: [a.yaml, a.yaml]`` doubles the reads at every level) is refused."""
     path = resolve_recipe_path(path)
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise RecipeError(f"recipe extends itself in a cycle: {chain}; remove one 'extends'")
+    read = [] if _read is None else _read
+    read.append(path)
+    if len(_seen) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"recipe {_seen[0]}: its 'extends' chain is more than {MAX_EXTENDS_DEPTH} files deep; "
+                          f"merge some of them")
+    if len(read) > MAX_EXTENDS_FILES:
+        raise RecipeError(f"recipe {read[0]}: its 'extends' read more than {MAX_EXTENDS_FILES} recipe files; "
+                          f"extend each file once and merge some of them")
     data = _read_yaml(path)
     parents = data.pop("extends", None) or []
     if isinstance(parents, str):
@@ -371,7 +384,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"recipe {path}: 'extends' must be a path or a list of paths")
     merged: dict[str, Any] = {}
     for parent in parents:
-        parent_data = load_raw(path.parent / parent, (*_seen, path))
+        parent_data = load_raw(path.parent / parent, (*_seen, path), read)
         if parent_data and not set(parent_data) & set(Recipe.model_fields):
             # say so without echoing the file: it may be anything (a key file, a config of another tool)
             raise RecipeError(f"recipe {path}: 'extends' names {_shown(parent, 80)}, which is not a recipe "
@@ -493,4 +506,7 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
 
 def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Load, compose (``extends``), override (``--set``) and type-check a recipe file."""
-    return parse_recipe(apply_overrides(load_raw(path), overrides))
+    try:
+        return parse_recipe(apply_overrides(load_raw(path), overrides))
+    except RecursionError:  # YAML or --set values nested thousands of levels deep
+        raise RecipeError(f"recipe {path}: values are nested too deeply to read; flatten them") from None

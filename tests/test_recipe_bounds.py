@@ -151,3 +151,40 @@ def test_a_recipe_name_is_never_a_path(name):
     with pytest.raises(RecipeError, match="recipe error at name: must be one plain folder name"):
         parse_recipe({"name": name})
     assert parse_recipe({"name": "ok-name_1.2"}).run_dir.parts == ("runs", "ok-name_1.2")
+
+
+def test_an_extends_fan_out_or_a_deep_chain_is_refused_at_once(tmp_path):
+    from diffit_toolkit.recipe import MAX_EXTENDS_DEPTH, MAX_EXTENDS_FILES, RecipeError, read_recipe
+
+    for i in range(8):  # 2^8 reads of one file
+        (tmp_path / f"f{i}.yaml").write_text(f"extends: [f{i + 1}.yaml, f{i + 1}.yaml]\n")
+    (tmp_path / "f8.yaml").write_text(f"extends: {QUICKSTART}\n")
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match=f"read more than {MAX_EXTENDS_FILES} recipe files"):
+        read_recipe(tmp_path / "f0.yaml")
+    for i in range(MAX_EXTENDS_DEPTH + 1):
+        (tmp_path / f"c{i}.yaml").write_text(f"extends: c{i + 1}.yaml\n")
+    (tmp_path / f"c{MAX_EXTENDS_DEPTH + 1}.yaml").write_text(f"extends: {QUICKSTART}\n")
+    with pytest.raises(RecipeError, match=f"more than {MAX_EXTENDS_DEPTH} files deep"):
+        read_recipe(tmp_path / "c0.yaml")
+    assert time.perf_counter() - start < 5
+    (tmp_path / "ok.yaml").write_text("extends: c10.yaml\n")  # a chain within the limit still loads
+    assert read_recipe(tmp_path / "ok.yaml").name == "quickstart"
+
+
+def test_values_nested_too_deeply_are_one_line(tmp_path):
+    path = write(tmp_path, "model:\n  mechanism_options: " + "[" * 5000 + "]" * 5000 + "\n")
+    from diffit_toolkit.recipe import read_recipe
+
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        read_recipe(path)
+
+
+@pytest.mark.parametrize("command", ["model-info", "convert"])
+def test_yaml_tags_in_set_are_a_usage_error(tmp_path, command):
+    marker = tmp_path / "ran"
+    value = f'depth=!!python/object/apply:pathlib.Path.touch [{marker}]'
+    args = ["model-info", "-b", "dit", "-p", "S/8"] if command == "model-info" else \
+        ["convert", str(tmp_path / "x.pt"), str(tmp_path / "y.safetensors")]
+    result = CliRunner().invoke(app, [*args, "--set", value], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "is not plain YAML" in result.output and not marker.exists(), result.output

@@ -28,7 +28,11 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected key=value, got '{item}'")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError) as exc:  # a tag (!!python/...), broken or too deep YAML
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+            raise typer.BadParameter(f"--set {key.strip()}: the value is not plain YAML ({reason})") from None
     return options
 
 
