@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
@@ -29,7 +30,8 @@ def classifier(tmp_path_factory) -> Path:
     from diffit_toolkit.eval.digits import DigitsMetric
 
     path = tmp_path_factory.mktemp("judge") / "classifier.pt"
-    DigitsMetric(seed=0, cache=path)
+    # the classifier is memoised per process: save it here whether or not this call trained it
+    torch.save(DigitsMetric(seed=0).classifier.state_dict(), path)
     return path
 
 

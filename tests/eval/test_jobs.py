@@ -54,7 +54,8 @@ def classifier(tmp_path_factory) -> Path:
     from diffit_toolkit.eval.digits import DigitsMetric
 
     path = tmp_path_factory.mktemp("judge") / "classifier.pt"
-    DigitsMetric(seed=0, cache=path)
+    # the classifier is memoised per process: save it here whether or not this call trained it
+    torch.save(DigitsMetric(seed=0).classifier.state_dict(), path)
     return path
 
 
