@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
-from diffit_toolkit.eval.jobs import PID_FILE, RESULT_FILE, Launcher, LauncherError, make_executor, read_result
+from diffit_toolkit.eval.jobs import PID_FILE, RESULT_FILE, Launcher, make_executor, read_result
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "diffit_toolkit"]
