@@ -106,3 +106,24 @@ def test_plotted_curve_keeps_one_guidance_scale_at_the_final_step():
     sweep = [row(3, 1.0, 3.0), row(3, 1.5, 6.5), row(3, 2.0, 12.0)]
     assert [(r["guidance_scale"], r["fd"]) for r in at_one_scale(rows, sweep)] == [(1.5, 9.0), (1.5, 7.0), (1.5, 6.5)]
     assert at_one_scale(rows, []) == rows  # without a sweep the rows stay as they are
+
+
+def test_runs_finished_by_an_earlier_version_are_adopted_from_curves_csv(tmp_path):
+    # an ablation folder written before runs were jobs: curves.csv lists the finished runs, the run
+    # folders have no result.json; they are skipped (not trained again) and stay in the reports
+    from diffit_toolkit.eval.ablation import CURVE_FIELDS, AblationSuite, _write_csv, run_ablation
+    from diffit_toolkit.eval.jobs import read_result
+
+    out = tmp_path / "abl"
+    rows = [dict(recipe="tmsa", mechanism="tmsa", seed=0, step=s, accuracy=0.5, fd=fd, floor=1.0, num_images=10,
+                 train_seconds=1.0, loss=0.5, guidance_scale=1.5, train_cpu_seconds=2.0, params=1e5)
+            for s, fd in ((2, 9.0), (4, 7.0))]
+    (out / "tmsa" / "seed_0" / "checkpoints").mkdir(parents=True)
+    _write_csv(out / "curves.csv", rows, CURVE_FIELDS)
+    suite = AblationSuite(recipes=[RECIPES / "tmsa.yaml"], seeds=[0], out=out)
+    lines: list[str] = []
+    files = run_ablation(suite, log=lines.append)
+    assert lines == ["tmsa seed 0: already evaluated, skipped"]
+    result = read_result(out / "tmsa" / "seed_0")
+    assert [r["step"] for r in result["rows"]] == [2, 4] and result["rows"][-1]["fd"] == 7.0
+    assert "7.00 ± 0.00" in files["table_md"].read_text()
