@@ -231,6 +231,7 @@ def run_ablation(suite: AblationSuite, device: str = "cpu", log: Callable[[str],
     """
     launcher = launcher or Launcher()
     out = Path(suite.out)
+    launcher.folder = launcher.folder or out / "submitit"  # submitit's logs (SLURM launcher)
     specs, names, first = _ablation_specs(suite, device)
     out.mkdir(parents=True, exist_ok=True)
     _adopt_curves(out, specs)

@@ -278,6 +278,7 @@ def run_benchmark(plan: BenchmarkPlan, launcher: Launcher | None = None, log: Ca
     from diffit_toolkit.eval.jobs import write_json
 
     launcher = launcher or Launcher()
+    launcher.folder = launcher.folder or plan.cache_dir / "submitit"  # submitit's logs (SLURM launcher)
     check_mechanisms([plan.mechanism, *plan.against])
     arms, notes = plan_arms(plan, log)
     specs = [spec for arm in arms for spec in arm.specs]
