@@ -29,7 +29,7 @@ from diffit_toolkit.eval.yardsticks import HeldOutJudge, JudgeScore
 
 #: Feature size of the classifier's penultimate layer.
 FEATURE_DIM = 64
-#: Training epochs of the judge: each train glyph at one fresh offset per epoch (about 40 s on one thread).
+#: Training epochs of the judge: each train glyph at one fresh offset per epoch (about 22 CPU-seconds on one thread).
 JUDGE_EPOCHS = 40
 #: Weight of the offset regression beside the class cross-entropy.
 POSITION_WEIGHT = 5.0
