@@ -242,7 +242,7 @@ def load_generator(run_or_checkpoint: str | Path, device: str | None = None, wei
         raise CheckpointError(f"checkpoint {path}: config.json has no {', '.join(lacking)} section; it was not "
                               f"written by the trainer")
     try:
-        model = build_backbone(config["model"]).to(dev)
+        model = build_backbone(config["model"], source=f"checkpoint {path}").to(dev)
         model.load_state_dict(ckpt[weights])
         recipe_obj = parse_recipe({**config["recipe"], "data": {}}) if recipe is None else _bare_recipe(recipe, model)
         process = build_process(recipe_obj)
@@ -310,9 +310,9 @@ def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tens
     if path.is_file():
         return _load_bare_file(path).state_dict()
     if is_pretrained_dir(path) and not (path / "state.pt").is_file():
-        from safetensors.torch import load_file
+        from diffit_toolkit.backbones.pretrained import read_safetensors
 
-        return load_file(str(path / "model.safetensors"), device="cpu")
+        return read_safetensors(path / "model.safetensors")
     if _is_diffusers_dir(path):
         from diffit_toolkit.interop.released import load_released
 

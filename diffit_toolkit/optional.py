@@ -19,6 +19,7 @@ OPTIONAL: dict[str, tuple[RequirementCache, str]] = {
     "tensorboard": (RequirementCache("tensorboard"), "tensorboard"),
     "wandb": (RequirementCache("wandb"), "wandb"),
     "hypothesis": (RequirementCache("hypothesis"), "testing"),
+    "submitit": (RequirementCache("submitit"), "cluster"),
 }
 
 

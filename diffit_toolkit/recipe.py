@@ -458,33 +458,40 @@ def format_validation_error(error: Mapping[str, Any]) -> str:
     return f"recipe error at {path}: {message[0].lower() + message[1:]} (got {shown})"
 
 
-def _check_options(value: Any, path: str, limit: float | None = None, depth: int = 0) -> None:
+def _check_options(value: Any, path: str, limit: float | None = None, depth: int = 0, where: str = "recipe error at") -> None:
     """Numbers of a free-form section (model, data) are finite and bounded, lists and nesting short."""
     if depth > 8:
-        raise RecipeError(f"recipe error at {path}: nested too deeply")
+        raise RecipeError(f"{where} {path}: nested too deeply")
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"recipe error at {path}: {value} is not a finite number")
+        raise RecipeError(f"{where} {path}: {value} is not a finite number")
     if isinstance(value, (int, float)):
         bound = limit if limit is not None else MAX_OPTION_NUMBER
         if abs(value) > bound:
-            raise RecipeError(f"recipe error at {path}: {_shown(value)} is beyond the limit of {bound:g}; check the value")
+            raise RecipeError(f"{where} {path}: {_shown(value)} is beyond the limit of {bound:g}; check the value")
         return
     if isinstance(value, Mapping):
         if len(value) > MAX_OPTION_ITEMS:
-            raise RecipeError(f"recipe error at {path}: more than {MAX_OPTION_ITEMS} keys")
+            raise RecipeError(f"{where} {path}: more than {MAX_OPTION_ITEMS} keys")
         for key, item in value.items():
-            _check_options(item, f"{path}.{_shown(key)}", MODEL_LIMITS.get(str(key)), depth + 1)
+            _check_options(item, f"{path}.{_shown(key)}", MODEL_LIMITS.get(str(key)), depth + 1, where)
         return
     if isinstance(value, (list, tuple)):
         if len(value) > MAX_OPTION_ITEMS:
-            raise RecipeError(f"recipe error at {path}: more than {MAX_OPTION_ITEMS} items")
+            raise RecipeError(f"{where} {path}: more than {MAX_OPTION_ITEMS} items")
         for i, item in enumerate(value):
-            _check_options(item, f"{path}.{i}", limit, depth + 1)
+            _check_options(item, f"{path}.{i}", limit, depth + 1, where)
         total = sum(v for v in value if isinstance(v, int) and not isinstance(v, bool))
         if limit is not None and path.endswith("num_blocks") and total > limit:
-            raise RecipeError(f"recipe error at {path}: {total} blocks in all is beyond the limit of {limit:g}")
+            raise RecipeError(f"{where} {path}: {total} blocks in all is beyond the limit of {limit:g}")
+
+
+def check_model_options(options: Mapping[str, Any], source: str) -> None:
+    """The bounds of a recipe's ``model`` section (`MODEL_LIMITS`) for model options read from
+    anywhere else (a model file's header, a ``config.json``, ``--set``), before anything is built;
+    a value beyond them is a [`RecipeError`][diffit_toolkit.recipe.RecipeError] naming ``source``."""
+    _check_options(dict(options), "model", where=f"{source}:")
 
 
 def parse_recipe(data: Mapping[str, Any]) -> Recipe:

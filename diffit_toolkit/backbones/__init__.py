@@ -27,11 +27,16 @@ from diffit_toolkit.backbones.latent import (
 from diffit_toolkit.backbones.pretrained import from_pretrained, is_pretrained_dir, save_pretrained
 
 
-def build_backbone(config: dict[str, Any]) -> nn.Module:
+def build_backbone(config: dict[str, Any], source: str = "model config") -> nn.Module:
     """Rebuild a model from its ``model.config`` (the registry name under ``backbone``, every
-    other entry a constructor option; no preset is applied)."""
+    other entry a constructor option; no preset is applied). Its sizes are checked against the
+    recipe bounds first; ``source`` names where the config was read, for the error."""
+    from diffit_toolkit.recipe import check_model_options
     from diffit_toolkit.registry import backbones
 
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} holds a {type(config).__name__}, not a model config")
+    check_model_options(config, source)  # sizes from a file are bounded before anything is allocated
     options = dict(config)
     name = options.pop("backbone", None)
     if not isinstance(name, str):

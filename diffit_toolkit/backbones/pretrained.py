@@ -124,15 +124,26 @@ def save_pretrained(model: nn.Module, directory: str | Path, state_dict: Mapping
     return directory
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the backbone recorded in ``directory/config.json`` and load ``model.safetensors``."""
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file on the CPU; a damaged one (torn, a header length or
+    offsets past its end, overlapping tensors, an empty file) is one ``ValueError`` line naming it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, or an OSError/ValueError for a torn file
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ValueError(f"cannot read '{path}' as safetensors ({type(exc).__name__}: {first}); the file is "
+                         f"damaged or not a safetensors file") from None
+
+
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the backbone recorded in ``directory/config.json`` and load ``model.safetensors``."""
     from diffit_toolkit.backbones import build_backbone
 
     directory = Path(directory)
-    model = build_backbone(read_pretrained_config(directory))
-    load_weights(model, load_file(str(directory / WEIGHTS_NAME), device="cpu"), f"'{directory / WEIGHTS_NAME}'")
+    model = build_backbone(read_pretrained_config(directory), source=str(directory / CONFIG_NAME))
+    load_weights(model, read_safetensors(directory / WEIGHTS_NAME), f"'{directory / WEIGHTS_NAME}'")
     return model.to(map_location).eval()
 
 

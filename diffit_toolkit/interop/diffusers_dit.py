@@ -120,18 +120,23 @@ def diffusers_to_dit(state: Mapping[str, Tensor], input_size: int | None) -> dic
 def read_diffusers_dit(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The weights of a diffusers ``DiTTransformer2DModel`` folder in the DiT layout and the
     toolkit options its ``config.json`` gives (input size, heads, norm epsilon)."""
-    from safetensors.torch import load_file
+    from diffit_toolkit.backbones.pretrained import read_safetensors
 
     folder = Path(folder)
     config_path = folder / DIFFUSERS_CONFIG
     weights = folder / DIFFUSERS_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
         raise ValueError(f"{folder} is not a diffusers model folder: it needs {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a model config")
     if config.get("_class_name") not in (None, "DiTTransformer2DModel"):
         raise ValueError(f"{config_path} describes a {config['_class_name']}, not a DiTTransformer2DModel")
     options = diffusers_options(config)
-    return diffusers_to_dit(load_file(str(weights)), options["input_size"]), options
+    return diffusers_to_dit(read_safetensors(weights), options["input_size"]), options
 
 
 def diffusers_options(config: Mapping[str, Any]) -> dict[str, Any]:

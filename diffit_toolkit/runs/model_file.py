@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from diffit_toolkit.backbones.pretrained import KEYS_SHOWN, check_state_dict, load_weights  # noqa: F401  (re-exported)
+from diffit_toolkit.backbones.pretrained import KEYS_SHOWN, check_state_dict, load_weights, read_safetensors  # noqa: F401  (re-exported)
 
 #: Header metadata keys of a toolkit checkpoint.
 CONFIG_KEY = "diffit_toolkit.config"
@@ -42,12 +42,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, or an OSError/ValueError for a torn file
-            first = " ".join(str(exc).split())[:160] or type(exc).__name__
-            raise ValueError(f"cannot read '{path}' as safetensors ({type(exc).__name__}: {first}); the file is "
-                             f"damaged or not a safetensors file") from None
+        state = read_safetensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -108,7 +103,13 @@ def read_config(path: str | Path) -> dict[str, Any]:
             f"'{path}' is not a diffit-toolkit checkpoint (no '{CONFIG_KEY}' in its header); "
             f"import released weights with `diffit-toolkit convert`"
         )
-    return json.loads(header[CONFIG_KEY])
+    try:
+        config = json.loads(header[CONFIG_KEY])
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}': the model config in its header is not a JSON object; the file is damaged")
+    return config
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -116,6 +117,6 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     from diffit_toolkit.backbones import build_backbone
 
     config = read_config(path)
-    model = build_backbone(config)
-    load_weights(model, load_file(str(path), device="cpu"), f"checkpoint '{path}'")
+    model = build_backbone(config, source=f"'{path}'")
+    load_weights(model, read_safetensors(path), f"checkpoint '{path}'")
     return model.to(map_location)

@@ -542,3 +542,81 @@ def test_an_export_without_settings_says_how_it_samples_and_refuses_model_weight
                           "--no-progress", "--out", str(tmp_path / "g.png"))
     assert code == 0, output
     assert "warning:" in output and "carries no sampling settings (sampling.json)" in output and "--recipe" in output
+
+
+# -- damaged model folders and model files --------------------------------------------------------
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    names = sorted(k for k in header if k != "__metadata__")
+    if how == "empty":
+        return b""
+    if how in ("length_2_63", "length_100_MiB"):
+        return struct.pack("<Q", 2**63 if how == "length_2_63" else 100 << 20) + data[8:]
+    if how == "past_the_end":
+        header[names[0]]["data_offsets"] = [0, 10**9]
+    else:  # overlapping
+        header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_recipe):
+    tmp = tmp_path_factory.mktemp("exported")
+    train(load_recipe(tiny_recipe(tmp, "run", max_steps=1)), device="cpu", progress=False)
+    code, output = invoke("export", str(tmp / "run"), str(tmp / "exported"))
+    assert code == 0, output
+    return tmp
+
+
+@pytest.mark.parametrize("how", ["empty", "length_2_63", "length_100_MiB", "past_the_end", "overlapping"])
+def test_a_damaged_model_folder_is_one_line_for_sample_and_init_from(exported, tmp_path, tiny_recipe, how):
+    # protection: read_safetensors on every folder path (from_pretrained, read_weights)
+    folder = tmp_path / "exported"
+    shutil.copytree(exported / "exported", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(_damage(weights.read_bytes(), how))
+    code, output = invoke("sample", str(folder), "--num", "2", "--steps", "2", "--device", "cpu", "--no-progress",
+                          "--out", str(tmp_path / "g.png"))
+    assert code == 2 and f"cannot read '{weights}' as safetensors" in output and "Traceback" not in output, output
+    code, output = invoke("train", str(tiny_recipe(tmp_path, "tuned", max_steps=1)), "--device", "cpu",
+                          "--no-progress", "--init-from", str(folder))
+    assert code == 2 and f"cannot read '{weights}' as safetensors" in output and "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: {**c, "depth": 100_000_000}, "config.json: model.depth: 100000000 is beyond the limit of 1024"),
+    (lambda c: {**c, "hidden_size": 10**9}, "config.json: model.hidden_size: 1000000000 is beyond the limit"),
+])
+def test_sizes_in_a_model_folders_config_are_bounded_before_building(exported, tmp_path, edit, expected):
+    # protection: build_backbone checks the recipe bounds on any config it is given
+    folder = tmp_path / "exported"
+    shutil.copytree(exported / "exported", folder)
+    config = folder / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    start = time.perf_counter()
+    code, output = invoke("sample", str(folder), "--num", "2", "--device", "cpu", "--no-progress")
+    assert code == 2 and expected in output, output
+    assert time.perf_counter() - start < 20
+
+
+def test_a_model_file_whose_header_config_is_not_an_object_is_one_line(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffit_toolkit.runs.model_file import CONFIG_KEY
+
+    state = load_file(str(exported / "exported" / "model.safetensors"))
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path), metadata={CONFIG_KEY: "[1, 2]"})
+    code, output = invoke("sample", str(path), "--num", "2", "--device", "cpu", "--no-progress",
+                          "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+    from diffit_toolkit.runs import load_model_file
+
+    with pytest.raises(ValueError, match="the model config in its header is not a JSON object"):
+        load_model_file(path)
