@@ -14,7 +14,7 @@ class RelativeBias(ConditioningMechanism):
     ``Linear(cond_dim, T * heads)`` maps the token to a per-sample offset of the whole bias table
     (T = ``(2w-1)^2`` rows), which the attention gathers per (query, key) pair. The offset varies
     across key positions by construction: a bias that is constant along the key axis would be
-    cancelled by the softmax and do nothing (SPEC 4 pitfall). Zero-initialised, so a fresh block
+    cancelled by the softmax and do nothing (a common pitfall). Zero-initialised, so a fresh block
     equals plain attention with the static table; the weights still receive gradients. The
     parameter count grows with the table (``cond_dim * T * heads``): fine at ablation scale,
     large for a 16x16 global table at XL width.

@@ -173,3 +173,10 @@ def test_long_commands_and_outputs_are_folded_to_the_code_width():
     text = "  not checked: " + "word " * 40
     folded = docs_outputs.fold(text.rstrip())
     assert all(len(line) <= docs_outputs.WIDTH for line in folded) and " ".join(folded).split() == text.split()
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstrings_speak_of_the_product(path):
+    """Docstrings are the API reference's pages: the same words as the user pages."""
+    hits = [f"docstring at line {line}: {m.group(0)!r}" for line, doc in docstrings(path) for m in WORKING_WORDS.finditer(doc)]
+    assert not hits, f"{path.relative_to(ROOT)}:\n" + "\n".join(hits)

@@ -75,7 +75,7 @@ class ConditionedBackbone(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, width, class_dropout_prob) if num_classes > 0 else None
 
     def init_conditioning(self) -> None:
-        """Label table normal(0.02) (SPEC 2). The time MLP's normal(0.02) init is its own."""
+        """Label table normal(0.02), as released. The time MLP's normal(0.02) init is its own."""
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
 

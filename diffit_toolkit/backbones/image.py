@@ -1,4 +1,4 @@
-"""Image-space DiffiT: the U-shaped encoder-decoder of DiffiT ResBlocks (SPEC 3, paper Sec. 3.2).
+"""Image-space DiffiT: the U-shaped encoder-decoder of DiffiT ResBlocks (paper Sec. 3.2).
 
 There is no released code; the layout follows the paper (Fig. 4, Tables S.2/S.3, Sec. I):
 
@@ -49,7 +49,7 @@ STAGE_FACTOR = 2
 RESAMPLE_MODES = ("conv", "bilinear")
 SKIP_MODES = ("concat", "add")
 
-#: Paper presets (SPEC 3). Channels grow only from stage 1 to stage 2; token width 128 -> 256.
+#: Paper presets. Channels grow only from stage 1 to stage 2; token width 128 -> 256.
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(input_size=32, channels=(128, 256, 256), num_blocks=(2, 2, 2), window=4),
     "ffhq64": dict(input_size=64, channels=(128, 256, 256, 256), num_blocks=(1, 2, 2, 2), window=8),
@@ -269,7 +269,7 @@ class DecoderStage(nn.Module):
 
 
 class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
-    """U-shaped image-space DiffiT (SPEC 3); any registered mechanism conditions its blocks.
+    """U-shaped image-space DiffiT; any registered mechanism conditions its blocks.
 
     Call as ``model(x, t, y)``: ``x`` (B, C, H, W) images, ``t`` (B,) noise levels (e.g. EDM's
     ``c_noise``) or timesteps, ``y`` (B,) labels or ``None`` -> (B, C_out, H, W).

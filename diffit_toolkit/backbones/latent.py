@@ -1,4 +1,4 @@
-"""Latent DiffiT / DiT: the isotropic transformer denoiser over VAE latent patches (SPEC 2).
+"""Latent DiffiT / DiT: the isotropic transformer denoiser over VAE latent patches.
 
 Readable top to bottom like DiT's ``models.py``:
 
@@ -190,7 +190,7 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Init of the released DiffiT / DiT (SPEC 2). Blocks and mechanisms initialise themselves
+        """Init of the released DiffiT / DiT. Blocks and mechanisms initialise themselves
         when built (xavier linears, zero biases, trunc-normal(0.02) bias table, adaLN-Zero's zero
         modulation), so only the layers owned here are set."""
         # Fixed 2-D sin-cos position embedding over the patch grid.

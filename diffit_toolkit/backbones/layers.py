@@ -1,5 +1,5 @@
 """Small layers shared by the backbones: patchify, fixed sin-cos positions, the label embedder,
-the final layers and unpatchify (DiT's ``models.py`` conventions and key names, SPEC 2)."""
+the final layers and unpatchify (DiT's ``models.py`` conventions and key names)."""
 
 from __future__ import annotations
 

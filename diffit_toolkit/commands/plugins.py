@@ -25,7 +25,8 @@ def plugins(kind: str = typer.Option(None, help=f"Only this kind ({', '.join(KIN
         failures = plugin_failures()
     registries = [get_registry(kind)] if kind else all_registries()
     for registry in registries:
-        table = Table(title=f"{registry.label}s", title_justify="left")
+        plural = registry.label + ("es" if registry.label.endswith("s") else "s")  # diffusion processes
+        table = Table(title=plural, title_justify="left")
         table.add_column("name", style="bold")
         table.add_column("source")
         is_backend = registry.kind == "attention"

@@ -97,5 +97,10 @@ def train(
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)
+    elif result.grid is not None and result.steps_run == 0:
+        console.print(f"already finished at step {result.step} (train.max_steps); nothing to train: raise "
+                      f"train.max_steps to go on, or give another --output-dir for a new run; grid {result.grid}",
+                      highlight=False)
     elif result.grid is not None:
-        console.print(f"done: {result.step} steps in {result.seconds / 60:.1f} min; grid {result.grid}", highlight=False)
+        console.print(f"done: {result.step} steps ({result.steps_run} in this run) in {result.seconds / 60:.1f} min; "
+                      f"grid {result.grid}", highlight=False)

@@ -454,7 +454,7 @@ def _slot_env(slot: int, jobs: int, device: str) -> dict[str, str]:
 
 
 def _local(specs: Sequence[RunSpec], jobs: int, report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """N worker processes at once, each running ``python -m diffit_toolkit.eval.jobs SPEC``; a
+    """N worker processes at once, each running ``python -m diffit_toolkit.eval.jobs JOB.json``; a
     SIGTERM or Ctrl-C to this process is passed on to the workers, which checkpoint and stop."""
     statuses: dict[int, dict[str, Any]] = {}
     pending = list(enumerate(specs))
@@ -591,7 +591,7 @@ def _submitit(specs: Sequence[RunSpec], launcher: Launcher, log: Callable[[str],
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m diffit_toolkit.eval.jobs SPEC.json``: run one job, write its status beside it."""
+    """``python -m diffit_toolkit.eval.jobs JOB.json``: run one job, write its status beside it."""
     spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
     run_dir = Path(spec.run_dir)
     (run_dir / PID_FILE).write_text(str(os.getpid()))

@@ -1,4 +1,4 @@
-"""Import the released latent DiffiT and the DiT reference checkpoints (SPEC 2).
+"""Import the released latent DiffiT and the DiT reference checkpoints.
 
 Both layouts share DiT's names for the patch embedding, positions, time and label embedders,
 attention, MLP and final layer; they differ only in where the conditioning weights live, which

@@ -298,7 +298,7 @@ class Attention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform linears with zero biases, bias table trunc-normal(0.02) (SPEC 2)."""
+        """Xavier-uniform linears with zero biases, bias table trunc-normal(0.02), as released."""
         for linear in (self.qkv, self.proj):
             nn.init.xavier_uniform_(linear.weight)
             if linear.bias is not None:

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 
 from diffit_toolkit.registry import time_embeddings
 
-#: Number of sinusoidal frequencies fed to the time MLP in the released models (SPEC 2).
+#: Number of sinusoidal frequencies fed to the time MLP in the released models.
 DEFAULT_FREQUENCY_DIM = 256
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
-    """Sinusoidal features of ``t`` (B,) -> (B, dim): cos half first, then sin (SPEC 2, DiT).
+    """Sinusoidal features of ``t`` (B,) -> (B, dim): cos half first, then sin (as the released DiffiT and DiT).
 
     Frequencies are ``exp(-ln(max_period) * i / (dim // 2 - freq_shift))`` for ``i < dim // 2``;
     DiT uses ``freq_shift = 0``, diffusers' ``DiTTransformer2DModel`` ``1`` (its

@@ -115,6 +115,8 @@ class TrainResult:
     ema: torch.nn.Module | None = None
     stopped_by: str | None = None
     skipped_steps: int = 0
+    #: Steps this call ran (0 for a run that was already finished).
+    steps_run: int = 0
 
 
 def ema_average_fn(decay: float, warmup: bool):
@@ -415,7 +417,7 @@ class Trainer:
                 if result.stopped_by:
                     logger.message(f"{result.stopped_by} received: checkpointing at step {step} and stopping")
                     break
-        ran = self.step - result.step
+        ran = result.steps_run = self.step - result.step
         if ran and result.skipped_steps == ran and not result.stopped_by:  # shorter than max_bad_steps
             raise TrainingError(
                 f"every step of this run ({ran}, up to step {self.step}) had a non-finite loss or gradient, so "

@@ -209,3 +209,15 @@ def test_sample_and_recipe_commands(tmp_path, tiny_recipe):
     assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [1, 2, 1, 2, 1, 2]
     missing = runner.invoke(app, ["sample", str(tmp_path / "run"), "--classes", "12", "--device", "cpu"], env={"COLUMNS": "300"})
     assert missing.exit_code == 2 and "class 12 is not one of the model's 10 classes" in missing.output
+
+
+def test_train_on_a_finished_run_says_it_ran_nothing(tmp_path, tiny_recipe):
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+
+    recipe = tiny_recipe(tmp_path, "run", max_steps=2)
+    first = CliRunner().invoke(app, ["train", str(recipe), "--device", "cpu", "--no-progress"], env={"COLUMNS": "300"})
+    assert first.exit_code == 0 and "done: 2 steps (2 in this run)" in first.output, first.output
+    again = CliRunner().invoke(app, ["train", str(recipe), "--device", "cpu", "--no-progress"], env={"COLUMNS": "300"})
+    assert again.exit_code == 0 and "already finished at step 2" in again.output and "done:" not in again.output
