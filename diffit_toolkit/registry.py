@@ -170,6 +170,13 @@ def _import_user_module(target: str) -> ModuleType:
         if not path.is_file():
             raise PluginError(f"plugin file '{target}' does not exist: check the path")
         name = path.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None:
+            where = getattr(loaded, "__file__", None)
+            if where is None or Path(where).resolve() != path.resolve():  # the same file loads again
+                raise PluginError(
+                    f"plugin file '{target}' is named like the module '{name}' already loaded "
+                    f"(from {where or 'the installed packages'}); rename the file")
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a spec
             raise PluginError(f"plugin file '{target}' cannot be imported")
@@ -247,8 +254,11 @@ class PluginSystem:
             module = _import_user_module(target)
         except PluginError:
             raise
+        except SystemExit as exc:  # a plugin that exits while importing must not end the command as a success
+            raise PluginError(f"plugin module '{target}' called sys.exit({exc.code!r}) while importing; a plugin "
+                              f"module must only define and register; fix it or drop it from -p / {PLUGINS_ENV}") from exc
         except Exception as exc:
-            raise PluginError(f"plugin module '{target}' failed to import ({one_line(exc)}); fix it or drop it from -p / {PLUGINS_ENV}") from None
+            raise PluginError(f"plugin module '{target}' failed to import ({one_line(exc)}); fix it or drop it from -p / {PLUGINS_ENV}") from exc
         finally:
             _loading_source.reset(token)
         if self.pm.is_registered(module):

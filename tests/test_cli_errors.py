@@ -146,3 +146,27 @@ def test_traceback_shows_the_plugins_own_stack_behind_the_one_line(tmp_path, swi
     assert "ZeroDivisionError" in shown.stderr and str(plugin) in shown.stderr
     assert "dim * 3 // 0" in shown.stderr and "in project" in shown.stderr  # the plugin's frames, to the line
     assert shown.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]  # the same one line closes it
+
+
+def test_a_plugin_that_exits_while_importing_is_a_usage_error_not_a_success(tmp_path):
+    plugin = tmp_path / "exits_on_import_probe.py"
+    plugin.write_text("import sys\nsys.exit(0)\n")
+    out = RUNNER.invoke(app, ["-p", str(plugin), "plugins"], env=WIDE)
+    assert out.exit_code == 2 and "called sys.exit(0) while importing" in out.output, out.output
+
+
+def test_two_plugin_files_with_one_name_are_one_line(tmp_path):
+    for folder, mechanism in (("a", "stem_clash_a"), ("b", "stem_clash_b")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "stem_clash_probe.py").write_text(
+            BROKEN_PLUGIN.replace("broken_traceback_probe", mechanism).replace("// 0", "// 1"))
+    out = RUNNER.invoke(app, ["-p", str(tmp_path / "a" / "stem_clash_probe.py"), "-p",
+                              str(tmp_path / "b" / "stem_clash_probe.py"), "plugins"], env=WIDE)
+    assert out.exit_code == 2 and "is named like the module 'stem_clash_probe' already loaded" in out.output, out.output
+    shadow = tmp_path / "json.py"
+    shadow.write_text("x = 1\n")
+    out = RUNNER.invoke(app, ["-p", str(shadow), "plugins"], env=WIDE)
+    assert out.exit_code == 2 and "named like the module 'json'" in out.output
+    import json
+
+    assert hasattr(json, "dumps")  # the standard library was not replaced
