@@ -133,6 +133,8 @@ def load_image_set(path: str | Path) -> ImageSet:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         return load_folder(path)
+    if not path.is_file():  # reading a FIFO, a socket or a device would block or never end
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device); give an .npz file or an image folder")
     if path.suffix == ".npz":
         return load_npz(path)
     raise InputError(f"{path}: expected an image folder or an .npz file")

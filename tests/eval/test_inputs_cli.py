@@ -95,3 +95,15 @@ def test_eval_digits_metric_on_an_adm_npz(tmp_path):
     bigger = tmp_path / "big.npz"
     np.savez(bigger, arr_0=np.zeros((4, 24, 24, 3), np.uint8))  # no offline judge takes 24x24
     assert "8x8" in _one_line_error(runner.invoke(app, ["eval", str(bigger)]))
+
+
+def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "samples.npz"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "diffit_toolkit.cli", "eval", str(fifo)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 2 and "not a regular file (a pipe, socket or device)" in proc.stdout, proc.stdout
