@@ -18,7 +18,7 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 def test_every_optional_dependency_has_an_extra_and_one_message_style(monkeypatch):
     extras = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
-    assert set(optional.OPTIONAL) == {"xformers", "triton", "tensorboard", "wandb", "hypothesis"}
+    assert set(optional.OPTIONAL) == {"xformers", "triton", "tensorboard", "wandb", "hypothesis", "submitit"}
     for name, (_, extra) in optional.OPTIONAL.items():
         assert extra in extras, f"no [{extra}] extra for {name}"
     monkeypatch.setitem(optional.OPTIONAL, "wandb", (RequirementCache("no-such-package-here"), "wandb"))
