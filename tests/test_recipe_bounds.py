@@ -188,3 +188,13 @@ def test_yaml_tags_in_set_are_a_usage_error(tmp_path, command):
         ["convert", str(tmp_path / "x.pt"), str(tmp_path / "y.safetensors")]
     result = CliRunner().invoke(app, [*args, "--set", value], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "is not plain YAML" in result.output and not marker.exists(), result.output
+
+
+@pytest.mark.parametrize("command", ["model-info", "convert"])
+def test_sizes_in_set_of_model_info_and_convert_are_bounded(tmp_path, command):
+    args = ["model-info", "-b", "dit", "-p", "S/8"] if command == "model-info" else \
+        ["convert", str(tmp_path / "x.pt"), str(tmp_path / "y.safetensors")]
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, [*args, "--set", "depth=100000000"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "model.depth: 100000000 is beyond the limit of 1024" in result.output, result.output
+    assert time.perf_counter() - start < 10

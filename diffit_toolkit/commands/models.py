@@ -33,6 +33,12 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
         except (yaml.YAMLError, RecursionError) as exc:  # a tag (!!python/...), broken or too deep YAML
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
             raise typer.BadParameter(f"--set {key.strip()}: the value is not plain YAML ({reason})") from None
+    from diffit_toolkit.recipe import RecipeError, check_model_options
+
+    try:  # the recipe's bounds, before anything is built (depth=100000000 would fill the memory)
+        check_model_options(options, "--set")
+    except RecipeError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return options
 
 
