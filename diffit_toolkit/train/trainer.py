@@ -222,6 +222,9 @@ class Trainer:
         else:
             self.facts = data_facts(dataset)
         self.model = (model if model is not None else build_model(recipe, self.facts)).to(env.device)
+        if self.facts["num_classes"] and not getattr(self.model, "num_classes", 0):
+            # model.num_classes: 0 on labelled data: an unconditional model; the labels are not used
+            self.facts = {**self.facts, "num_classes": 0, "class_names": None}
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_average_fn(cfg.ema_decay, cfg.ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)
         self.sharded = cfg.strategy == "fsdp" and env.distributed

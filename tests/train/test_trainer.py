@@ -221,3 +221,13 @@ def test_train_on_a_finished_run_says_it_ran_nothing(tmp_path, tiny_recipe):
     assert first.exit_code == 0 and "done: 2 steps (2 in this run)" in first.output, first.output
     again = CliRunner().invoke(app, ["train", str(recipe), "--device", "cpu", "--no-progress"], env={"COLUMNS": "300"})
     assert again.exit_code == 0 and "already finished at step 2" in again.output and "done:" not in again.output
+
+
+def test_an_unconditional_model_on_labelled_data_trains_and_samples_without_labels(tmp_path, tiny_recipe):
+    recipe = load_recipe(tiny_recipe(tmp_path, "run", max_steps=2), ["model.num_classes=0"])
+    result = train(recipe, device="cpu", progress=False)
+    assert result.step == 2 and result.model.num_classes == 0
+    assert load_checkpoint(result.checkpoint)["config"]["data"]["num_classes"] == 0
+    gen = load_generator(tmp_path / "run", device="cpu")
+    images, labels = gen.sample(3, gen.recipe.sample.model_copy(update={"guidance_scale": 1.0}), batch_size=3)
+    assert images.shape == (3, 1, 8, 8) and labels is None
