@@ -93,11 +93,24 @@ class LatentMeta:
         path = Path(folder) / META_FILE
         if not path.is_file():
             raise ValueError(f"no {META_FILE} in '{folder}' (create the cache with: diffit-toolkit cache-latents IMAGES '{folder}' --vae ...)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"'{path}' is not valid JSON ({exc}); the cache is damaged: create it again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"'{path}' holds a {type(data).__name__}, not a latent cache description")
         if data.get("format") != LATENT_FORMAT:
             raise ValueError(f"'{path}' is not a {LATENT_FORMAT} cache (format: {data.get('format')})")
         if data.get("version", 0) > LATENT_FORMAT_VERSION:
             raise ValueError(f"'{path}' has format version {data['version']}, newer than {LATENT_FORMAT_VERSION} (update diffit-toolkit)")
+        shards = data.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(x, dict) and isinstance(x.get("file"), str) for x in shards):
+            raise ValueError(f"'{path}': 'shards' must list {{\"file\": name, \"count\": n}} entries; the cache is damaged")
+        for shard in shards:  # a shard is a file of the cache folder, never a path out of it
+            name = shard["file"]
+            if Path(name).name != name or name in ("", ".", "..") or (Path(folder) / name).is_symlink():
+                raise ValueError(f"'{path}' names the shard '{name}', which is not a file of the cache folder; "
+                                 f"the cache is damaged or was edited: create it again")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -162,3 +162,21 @@ def test_dataset_pickles_for_dataloader_workers_after_use(cache):
     x0 = data[4][0]  # opens a shard's memory map
     clone = pickle.loads(pickle.dumps(data))
     assert clone._handles == {} and torch.equal(clone[4][0], x0)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", "link"])
+def test_a_meta_json_that_points_a_shard_outside_the_cache_is_refused(cache, tmp_path, name):
+    import shutil
+
+    copy = tmp_path / "latents"
+    shutil.copytree(cache, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    if name == "link":  # a shard that is a link to a file elsewhere
+        first = meta["shards"][0]["file"]
+        (copy / first).unlink()
+        (copy / first).symlink_to("/etc/hostname")
+        name = first
+    meta["shards"][0]["file"] = name
+    (copy / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="which is not a file of the cache folder"):
+        LatentDataset(copy)
