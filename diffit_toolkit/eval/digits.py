@@ -99,7 +99,16 @@ def load_judge(memo: dict[int, nn.Module], seed: int, cache: str | Path | None,
     model = None
     if cache is not None and Path(cache).is_file():
         model = make()
-        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        try:  # weights_only: a pickled payload is refused, never run
+            model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        except Exception as exc:  # truncated, pickled code, another judge's keys
+            raise ValueError(f"judge file {cache} cannot be read ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:120]}); delete it and the judge is trained again") from None
+        degenerate = [name for name, p in model.named_parameters()
+                      if not torch.isfinite(p).all() or (p.dim() >= 2 and not p.any())]
+        if degenerate:  # an all-zero or non-finite layer scores every sample set alike (FD 0 for all)
+            raise ValueError(f"judge file {cache} is damaged: {degenerate[0]} is all zero or not finite; "
+                             f"delete it and the judge is trained again")
         model.eval()
     if model is None:
         model = train(seed)

@@ -82,3 +82,28 @@ def test_uint8_nhwc_input_matches_float_input(metric, held_out):
         metric.score(torch.zeros(4, 1, 16, 16))
     with pytest.raises(ValueError, match="100 images but 99 labels"):
         metric.score(x[:100], y[:99])
+
+
+@pytest.mark.parametrize("damage", ["zero", "nan", "truncated", "pickled"])
+def test_a_damaged_judge_file_is_one_line_not_a_silent_score(tmp_path, damage):
+    import pickle
+
+    import torch
+
+    from diffit_toolkit.eval.digits import DigitsClassifier, load_judge
+
+    path = tmp_path / "classifier.pt"
+    state = DigitsClassifier().state_dict()
+    if damage in ("zero", "nan"):
+        torch.save({k: torch.zeros_like(v) if damage == "zero" else torch.full_like(v, float("nan"))
+                    for k, v in state.items()}, path)
+    elif damage == "truncated":
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        marker = tmp_path / "ran"
+        path.write_bytes(pickle.dumps(type("X", (), {"__reduce__": lambda self: (marker.touch, ())})()))
+    with pytest.raises(ValueError, match=f"judge file {path}"):
+        load_judge({}, 0, path, DigitsClassifier, lambda seed: DigitsClassifier())
+    if damage == "pickled":
+        assert not (tmp_path / "ran").exists()
