@@ -60,3 +60,23 @@ def test_convert_into_a_folder_is_one_line(tmp_path):
     save_file({"w": torch.randn(4)}, str(src))
     code, output = run("convert", str(src), str(tmp_path))
     assert code == 2 and "is a folder" in one_line(output)
+
+
+@pytest.mark.parametrize("command", ["sample --out", "sample --npz", "bench --out", "export"])
+def test_an_output_name_too_long_or_under_a_file_is_one_line_before_any_work(tmp_path, command):
+    long = "x" * 300
+    name, _, option = command.partition(" ")
+    suffix = {"--out": ".png", "--npz": ".npz"}.get(option, "")
+    if name == "bench":
+        suffix = ".json"
+    for target, expected in ((tmp_path / (long + suffix), "too long"),
+                             (tmp_path / "file.txt" / ("o" + suffix), "is a file, not a folder")):
+        (tmp_path / "file.txt").write_text("x")
+        if name == "sample":
+            args = ["sample", str(tmp_path / "run"), option, str(target), "--device", "cpu"]
+        elif name == "bench":
+            args = ["bench", "--device", "cpu", "--out", str(target)]
+        else:
+            args = ["export", str(tmp_path / "run"), str(target)]
+        code, output = run(*args)
+        assert code == 2 and expected in one_line(output), output

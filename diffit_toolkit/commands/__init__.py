@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -102,6 +103,21 @@ def global_options(
         load_plugin_modules(list(plugin or []))
     except PluginError as exc:
         exit_with_error(exc, EXIT_USAGE)
+
+
+def check_output(path: Path | None, option: str, folder: bool = False) -> None:
+    """Exit 2 with one line when an output path cannot be written (a name too long, a folder of it
+    that is a file; a folder where a file is wanted, unless ``folder``): checked before any work."""
+    if path is None:
+        return
+    try:
+        if path.is_dir() and not folder:
+            exit_with_error(f"{option} {path} is a folder; give a file path", EXIT_USAGE)
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                exit_with_error(f"{option} {path}: {parent} is a file, not a folder", EXIT_USAGE)
+    except OSError as exc:  # ENAMETOOLONG and alike, raised by stat itself
+        exit_with_error(f"{option} {path}: {exc.strerror or exc}; give another path", EXIT_USAGE)
 
 
 def check_device(device: str | None) -> torch.device:

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffit_toolkit.commands import app, exit_with_error, finite
+from diffit_toolkit.commands import app, check_output, exit_with_error, finite
 
 console = Console()
 
@@ -114,6 +114,7 @@ def bench(
     out: Path = typer.Option(None, help="Write the report as JSON here."),
 ) -> None:
     """Benchmark training (img/s, MFU, memory), attention and sampling; DiffiT vs DiT side by side."""
+    check_output(out, "--out")
     import torch
 
     from diffit_toolkit.bench import BenchConfig, run_bench
@@ -147,6 +148,10 @@ def bench(
         exit_with_error(exc, 2)
     print_report(report)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str))
+        from diffit_toolkit.runs import write_text_atomic
+
+        try:
+            write_text_atomic(out, json.dumps(report, indent=2, default=str))
+        except OSError as exc:
+            exit_with_error(f"could not write {out} ({exc.strerror or exc}); the figures are printed above", 1)
         console.print(f"wrote {out}", highlight=False)

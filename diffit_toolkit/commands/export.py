@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, console, exit_with_error
+from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, check_output, console, exit_with_error
 
 
 @app.command()
@@ -23,6 +23,7 @@ def export(
 
     if weights not in ("ema", "model"):
         exit_with_error(f"--weights must be ema or model, got '{weights}'", EXIT_USAGE)
+    check_output(out, "output folder", folder=True)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         exit_with_error(f"{out} exists and is not an empty folder: choose a new output folder", EXIT_USAGE)
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import NO_PROGRESS_HELP, app, exit_with_error, finite, parse_guidance_interval
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_output, exit_with_error, finite, parse_guidance_interval
 
 console = Console()
 
@@ -73,6 +73,7 @@ def sample(
     from diffit_toolkit.train.distributed import barrier, cleanup_distributed, setup_distributed
 
     for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
+        check_output(path, option)
         if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
             what = "a folder" if path.is_dir() else "not an image file name" if option == "--out" else "not an .npz file name"
             exit_with_error(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}", 2)

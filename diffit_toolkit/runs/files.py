@@ -56,7 +56,8 @@ def confined(root: str | Path, path: str | Path) -> Path:
 def temporary_name(path: Path) -> Path:
     """A name beside ``path`` that no other writer uses (``.<stem>.tmp-<pid>-<host>-<random><suffix>``:
     the suffix stays, so writers that pick a format by it, or append one, keep working)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{path.suffix}")
+    tag = f".tmp-{os.getpid()}-{_HOST[:40]}-{secrets.token_hex(4)}{path.suffix}"
+    return path.with_name(f".{path.stem[: max(1, 250 - len(tag))]}{tag}")  # within a file system's 255
 
 
 @contextlib.contextmanager
