@@ -222,6 +222,10 @@ class Trainer:
         else:
             self.facts = data_facts(dataset)
         self.model = (model if model is not None else build_model(recipe, self.facts)).to(env.device)
+        vae = self.facts.get("vae")
+        if isinstance(vae, str) and vae.startswith((".", "/", "~")) and not Path(vae).expanduser().exists():
+            raise RecipeError(f"the latent cache names the VAE folder '{vae}', which does not exist: the run could "
+                              f"not decode its samples; restore the folder or cache the latents again")
         if self.facts["num_classes"] and not getattr(self.model, "num_classes", 0):
             # model.num_classes: 0 on labelled data: an unconditional model; the labels are not used
             self.facts = {**self.facts, "num_classes": 0, "class_names": None}

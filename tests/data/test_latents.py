@@ -180,3 +180,26 @@ def test_a_meta_json_that_points_a_shard_outside_the_cache_is_refused(cache, tmp
     (copy / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="which is not a file of the cache folder"):
         LatentDataset(copy)
+
+
+def test_a_cache_naming_a_missing_vae_fails_before_training(cache, tmp_path):
+    import shutil
+
+    from diffit_toolkit.build import validate_recipe
+    from diffit_toolkit.recipe import RecipeError
+    from diffit_toolkit.train import train
+
+    copy = tmp_path / "latents"
+    shutil.copytree(cache, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    meta["vae"] = str(tmp_path / "gone_vae")
+    (copy / META_FILE).write_text(json.dumps(meta))
+    recipe = validate_recipe({
+        "name": "latent", "output_dir": str(tmp_path / "run"),
+        "model": {"backbone": "latent_diffit", "preset": None, "patch_size": 2, "hidden_size": 32, "depth": 1,
+                  "num_heads": 2},
+        "data": {"kind": "latents", "path": str(copy)}, "train": {"batch_size": 2, "max_steps": 2},
+    })
+    with pytest.raises(RecipeError, match="names the VAE folder .*gone_vae', which does not exist"):
+        train(recipe, device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
