@@ -31,14 +31,19 @@ import torch
 Judge = Callable[[torch.Tensor, "torch.Tensor | None"], dict[str, float]]
 
 
+#: Largest guidance scale a sweep takes (the range of a recipe's ``sample.guidance_scale``).
+MAX_GUIDANCE_SCALE = 1e4
+
+
 def parse_scales(text: str) -> list[float]:
     """``"1,1.5,2"`` -> ``[1.0, 1.5, 2.0]``; a one-line ``ValueError`` for anything else."""
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"guidance scales are comma-separated numbers, e.g. 1,1.5,2,3; got '{text}'") from None
-    if not scales or any(s < 0 or not math.isfinite(s) for s in scales):
-        raise ValueError(f"guidance scales must be finite numbers >= 0, e.g. 1,1.5,2,3; got '{text}'")
+    if not scales or any(s < 0 or not math.isfinite(s) or s > MAX_GUIDANCE_SCALE for s in scales):
+        raise ValueError(f"guidance scales must be numbers from 0 to {MAX_GUIDANCE_SCALE:g} (the recipe's range), "
+                         f"e.g. 1,1.5,2,3; got '{text}'")
     return scales
 
 

@@ -126,3 +126,11 @@ def test_sample_guidance_interval_applies_and_bad_values_are_one_line(run_dir, t
         result = runner.invoke(app, ["sample", str(run_dir), "-n", "2", "--guidance-interval", bad, "--device", "cpu"])
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+@pytest.mark.parametrize("text", ["1e308", "1,20000", "inf", "-1"])
+def test_guidance_scales_out_of_the_recipes_range_are_one_line(text):
+    from diffit_toolkit.eval.sweep import parse_scales
+
+    with pytest.raises(ValueError, match="guidance scales must be numbers from 0 to 10000"):
+        parse_scales(text)
