@@ -68,6 +68,8 @@ def check_labels(labels: np.ndarray, count: int, path: Path) -> None:
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+        raise ValueError(f"'{path}' is not an .npz (not a zip archive of .npy arrays); the file is damaged or of another kind")
     try:
         with np.load(path, allow_pickle=False) as archive:
             for image_key, label_key in NPZ_KEYS:

@@ -68,6 +68,8 @@ def load_npz(path: Path) -> ImageSet:
 
     from diffit_toolkit.data.npz import check_labels, read_member
 
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+        raise InputError(f"{path}: not an .npz (not a zip archive of .npy arrays); the file is damaged or of another kind")
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)

@@ -107,3 +107,17 @@ def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffit_toolkit.cli", "eval", str(fifo)], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
     assert proc.returncode == 2 and "not a regular file (a pipe, socket or device)" in proc.stdout, proc.stdout
+
+
+def test_a_file_that_is_not_a_zip_is_called_what_it_is(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+    from diffit_toolkit.data import build_dataset
+
+    path = tmp_path / "samples.npz"
+    path.write_bytes(b"plain text, not an archive")
+    out = CliRunner().invoke(app, ["eval", str(path), "--metric", "digits"], env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and "not an .npz (not a zip archive" in out.output and "pickled" not in out.output
+    with pytest.raises(ValueError, match="not an .npz \\(not a zip archive"):
+        build_dataset("npz", path=str(path))
