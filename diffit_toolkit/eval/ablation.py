@@ -371,6 +371,11 @@ def _fmt(value: float, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _percent(mean: float, std: float) -> str:
+    """``"94.7 ± 0.8"`` (as percent), ``"n/a"`` for an unconditional testbed (no class accuracy)."""
+    return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
     """The summary as a markdown table (best FD in bold; Welch's test against the best)."""
     best = min((r["fd_mean"] for r in table), default=math.nan)
@@ -388,7 +393,7 @@ def markdown_table(table: Sequence[dict[str, Any]]) -> str:
         params_text = "n/a" if math.isnan(params) else f"{params / 1e6:.3f} M"
         label = r["mechanism"] if r["recipe"] == r["mechanism"] else f"{r['recipe']} ({r['mechanism']})"
         lines.append(f"| {label} | {params_text} | {r['seeds']} | {r['step']} | {r.get('guidance_scales', 'n/a')} "
-                     f"| {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
+                     f"| {_percent(r['accuracy_mean'], r['accuracy_std'])} "
                      f"| {fd} | {versus} | {r['floor']:.2f} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} "
                      f"| {r['train_seconds_mean']:.0f} / {_fmt(r.get('train_cpu_seconds_mean', math.nan), '.0f')} |")
     return "\n".join(lines) + "\n"
