@@ -148,14 +148,29 @@ def test_traceback_shows_the_plugins_own_stack_behind_the_one_line(tmp_path, swi
     assert shown.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]  # the same one line closes it
 
 
-def test_a_plugin_that_exits_while_importing_is_a_usage_error_not_a_success(tmp_path):
+def test_a_plugin_that_exits_while_importing_is_a_usage_error_not_a_success(tmp_path, monkeypatch):
+    from diffit_toolkit.registry import PLUGINS_ENV
+
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
     plugin = tmp_path / "exits_on_import_probe.py"
     plugin.write_text("import sys\nsys.exit(0)\n")
     out = RUNNER.invoke(app, ["-p", str(plugin), "plugins"], env=WIDE)
     assert out.exit_code == 2 and "called sys.exit(0) while importing" in out.output, out.output
 
 
-def test_two_plugin_files_with_one_name_are_one_line(tmp_path):
+def test_two_plugin_files_with_one_name_are_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from diffit_toolkit.registry import PLUGINS_ENV, PluginSystem, use_plugin_system
+
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    monkeypatch.delitem(sys.modules, "stem_clash_probe", raising=False)
+    with use_plugin_system(PluginSystem()):  # the first file's mechanism stays out of the shared registries
+        _two_plugin_files_with_one_name(tmp_path)
+    sys.modules.pop("stem_clash_probe", None)
+
+
+def _two_plugin_files_with_one_name(tmp_path):
     for folder, mechanism in (("a", "stem_clash_a"), ("b", "stem_clash_b")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "stem_clash_probe.py").write_text(

@@ -42,8 +42,8 @@ def parse_scales(text: str) -> list[float]:
     except ValueError:
         raise ValueError(f"guidance scales are comma-separated numbers, e.g. 1,1.5,2,3; got '{text}'") from None
     if not scales or any(s < 0 or not math.isfinite(s) or s > MAX_GUIDANCE_SCALE for s in scales):
-        raise ValueError(f"guidance scales must be numbers from 0 to {MAX_GUIDANCE_SCALE:g} (the recipe's range), "
-                         f"e.g. 1,1.5,2,3; got '{text}'")
+        raise ValueError(f"guidance scales must be finite numbers >= 0 and at most {MAX_GUIDANCE_SCALE:g} (the "
+                         f"recipe's range), e.g. 1,1.5,2,3; got '{text}'")
     return scales
 
 

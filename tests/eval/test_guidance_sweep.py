@@ -132,5 +132,5 @@ def test_sample_guidance_interval_applies_and_bad_values_are_one_line(run_dir, t
 def test_guidance_scales_out_of_the_recipes_range_are_one_line(text):
     from diffit_toolkit.eval.sweep import parse_scales
 
-    with pytest.raises(ValueError, match="guidance scales must be numbers from 0 to 10000"):
+    with pytest.raises(ValueError, match="guidance scales must be finite numbers >= 0 and at most 10000"):
         parse_scales(text)
