@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 #: How alike a typo and a valid name must be for "did you mean" (``difflib`` ratio).
 SUGGESTION_CUTOFF = 0.6
@@ -25,3 +26,17 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def read_json_object(path: Path, what: str, hint: str = "") -> dict:
+    """The JSON object in ``path``; one ``ValueError`` line when it is not JSON or not an object
+    (``what`` names what it should hold, ``hint`` what to do about it)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc}){hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"'{path}' holds a {type(data).__name__}, not {what}{hint}")
+    return data

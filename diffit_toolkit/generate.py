@@ -46,15 +46,21 @@ class Generator:
         Image ``i`` asks for ``classes[i % len(classes)]``: every run of ``len(classes)`` consecutive
         images holds every class once, so any batch, shard or leading part of the samples (a metric
         that scores the first ``n``) has the classes in equal share."""
+        chosen = self.chosen_classes(classes)
+        return None if chosen is None else self.label_slice(chosen, 0, num_images)
+
+    def chosen_classes(self, classes: list[int] | None) -> list[int] | None:
+        """The classes that take turns (``classes``, default all), checked; ``None`` for an
+        unconditional model."""
         if not self.num_classes:
             if classes:
                 raise ValueError("this model is unconditional: drop --classes")
             return None
-        chosen = list(range(self.num_classes)) if not classes else classes
+        chosen = list(range(self.num_classes)) if not classes else list(classes)
         bad = [c for c in chosen if not 0 <= c < self.num_classes]
         if bad:
             raise ValueError(f"class {bad[0]} is not one of the model's {self.num_classes} classes (0..{self.num_classes - 1})")
-        return self.label_slice(chosen, 0, num_images)
+        return chosen
 
     def label_slice(self, chosen: list[int], start: int, count: int) -> torch.Tensor:
         """Labels of images ``start .. start + count`` when ``chosen`` take turns (image ``i`` asks
@@ -93,8 +99,7 @@ class Generator:
         images = range(num_images) if images is None else images
         if images.step != 1 or (len(images) and not 0 <= images.start < images.stop <= num_images):
             raise ValueError(f"images must be a contiguous part of range({num_images}), got {images}")
-        first = self.labels(classes, min(num_images, 1))  # checks the classes
-        chosen = None if first is None else (list(classes) if classes else list(range(self.num_classes)))
+        chosen = self.chosen_classes(classes)
         size, channels = self.facts["resolution"], self.facts["channels"]
         null_class = getattr(self.model, "null_class", None)
         vae, scale = self.decoder()

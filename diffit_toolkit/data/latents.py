@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from diffit_toolkit.errors import read_json_object
 from diffit_toolkit.data.base import DiffusionDataset, label
 
 #: Stable Diffusion's VAE latent scale (``latents * scale`` has roughly unit variance); DiT, LDM and DiffiT use it.
@@ -93,12 +94,7 @@ class LatentMeta:
         path = Path(folder) / META_FILE
         if not path.is_file():
             raise ValueError(f"no {META_FILE} in '{folder}' (create the cache with: diffit-toolkit cache-latents IMAGES '{folder}' --vae ...)")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"'{path}' is not valid JSON ({exc}); the cache is damaged: create it again") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"'{path}' holds a {type(data).__name__}, not a latent cache description")
+        data = read_json_object(path, "a latent cache description", "; the cache is damaged: create it again")
         if data.get("format") != LATENT_FORMAT:
             raise ValueError(f"'{path}' is not a {LATENT_FORMAT} cache (format: {data.get('format')})")
         if data.get("version", 0) > LATENT_FORMAT_VERSION:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffit_toolkit.errors import read_json_object
 from diffit_toolkit.backbones.layers import sincos_2d
 from diffit_toolkit.backbones.latent import LatentDiffiT
 
@@ -127,12 +128,7 @@ def read_diffusers_dit(folder: str | Path) -> tuple[dict[str, Tensor], dict[str,
     weights = folder / DIFFUSERS_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
         raise ValueError(f"{folder} is not a diffusers model folder: it needs {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a model config")
+    config = read_json_object(config_path, "a model config")
     if config.get("_class_name") not in (None, "DiTTransformer2DModel"):
         raise ValueError(f"{config_path} describes a {config['_class_name']}, not a DiTTransformer2DModel")
     options = diffusers_options(config)
