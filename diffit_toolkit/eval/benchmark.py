@@ -186,7 +186,7 @@ def count_params(recipe_path: Path, overrides: Sequence[str]) -> tuple[int, Any]
 def matched_hidden_size(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[int, int] | None:
     """``(hidden_size, params)`` of the width that brings the model closest to ``target``
     parameters (multiples of ``num_heads`` up to four times the width), or ``None`` when no width
-    comes within [`MATCH_TOLERANCE`][diffit_toolkit.eval.benchmark.MATCH_TOLERANCE]."""
+    comes within ``MATCH_TOLERANCE`` (10 %)."""
     from diffit_toolkit.recipe import RecipeError
 
     _, recipe = count_params(recipe_path, overrides)

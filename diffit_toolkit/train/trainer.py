@@ -28,7 +28,7 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from diffit_toolkit.errors import one_line
 from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
@@ -209,7 +209,7 @@ class Trainer:
         model: a built model to train instead of the recipe's (``bench`` builds its own).
     """
 
-    def __init__(self, recipe: Recipe, env: DistEnv, *, dataset=None, model: torch.nn.Module | None = None) -> None:
+    def __init__(self, recipe: Recipe, env: DistEnv, *, dataset: Dataset | None = None, model: torch.nn.Module | None = None) -> None:
         cfg = self.cfg = recipe.train
         self.recipe, self.env = recipe, env
         torch.manual_seed(cfg.seed + env.rank)
