@@ -144,8 +144,8 @@ def gaussian_dpm_solver(process: GaussianProcess, model, noise, y, settings, gen
 
 def gaussian_diffusers(process: GaussianProcess, model, noise, y, settings, generator) -> Tensor:
     """Any diffusers scheduler, named as ``diffusers:<SchedulerClass>``, built for the training
-    schedule with the recipe's ``clip_denoised`` (see `_diffusers_scheduler`); DDIM's
-    ``step`` gets the recipe's ``eta`` and, when clipping, ``use_clipped_model_output``."""
+    schedule with the recipe's ``clip_denoised``; DDIM's ``step`` gets the recipe's ``eta`` and,
+    when clipping, ``use_clipped_model_output``."""
     import inspect
 
     scheduler = _diffusers_scheduler(settings.sampler.split(":", 1)[1], process.config, settings.clip_denoised)

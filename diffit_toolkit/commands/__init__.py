@@ -30,7 +30,32 @@ from diffit_toolkit.registry import PLUGINS_ENV, PluginError, load_plugin_module
 if TYPE_CHECKING:
     import torch
 
-app = typer.Typer(help="DiffiT / DiT diffusion transformers: train, sample, evaluate, extend.", no_args_is_help=True)
+
+def _flags_take_no_value(params: list) -> list:
+    """Show each flag (``--help``, ``--version``, ``--no-progress``) as a bare name in ``--help``;
+    typer's help otherwise prints ``<bool>`` after it, as if it took a value."""
+    for param in params:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class CommandGroup(typer.core.TyperGroup):
+    """The class of the app and of its command groups: their ``--help`` and their commands'
+    ``--help`` show flags without a value type (typer has no setting for it)."""
+
+    def get_params(self, ctx):
+        return _flags_take_no_value(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flags_take_no_value([*command.params, command.get_help_option(ctx)])
+        return command
+
+
+app = typer.Typer(cls=CommandGroup, help="DiffiT / DiT diffusion transformers: train, sample, evaluate, extend.",
+                  no_args_is_help=True)
 console = Console()
 
 #: Exit codes of every command.

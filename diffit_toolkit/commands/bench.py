@@ -111,7 +111,7 @@ def bench(
     guidance_scale: float = typer.Option(None, min=0.0, callback=finite, help="Guidance scale (default: the recipe's, else 4.0)."),
     sample_batch: int = typer.Option(None, min=1, help="Images per sampling batch (default: 16 on GPU, 2 on CPU)."),
     compare_dit: bool = typer.Option(True, "--compare-dit/--no-compare-dit", help="Also measure the same-size adaln_zero (DiT) model."),
-    out: Path = typer.Option(None, help="Write the report as JSON here."),
+    out: Path = typer.Option(None, help="Also write the report to this JSON file."),
 ) -> None:
     """Benchmark training (img/s, MFU, memory), attention and sampling; DiffiT vs DiT side by side."""
     check_output(out, "--out")

@@ -25,10 +25,10 @@ def _seeds(text: str | None) -> list[int] | None:
 
 @app.command("eval")
 def eval_(
-    samples: Path = typer.Argument(..., help="Samples: an image folder or an ADM-layout .npz (from `diffit-toolkit sample --npz`)."),
+    samples: Path = typer.Argument(..., help="Samples: an image folder or an ADM-layout .npz (as diffit-toolkit sample --npz writes)."),
     ref: Path = typer.Option(None, "--ref", help="Reference: an image folder, an .npz, or an ADM reference batch (mu/sigma)."),
     metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits, shapes or digits_canvas (offline), or auto: the data set's judge without --ref (8x8: digits, 32x32: shapes, 16x16: digits_canvas), inception with it."),
-    inception_weights: Path = typer.Option(None, help="Local Inception weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded."),
+    inception_weights: Path = typer.Option(None, help="Local Inception weights file (torch-fidelity's FID Inception, a .pth file); nothing is downloaded: without the file, the error says which one to fetch."),
     fid: bool = typer.Option(True, help="Frechet Inception Distance."),
     kid: bool = typer.Option(True, help="Kernel Inception Distance (needs reference images)."),
     isc: bool = typer.Option(True, "--is/--no-is", help="Inception Score."),
@@ -42,14 +42,13 @@ def eval_(
     sampler: str = typer.Option(None, help="Run or checkpoint input: sampler (default: the recipe's)."),
     steps: int = typer.Option(None, min=1, help="Run or checkpoint input: sampling steps (default: the recipe's)."),
     seed: int = typer.Option(0, help="Run or checkpoint input: sampling seed (the same noise at every scale)."),
-    plot: Path = typer.Option(None, help="Run or checkpoint input: write the guidance trade-off plot (PNG) here."),
+    plot: Path = typer.Option(None, help="Run or checkpoint input: write the guidance trade-off plot to this PNG file."),
     csv_out: Path = typer.Option(None, "--csv", help="Run or checkpoint input: write one row per guidance scale to this CSV."),
     guidance_interval: str = typer.Option(None, help="Run or checkpoint input: guide only inside LO,HI (fractions of the noise range, e.g. 0.29,0.59; 'none': everywhere; default: the recipe's)."),
 ) -> None:
     """Score samples: FID, KID, IS and precision/recall against a reference, or the offline digits / shapes / canvas metric.
 
-    SAMPLES may also be a run or checkpoint folder: it is then sampled (``--num`` images at each of
-    ``--guidance-scales``) and every scale is scored, with a trade-off plot (``--plot``).
+    SAMPLES may also be a run or checkpoint folder: it is then sampled (--num images at each of the --guidance-scales) and every scale is scored, with a trade-off plot (--plot).
     """
     import json
 
@@ -216,11 +215,13 @@ def _offline_metric(facts: dict) -> str:
     raise InputError(f"no offline judge for {shape[0]}x{shape[1]}x{shape[1]} data with {shape[2]} classes: give --ref and --inception-weights")
 
 
-#: Help of the options every sweep command (ablate, benchmark) shares.
+#: Help of the options every sweep command (ablate, benchmark) shares. Typer reads help as rich
+#: markup, so the ``[`` of ``[cluster]`` is escaped (unescaped, rich drops ``[cluster]`` as a style tag).
 JOBS_HELP = ("Jobs at once: 1 runs them one after another in this process; N > 1 starts N worker processes "
              "(CPU threads split between them, one GPU each); with --launcher slurm, the array's parallelism.")
 LAUNCHER_HELP = ("Where the jobs run: local (this machine), slurm (one SLURM job per run through submitit: "
-                 "pip install 'diffit-toolkit[cluster]'), or submitit-local (the SLURM path on this machine, to check a setup).")
+                 "pip install 'diffit-toolkit\\[cluster]'), or submitit-local (the SLURM path on this machine, to check a "
+                 "setup).")
 
 
 def sweep_launcher(launcher: str, jobs: int, partition: str | None, time_min: int, gpus: int, cpus: int | None):
@@ -256,9 +257,7 @@ def ablate(
 ) -> None:
     """Train each recipe for the same budget with several seeds, sample, score, and write a table and a plot.
 
-    Every (recipe, seed) is one job in its own run folder ``<out>/<recipe>/seed_<s>`` that trains,
-    scores and writes ``result.json``; the reports are rebuilt from the folders. Run the same
-    command again to skip finished runs and resume stopped ones.
+    Every (recipe, seed) is one job in its own run folder, <out>/<recipe>/seed_<s>, that trains, scores and writes result.json; the reports are rebuilt from the folders. Run the same command again to skip finished runs and resume stopped ones.
     """
     from diffit_toolkit.eval.ablation import AblationStopped, AblationSuite, is_suite_file, load_suite, run_ablation
     from diffit_toolkit.eval.jobs import LauncherError

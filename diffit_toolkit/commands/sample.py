@@ -34,13 +34,14 @@ def _default_grid(run: Path) -> Path:
 def sample(
     run: Path = typer.Argument(..., help="Run folder (newest checkpoint), checkpoint step folder, exported folder "
                                          "or a single .safetensors / .pt weights file."),
-    out: Path = typer.Option(None, help="PNG grid to write (default: <run>/samples/sample.png unless --npz is given)."),
+    out: Path = typer.Option(None, help="PNG grid to write (default, unless --npz is given: samples/sample.png in the run folder, or NAME_samples.png beside a weights file)."),
     npz: Path = typer.Option(None, help="Also write the images as an ADM-layout .npz (uint8 NHWC + labels)."),
     num: int = typer.Option(64, "--num", "-n", min=1, help="Number of images (under torchrun write -n: torchrun's own "
                                                             "parser takes --num for its --numa-binding)."),
     classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
-    sampler: str = typer.Option(None, help="Sampler (default: the recipe's): ddpm, ddim, dpm_solver++, "
-                                           "diffusers:<SchedulerClass> (Gaussian); heun (EDM); euler, heun (flow)."),
+    sampler: str = typer.Option(None, help="Sampler (default: the recipe's): ddpm, ddim, dpm_solver++ or "
+                                           "diffusers:CLASS (any diffusers scheduler) for a Gaussian process; heun "
+                                           "for EDM; euler or heun for flow."),
     steps: int = typer.Option(None, min=1, help="Sampling steps (default: the recipe's)."),
     guidance_scale: float = typer.Option(None, callback=finite, help="Classifier-free guidance scale (1: off)."),
     guidance_schedule: str = typer.Option(None, help="constant or power_cosine."),
@@ -58,8 +59,7 @@ def sample(
 ) -> None:
     """Sample images from a trained model.
 
-    Under ``torchrun --nproc_per_node=N`` every process draws its share of the images and rank 0
-    joins the shards into one ``--npz``: the same file, byte for byte, as one process writes.
+    Under torchrun --nproc_per_node=N every process draws its share of the images and rank 0 joins the shards into one --npz file: the same file, byte for byte, as one process writes.
     """
     import pydantic
     from PIL import Image

@@ -8,12 +8,12 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, exit_with_error
+from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, CommandGroup, app, exit_with_error
 from diffit_toolkit.recipe import RecipeError, read_recipe
 from diffit_toolkit.registry import PluginError
 
 console = Console()
-recipe_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(cls=CommandGroup, help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
@@ -36,16 +36,14 @@ def _load(recipe: str, overrides: list[str] | None, read_data: bool = False, bui
 @recipe_app.command("show")
 def recipe_show(recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
                 set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
-    """Print the resolved recipe (extends and overrides applied, defaults filled in, types checked;
-    `recipe validate` checks it as training builds it)."""
+    """Print the resolved recipe (extends and overrides applied, defaults filled in, types checked; 'diffit-toolkit recipe validate' checks it as training builds it)."""
     console.print(Syntax(_load(recipe, set_, build=False)[0].to_yaml(), "yaml"))
 
 
 @recipe_app.command("validate")
 def recipe_validate(recipes: list[str] = typer.Argument(..., help="Recipe files or names."),
                     set_: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
-    """Check recipes as training builds them (types, unknown keys, the process and sampler, the data,
-    and the model shaped by the data when the data are here); exit 2 on the first error."""
+    """Check recipes as training builds them (types, unknown keys, the process and sampler, the data, and the model shaped by the data when the data can be read); exit 2 on the first error."""
     for recipe in recipes:
         resolved, skipped = _load(recipe, set_, read_data=True)
         console.print(f"[green]ok[/green] {recipe}: {resolved.name} "
