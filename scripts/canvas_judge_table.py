@@ -1,6 +1,9 @@
 """Print how the digits-canvas judge scores real and broken canvases (the table in docs/evaluation.md).
 
-Usage:  OMP_NUM_THREADS=1 python scripts/canvas_judge_table.py [--cache judge.pt]
+Usage:  OMP_NUM_THREADS=1 python scripts/canvas_judge_table.py [--cache judge.pt] [--glyph-model RUN]
+
+``--glyph-model`` adds a row for the samples of a trained 8x8 digits model (a run folder), each
+pasted at a random offset: how the judge rates the glyphs a small model learns, placed perfectly.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from diffit_toolkit.eval.canvas import CanvasMetric
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None, help="keep the trained judge in this file")
+    parser.add_argument("--glyph-model", default=None, help="run folder of an 8x8 digits model to paste")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.process_time()
@@ -26,15 +30,25 @@ def main() -> None:
           f"offset error {metric.offset_error():.2f} px")
     x, _, _ = make_canvases("floor")
     gen = torch.Generator().manual_seed(0)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), value=-1.0), 3, stride=1)
     cases = {
         "the 1440 floor canvases themselves": x,
         "1440 of the 11 496 training canvases": make_canvases("train")[0],
         "floor canvases + Gaussian noise (std 0.05)": (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(-1, 1),
         "floor canvases, 1 % of pixels set to 0.5": torch.where(torch.rand(x.shape, generator=gen) < 0.01, torch.full_like(x, 0.5), x),
-        "floor canvases blurred (3x3 box)": F.avg_pool2d(x, 3, stride=1, padding=1),
+        "floor canvases, 10 % of a 3x3 box blur mixed in": 0.9 * x + 0.1 * blurred,
+        "floor canvases blurred (3x3 box)": blurred,
     }
     images, _ = glyphs("floor")
     cases["the 180 floor digits, all at the centre"] = paste(images, torch.full((len(images), 2), 4), 16)
+    if args.glyph_model:
+        from diffit_toolkit.data.canvas import random_offsets
+        from diffit_toolkit.generate import load_generator
+
+        model = load_generator(args.glyph_model, device="cpu")
+        samples, _ = model.sample(len(x), model.recipe.sample)
+        cases["samples of the 8x8 model, each pasted at a random offset"] = paste(
+            samples[:, 0].clamp(-1, 1), random_offsets(len(samples), 16, gen), 16)
     print("| images | n | FD | floor | FD / floor | copy ratio |\n|---|---|---|---|---|---|")
     for name, images in cases.items():
         s = metric.score(images)

@@ -26,15 +26,21 @@ def test_one_recipe_per_built_in_mechanism_differing_from_the_base_only_in_it():
         free = {"mechanism", "mechanism_options"}
         assert {k: v for k, v in raw["model"].items() if k not in free} == {
             k: v for k, v in base["model"].items() if k not in free}
-    built_in = {"tmsa", "window_tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive"}
+    # window TMSA is TMSA in this backbone (every mechanism attends in its windows): no recipe of its own
+    built_in = {"tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive"}
     assert mechanisms == built_in and built_in <= set(conditioning.names())
 
 
-def test_the_base_is_the_unconditional_digits_canvas_with_64_tokens():
+def test_the_base_is_the_unconditional_digits_canvas_with_windows_over_at_least_64_tokens():
+    from diffit_toolkit.backbones.image import image_config
+
     recipe = load_recipe(BENCHMARK / "base.yaml")
     assert recipe.data["kind"] == "digits_canvas" and recipe.data["conditional"] is False
     assert recipe.model["num_classes"] == 0 and recipe.model["mechanism"] == "tmsa"
-    assert (recipe.model["input_size"] // recipe.model["patch_size"]) ** 2 == 64
+    options = {k: v for k, v in recipe.model.items() if k not in ("backbone", "preset")}
+    config = image_config(None, **options)
+    grids = [config.stage_grid(s) for s in range(config.num_stages)]
+    assert grids[0] ** 2 >= 64 and config.block_spec(0).window == (4, 4) != (grids[0], grids[0])
     assert recipe.train.max_steps % recipe.train.ckpt_every == 0
 
 

@@ -133,6 +133,13 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]
     tmp.replace(path)
 
 
+def judge_file(kind: str) -> str:
+    """File name of the cached offline judge of data ``kind`` (a new name for every new judge design)."""
+    from diffit_toolkit.eval.canvas import JUDGE_FILE
+
+    return {"digits": "classifier.pt", "shapes": "shapes_classifier.pt", "digits_canvas": JUDGE_FILE}.get(kind, "")
+
+
 def judge_for(data: dict[str, Any], cache_dir: Path):
     """The offline judge of a recipe's ``data`` section: ``(name, judge, held-out accuracy)``."""
     from diffit_toolkit.eval.sweep import canvas_judge, digits_judge, shapes_judge
@@ -141,18 +148,21 @@ def judge_for(data: dict[str, Any], cache_dir: Path):
     if kind == "digits":
         from diffit_toolkit.eval.digits import DigitsMetric
 
-        metric = DigitsMetric(seed=0, cache=cache_dir / "classifier.pt")
-        return "digits", digits_judge(cache_dir / "classifier.pt"), metric.test_accuracy()
+        path = cache_dir / judge_file(kind)
+        metric = DigitsMetric(seed=0, cache=path)
+        return "digits", digits_judge(path), metric.test_accuracy()
     if kind == "shapes":
         from diffit_toolkit.eval.shapes import ShapesMetric
 
-        metric = ShapesMetric(cache=cache_dir / "shapes_classifier.pt")
-        return "shapes", shapes_judge(cache_dir / "shapes_classifier.pt"), metric.test_accuracy()
+        path = cache_dir / judge_file(kind)
+        metric = ShapesMetric(cache=path)
+        return "shapes", shapes_judge(path), metric.test_accuracy()
     if kind == "digits_canvas":
         from diffit_toolkit.eval.canvas import CanvasMetric
 
-        metric = CanvasMetric(cache=cache_dir / "canvas_classifier.pt")
-        return "digits_canvas", canvas_judge(cache_dir / "canvas_classifier.pt"), metric.test_accuracy()
+        path = cache_dir / judge_file(kind)
+        metric = CanvasMetric(cache=path)
+        return "digits_canvas", canvas_judge(path), metric.test_accuracy()
     raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits, shapes or digits_canvas, got '{kind}'")
 
 

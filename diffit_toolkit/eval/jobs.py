@@ -124,15 +124,17 @@ def mechanism_source(name: str) -> str | None:
 def spec_key(spec: RunSpec, recipe: Any, code: dict[str, Any] | None = None) -> str:
     """The identity of ``spec``'s result: the resolved recipe (its run folder and seed aside: the
     seed is part of the run folder), the evaluation settings, the toolkit version and ``code``
-    (e.g. the mechanism's source hash)."""
+    (e.g. the mechanism's source hash) and the judge that scores it."""
     from diffit_toolkit import __version__
+    from diffit_toolkit.eval.ablation import judge_file
 
     resolved = recipe.to_dict()
     resolved.pop("output_dir", None)
     resolved.get("train", {}).pop("seed", None)
     resolved.pop("name", None)
     evaluation = dict(eval_every=spec.eval_every, num_images=spec.num_images, sample_steps=spec.sample_steps,
-                      guidance_scale=spec.guidance_scale, guidance_scales=spec.guidance_scales)
+                      guidance_scale=spec.guidance_scale, guidance_scales=spec.guidance_scales,
+                      judge=judge_file(str(resolved.get("data", {}).get("kind", "digits"))))
     return digest(dict(recipe=resolved, evaluation=evaluation, version=__version__, code=code or {}))
 
 

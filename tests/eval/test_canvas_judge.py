@@ -12,12 +12,12 @@ from diffit_toolkit.eval.canvas import CanvasMetric, load_canvas_classifier, to_
 
 @pytest.fixture(scope="module")
 def metric():
-    # a judge trained on 600 glyphs for 10 epochs, a few seconds (the shipped one: 1437 glyphs, 40 epochs)
-    return CanvasMetric(classifier=train_canvas_classifier(seed=0, epochs=10, num=600, batch=32))
+    # a judge trained for 20 epochs, about 12 CPU-seconds (the shipped one: 40 epochs)
+    return CanvasMetric(classifier=train_canvas_classifier(seed=0, epochs=20))
 
 
 def test_judge_reads_the_digit_and_where_it_is(metric):
-    assert metric.test_accuracy() > 0.25  # chance: 0.1; the shipped judge reaches 96 %
+    assert metric.test_accuracy() > 0.25  # chance: 0.1; the shipped judge reaches 83 %
     assert metric.offset_error() < 1.5  # pixels; uniform guessing is off by about 2.7
 
 
@@ -81,8 +81,45 @@ def test_the_ablation_scores_the_canvas_with_its_judge(tmp_path, monkeypatch):
     monkeypatch.setattr(canvas_eval, "_MEMO", {})
     monkeypatch.setattr(canvas_eval, "train_canvas_classifier", lambda seed: train_canvas_classifier(seed, epochs=1, num=64))
     name, judge, held_out = judge_for({"kind": "digits_canvas"}, tmp_path)
-    assert name == "digits_canvas" and (tmp_path / "canvas_classifier.pt").is_file() and 0 <= held_out <= 1
+    assert name == "digits_canvas" and (tmp_path / canvas_eval.JUDGE_FILE).is_file() and 0 <= held_out <= 1
     x, _, _ = make_canvases("floor")
     row = judge(x[:50], None)  # unconditional samples: no labels, no accuracy
     assert row["num_images"] == row["num_given"] == 50 and math.isnan(row["accuracy"])
     assert row["fd"] >= 0 and row["floor"] > 0 and row["copy_ratio"] > 0
+
+
+def test_the_judge_looks_past_pixel_nuisance_but_not_past_misplaced_digits(metric, monkeypatch):
+    # 1 % stray pixels and a trace of blur cost far less than the right digits in the wrong
+    # places: the judge rates what is drawn and where more than pixel texture. Trained without its
+    # pixel augmentations, the same judge rates the stray pixels almost as badly as misplacement.
+    import diffit_toolkit.eval.canvas as canvas_eval
+
+    x, _, _ = make_canvases("floor")
+    gen = torch.Generator().manual_seed(1)
+    stray = torch.where(torch.rand(x.shape, generator=gen) < 0.01, torch.full_like(x, 0.5), x)
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0), 3, stride=1)
+    images, _ = glyphs("floor")
+    centred = paste(images.repeat(8, 1, 1), torch.full((len(x), 2), 4), 16)
+
+    def fds(judge):
+        return [judge.score(v).fd for v in (stray, 0.9 * x + 0.1 * blur, centred)]
+
+    stray_fd, trace_fd, centred_fd = fds(metric)
+    assert centred_fd > 10 * stray_fd and centred_fd > 10 * trace_fd
+    monkeypatch.setattr(canvas_eval, "JUDGE_NOISE", 0.1)
+    monkeypatch.setattr(canvas_eval, "JUDGE_STRAY_PIXELS", 0.0)
+    plain = CanvasMetric(classifier=train_canvas_classifier(seed=0, epochs=20))
+    plain_stray, _, plain_centred = fds(plain)
+    assert plain_centred < 5 * plain_stray
+
+
+def test_glyph_jitter_turns_and_scales_about_the_centre():
+    import diffit_toolkit.eval.canvas as canvas_eval
+
+    images, _ = glyphs("floor")
+    gen = torch.Generator().manual_seed(0)
+    jittered = canvas_eval.jitter_glyphs(images[:64], gen)
+    assert jittered.shape == (64, 8, 8) and jittered.min() >= -1 - 1e-6 and jittered.max() <= 1 + 1e-6
+    assert not torch.allclose(jittered, images[:64])
+    still = canvas_eval.jitter_glyphs(images[:64], gen, rotation=0.0, scale=0.0)
+    assert torch.allclose(still, images[:64], atol=1e-5)  # no turn, no scale: the glyphs themselves
