@@ -30,16 +30,8 @@ WIDTH = 80
 UNWRAPPED = 1000
 MARKER = "=== help screen: "
 
-# `benchmark` (diffit_toolkit/commands/benchmark.py) is being edited elsewhere: until that edit
-# lands, its docstring keeps two hard line breaks, so its paragraph breaks mid-sentence in the
-# command list of `diffit-toolkit --help`. These are exactly the offending lines (each one is
-# followed by a hard break); delete the entry once the docstring is one line per paragraph.
-KNOWN_FAILURES: dict[str, set[str]] = {
-    "benchmark": {
-        "line break: 'Rank MECHANISM against references: train each on each testbed with several seeds, score each'",
-        "line break: 'at its best guidance scale, and report differences with 95 % intervals, Holm-corrected p-values'",
-    },
-}
+# Screens with known, accepted problems: command name -> the exact problem strings.
+KNOWN_FAILURES: dict[str, set[str]] = {}
 
 
 def _commands() -> dict[str, object]:

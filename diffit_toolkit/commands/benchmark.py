@@ -33,10 +33,7 @@ def benchmark(
     cpus: int = typer.Option(None, min=1, help="CPUs per SLURM job (--launcher slurm; default 10 per GPU, else 4)."),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: rank from the runs already in the cache."),
 ) -> None:
-    """Rank MECHANISM against references: train each on each testbed with several seeds, score each
-    at its best guidance scale, and report differences with 95 % intervals, Holm-corrected p-values
-    and verdicts (benchmark.json, benchmark.md). Finished runs are cached and reused.
-    """
+    """Rank MECHANISM against references: train each on each testbed with several seeds, score each at its best guidance scale, and report differences with 95 % intervals, Holm-corrected p-values and verdicts (benchmark.json, benchmark.md). Finished runs are cached and reused."""
     from diffit_toolkit.eval.ablation import AblationStopped
     from diffit_toolkit.eval.benchmark import BenchmarkPlan, parse_seeds, resolve_testbeds, run_benchmark
     from diffit_toolkit.eval.jobs import LauncherError
