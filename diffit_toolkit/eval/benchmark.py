@@ -230,8 +230,11 @@ def plan_arms(plan: BenchmarkPlan, log: Callable[[str], None] = print) -> tuple[
                 continue
             found = matched_hidden_size(recipe_path, [*base, f"model.mechanism={plan.mechanism}"], counts[ref])
             if found is None:
+                has_width = bool(count_params(recipe_path, base)[1].model.get("hidden_size"))
+                why = (f"no hidden_size comes within {MATCH_TOLERANCE:.0%}" if has_width
+                       else "the testbed's backbone has no hidden_size to adjust")
                 notes.append(f"{testbed}: {plan.mechanism} ({counts[plan.mechanism]:,} parameters) is not matched to "
-                             f"{ref} ({counts[ref]:,}): no hidden_size comes within {MATCH_TOLERANCE:.0%}")
+                             f"{ref} ({counts[ref]:,}): {why}")
                 continue
             width, params = found
             label = f"{plan.mechanism}-h{width}"

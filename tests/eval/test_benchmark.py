@@ -167,3 +167,11 @@ def test_report_only_without_runs_lists_them_as_missing(tmp_path):
     assert report["runs"]["reused"] == 0 and report["pairs"][0]["verdict"] == "no detectable difference"
     assert report["testbeds"]["digits"]["mechanisms"]["tmsa"]["n"] == 0
     assert "n/a" in (tmp_path / "bench" / "benchmark.md").read_text()
+
+
+def test_a_backbone_without_a_width_says_why_its_pairs_are_not_matched(tmp_path):
+    plan = bm.BenchmarkPlan(mechanism="adaln_zero", against=["tmsa"], testbeds=bm.resolve_testbeds("canvas"),
+                            seeds=[0, 1], out=tmp_path / "bench", steps=10, num_images=10)
+    arms, notes = bm.plan_arms(plan, log=lambda line: None)
+    assert {a.role for a in arms} == {"candidate", "reference"}
+    assert len(notes) == 1 and "no hidden_size to adjust" in notes[0] and "adaln_zero" in notes[0]
