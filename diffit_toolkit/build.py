@@ -31,13 +31,16 @@ from diffit_toolkit.errors import did_you_mean, first_line
 from diffit_toolkit.optional import OPTIONAL, missing
 from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class, resolve_sampler
 from diffit_toolkit.recipe import Recipe, RecipeError, TrainSection, format_validation_error, parse_recipe, read_recipe
-from diffit_toolkit.registry import PluginBuildError, PluginError, backbones
+from diffit_toolkit.registry import PluginBuildError, PluginError, PluginLoadError, backbones
 
 
 def _recipe_error(key: str, exc: BaseException) -> RecipeError:
-    """``recipe error at <key>: <first line>`` (the message's own key when it names one)."""
+    """``recipe error at <key>: <first line>`` (the message's own key when it names one); a plugin
+    module that could not load is not the recipe's fault: its own line, naming the module."""
     cause = exc.__cause__ if isinstance(exc, PluginBuildError) and exc.__cause__ is not None else exc
     message = first_line(cause)
+    if isinstance(cause, PluginLoadError):
+        return RecipeError(message)
     if not isinstance(cause, (PluginError, ValueError, TypeError)):
         message = f"{type(cause).__name__}: {message}"
     if message.startswith("recipe error"):

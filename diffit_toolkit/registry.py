@@ -78,6 +78,22 @@ class PluginError(ValueError):
 class DuplicatePluginError(PluginError):
     """A name is registered twice for the same kind."""
 
+    #: What clashed: the kind's label, the name, and the source that registered it first.
+    label: str = ""
+    name: str = ""
+    existing: str = ""
+
+
+class PluginLoadError(PluginError):
+    """A plugin module named with ``-p`` or in ``DIFFIT_TOOLKIT_PLUGINS`` could not be loaded (its
+    import raised, or it registers a name already taken); the message names the module and where
+    it was named."""
+
+
+class PluginModuleClashError(PluginLoadError, DuplicatePluginError):
+    """A plugin module named with ``-p`` or in ``DIFFIT_TOOLKIT_PLUGINS`` registers a name that
+    another plugin already has."""
+
 
 class UnknownPluginError(PluginError):
     """A recipe or call names a plugin that is not registered."""
@@ -206,11 +222,21 @@ class PluginSystem:
         self._load_entry_points = load_entry_points
         self._loaded = False
         self._loading = False
+        #: The error of a module named in ``DIFFIT_TOOLKIT_PLUGINS`` that could not be loaded:
+        #: raised by every later lookup too, so no lookup quietly goes on without that module.
+        self._env_error: PluginLoadError | None = None
 
     # -- discovery ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
         """Load the built-ins, every installed entry point and ``DIFFIT_TOOLKIT_PLUGINS`` once
-        (lazily, on first use)."""
+        (lazily, on first use).
+
+        Raises:
+            PluginLoadError: one line naming the module of ``DIFFIT_TOOLKIT_PLUGINS`` that could not
+                be loaded (again on every later call).
+        """
+        if self._env_error is not None:
+            raise self._env_error
         if self._loaded or self._loading or not self._load_entry_points:
             return
         self._loading = True
@@ -221,7 +247,11 @@ class PluginSystem:
             for ep in eps:
                 self._load_entry_point(ep)
             for target in filter(None, (t.strip() for t in os.environ.get(PLUGINS_ENV, "").split(","))):
-                self.load_module(target)
+                try:
+                    self.load_module(target, origin=PLUGINS_ENV)
+                except PluginLoadError as exc:
+                    self._env_error = exc
+                    raise
         finally:
             self._loading = False
             self._loaded = True
@@ -242,29 +272,42 @@ class PluginSystem:
         if plugin is not None:
             self._call_register(plugin, source)
 
-    def load_module(self, target: str, source: str | None = None) -> ModuleType:
+    def load_module(self, target: str, source: str | None = None, origin: str = f"-p / {PLUGINS_ENV}") -> ModuleType:
         """Import a plugin module (dotted name or ``.py`` path), register it with pluggy and run
         its ``diffit_register`` hook; decorators it calls while importing register too.
 
+        Args:
+            origin: where the module was named (``-p``, ``DIFFIT_TOOLKIT_PLUGINS``), for messages.
+
         Raises:
-            PluginError: one line naming the module when it cannot be imported.
+            PluginLoadError: one line naming the module and ``origin`` when it cannot be imported
+                or registers a name that is already taken
+                ([`PluginModuleClashError`][diffit_toolkit.registry.PluginModuleClashError]).
         """
         token = _loading_source.set(source or (Path(target).stem if target.endswith(".py") else target))
         try:
             module = _import_user_module(target)
-        except PluginError:
+        except DuplicatePluginError as exc:  # a decorator in the module body
+            raise _clash(target, origin, exc) from exc
+        except PluginLoadError:
             raise
+        except PluginError as exc:  # a missing file, a name of a loaded module
+            raise PluginLoadError(f"{origin}: {exc}") from exc
         except SystemExit as exc:  # a plugin that exits while importing must not end the command as a success
-            raise PluginError(f"plugin module '{target}' called sys.exit({exc.code!r}) while importing; a plugin "
-                              f"module must only define and register; fix it or drop it from -p / {PLUGINS_ENV}") from exc
+            raise PluginLoadError(f"plugin module '{target}' called sys.exit({exc.code!r}) while importing; a plugin "
+                                  f"module must only define and register; fix it or drop it from {origin}") from exc
         except Exception as exc:
-            raise PluginError(f"plugin module '{target}' failed to import ({one_line(exc)}); fix it or drop it from -p / {PLUGINS_ENV}") from exc
+            raise PluginLoadError(f"plugin module '{target}' failed to import ({one_line(exc)}); fix it or drop it "
+                                  f"from {origin}") from exc
         finally:
             _loading_source.reset(token)
         if self.pm.is_registered(module):
             return module
         self.pm.register(module, name=module.__name__)
-        self._call_register(module, source or _source_of_module(module.__name__))
+        try:
+            self._call_register(module, source or _source_of_module(module.__name__))
+        except DuplicatePluginError as exc:  # its diffit_register hook
+            raise _clash(target, origin, exc) from exc
         return module
 
     def _call_register(self, plugin: object, source: str) -> None:
@@ -281,10 +324,12 @@ class PluginSystem:
             if existing.obj is entry.obj:  # the same module imported twice: nothing to do
                 return
             label = KIND_LABELS.get(entry.kind, entry.kind)
-            raise DuplicatePluginError(
+            error = DuplicatePluginError(
                 f"{label} '{entry.name}' from '{entry.source}' is already registered by "
                 f"'{existing.source}'; register it under another name"
             )
+            error.label, error.name, error.existing = label, entry.name, existing.source
+            raise error
         table[entry.name] = entry
 
     def remove(self, kind: str, name: str) -> None:
@@ -297,6 +342,17 @@ class PluginSystem:
     def lookup(self, kind: str, name: str) -> Entry | None:
         self.ensure_loaded()
         return self.tables.get(kind, {}).get(name)
+
+
+def _clash(target: str, origin: str, exc: DuplicatePluginError) -> PluginModuleClashError:
+    """The one line for a plugin module (named in ``origin``) that registers a taken name."""
+    if not exc.name:  # pragma: no cover - every DuplicatePluginError of PluginSystem.add has them
+        return PluginModuleClashError(f"plugin module '{target}' (named in {origin}): {exc}")
+    error = PluginModuleClashError(
+        f"plugin module '{target}' (named in {origin}) registers {exc.label} '{exc.name}', which "
+        f"'{exc.existing}' already registers; rename it in the module or drop the module from {origin}")
+    error.label, error.name, error.existing = exc.label, exc.name, exc.existing
+    return error
 
 
 _current = PluginSystem()
@@ -322,10 +378,12 @@ def load_plugin_modules(targets: list[str]) -> None:
     """Load user plugin modules (dotted names or ``.py`` paths) into the current system and into
     every process this one starts (through ``DIFFIT_TOOLKIT_PLUGINS``)."""
     system = current_system()
-    if targets:  # otherwise the registries load the installed plugins on first use
+    if targets or os.environ.get(PLUGINS_ENV, "").strip():
+        # otherwise the registries load the installed plugins on first use; a module named in
+        # DIFFIT_TOOLKIT_PLUGINS that cannot load fails here, before any command uses a registry
         system.ensure_loaded()
     for target in targets:
-        system.load_module(target)
+        system.load_module(target, origin="-p")
     if targets:
         known = [t for t in os.environ.get(PLUGINS_ENV, "").split(",") if t.strip()]
         os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([*known, *targets]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,81 @@ def test_decorated_plugins_land_in_plain_tables(plugin_system):
     register_conditioning("held", _Scale)
     assert plugin_system.tables["conditioning"]["held"].obj is _Scale
     plugin_system.pm.check_pending()
+
+
+# -- modules named in DIFFIT_TOOLKIT_PLUGINS: their errors name the module and the variable ----------
+
+ENV_BROKEN = "import no_such_dependency_of_this_plugin\n"
+ENV_CLASH_DECORATOR = """
+    from diffit_toolkit.registry import register_process
+
+    @register_process("gaussian")
+    class Shadow:
+        '''A process that takes a built-in name.'''
+"""
+ENV_CLASH_HOOK = """
+    from diffit_toolkit.hookspecs import hookimpl
+
+    @hookimpl
+    def diffit_register(registrar):
+        registrar.add("conditioning", "tmsa", object)
+"""
+
+
+def _cli(env_plugins: str, *args: str):
+    import os
+    import subprocess
+
+    env = {**os.environ, "DIFFIT_TOOLKIT_PLUGINS": env_plugins, "COLUMNS": "300", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffit_toolkit", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_env_plugin_errors_name_the_module_and_the_variable_in_every_command(tmp_path):
+    """Real modules in DIFFIT_TOOLKIT_PLUGINS, real processes: a module whose import fails, one whose
+    decorator and one whose hook takes a built-in name. Every command (one that reads a recipe,
+    one that lists plugins, one that builds a backbone) stops with exit 2 and the module's line,
+    not a recipe key it has nothing to do with, nor a traceback."""
+    from diffit_toolkit.registry import PLUGINS_ENV
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    cases = {
+        "env_broken_probe.py": (ENV_BROKEN, "failed to import (ModuleNotFoundError: No module named "
+                                            "'no_such_dependency_of_this_plugin'); fix it or drop it from "
+                                            f"{PLUGINS_ENV}"),
+        "env_clash_probe.py": (ENV_CLASH_DECORATOR, f"(named in {PLUGINS_ENV}) registers diffusion process "
+                                                    "'gaussian', which 'diffit-toolkit' already registers; rename it "
+                                                    f"in the module or drop the module from {PLUGINS_ENV}"),
+        "env_hook_clash_probe.py": (ENV_CLASH_HOOK, f"(named in {PLUGINS_ENV}) registers conditioning mechanism "
+                                                    "'tmsa', which 'diffit-toolkit' already registers; rename it in the "
+                                                    f"module or drop the module from {PLUGINS_ENV}"),
+    }
+    commands = {"env_broken_probe.py": ["recipe", "validate", str(recipe)],
+                "env_clash_probe.py": ["plugins"], "env_hook_clash_probe.py": ["model-info", "-b", "dit"]}
+    for name, (body, expected) in cases.items():
+        module = tmp_path / name
+        module.write_text(textwrap.dedent(body))
+        out = _cli(str(module), *commands[name])
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        assert out.returncode == 2, (name, out.stdout, out.stderr)
+        assert lines == [f"error: plugin module '{module}' {expected}"], (name, lines)
+        assert "diffusion.process" not in lines[0] and "Traceback" not in out.stderr
+
+
+def test_env_plugin_error_is_not_a_recipe_key_error_and_stays_raised(tmp_path, monkeypatch):
+    """In a script (no CLI): building a recipe's process with a broken module in the variable
+    raises the module's line, and every later lookup raises it again (no silent run without it)."""
+    from diffit_toolkit.build import build_process
+    from diffit_toolkit.recipe import Recipe
+    from diffit_toolkit.registry import PLUGINS_ENV, PluginLoadError, processes
+
+    module = tmp_path / "env_broken_script_probe.py"
+    module.write_text(ENV_BROKEN)
+    monkeypatch.setenv(PLUGINS_ENV, str(module))
+    with use_plugin_system(PluginSystem()):
+        with pytest.raises(ValueError) as err:
+            build_process(Recipe())
+        assert str(err.value).startswith(f"plugin module '{module}' failed to import")
+        assert PLUGINS_ENV in str(err.value) and "diffusion.process" not in str(err.value)
+        with pytest.raises(PluginLoadError, match=f"drop it from {PLUGINS_ENV}"):
+            processes.get("gaussian")
