@@ -6,6 +6,9 @@ constants of the diffusers class: its time features use ``downscale_freq_shift=1
 option ``time_feature_options: {freq_shift: 1}``) and the LayerNorm before each MLP uses
 ``norm_eps`` (1e-5 by default; DiT and the toolkit use 1e-6 everywhere, so a model with the
 default differs from its import by float rounding of that epsilon, about 1e-5 relative).
+The MLP of the toolkit's DiT uses the tanh-approximated GELU (diffusers' ``activation_fn:
+"gelu-approximate"``, its default); a folder whose ``config.json`` asks for another activation
+(exact ``"gelu"``, ``"geglu"``, ...) is refused, since its import would compute another function.
 
 | diffusers key | DiT key (then [`released`][diffit_toolkit.interop.released]) |
 | --- | --- |
@@ -131,12 +134,33 @@ def read_diffusers_dit(folder: str | Path) -> tuple[dict[str, Tensor], dict[str,
     config = read_json_object(config_path, "a model config")
     if config.get("_class_name") not in (None, "DiTTransformer2DModel"):
         raise ValueError(f"{config_path} describes a {config['_class_name']}, not a DiTTransformer2DModel")
-    options = diffusers_options(config)
+    options = diffusers_options(config, str(config_path))
     return diffusers_to_dit(read_safetensors(weights), options["input_size"]), options
 
 
-def diffusers_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Toolkit ``dit`` options from a diffusers ``DiTTransformer2DModel`` config."""
+#: The MLP activation of the toolkit's DiT, in diffusers' words (``GELU(approximate="tanh")``).
+DIFFUSERS_ACTIVATION = "gelu-approximate"
+_ACTIVATIONS = {"gelu": "exact erf GELU", "geglu": "gated GELU", "geglu-approximate": "gated sigmoid GELU",
+                "swiglu": "gated SiLU", "linear-silu": "SiLU"}
+
+
+def diffusers_options(config: Mapping[str, Any], source: str = "the diffusers config") -> dict[str, Any]:
+    """Toolkit ``dit`` options from a diffusers ``DiTTransformer2DModel`` config.
+
+    Raises:
+        ValueError: one line if the config asks for a forward the toolkit's DiT does not compute
+            (an MLP activation other than the tanh GELU, a norm other than ``ada_norm_zero``).
+    """
+    activation = config.get("activation_fn", DIFFUSERS_ACTIVATION)
+    if activation != DIFFUSERS_ACTIVATION:
+        kind = f" ({_ACTIVATIONS[activation]})" if activation in _ACTIVATIONS else ""
+        raise ValueError(f"{source} has activation_fn '{activation}'{kind}: the toolkit's DiT uses the tanh-approximated "
+                         f"GELU ('{DIFFUSERS_ACTIVATION}'), so the converted model would compute another function; only "
+                         f"models with activation_fn '{DIFFUSERS_ACTIVATION}' (the DiT default) can be converted: use "
+                         f"this one with diffusers")
+    norm = config.get("norm_type", "ada_norm_zero")
+    if norm != "ada_norm_zero":
+        raise ValueError(f"{source} has norm_type '{norm}': only DiT's 'ada_norm_zero' can be converted")
     return {
         "input_size": int(config.get("sample_size", 32)),
         "num_heads": int(config.get("num_attention_heads", 16)),
@@ -206,7 +230,7 @@ def to_diffusers_dit(model: LatentDiffiT) -> tuple[dict[str, Any], dict[str, Ten
         "norm_eps": 1e-6,
         "norm_elementwise_affine": False,
         "attention_bias": True,
-        "activation_fn": "gelu-approximate",
+        "activation_fn": DIFFUSERS_ACTIVATION,
     }
     return config, out
 

@@ -11,11 +11,12 @@ from diffit_toolkit.interop.released import load_released
 diffusers = pytest.importorskip("diffusers")
 
 
-def _diffusers_dit(norm_eps: float = 1e-6, learn_sigma: bool = True):
+def _diffusers_dit(norm_eps: float = 1e-6, learn_sigma: bool = True, activation_fn: str = "gelu-approximate"):
     torch.manual_seed(0)
     model = diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8 if learn_sigma else 4,
         num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=norm_eps,
+        activation_fn=activation_fn,
     ).eval()
     with torch.no_grad():  # random weights everywhere, the same embedders in every block (as converted DiT)
         for name, p in model.named_parameters():
@@ -111,3 +112,43 @@ def test_sample_cli_from_diffusers_folder_and_export_back(tmp_path):
     arrays = np.load(tmp_path / "s.npz")
     assert arrays["arr_0"].shape == (3, 8, 8, 3) and arrays["arr_1"].tolist() == [4, 4, 4]
 
+
+
+def test_exact_gelu_diffusers_folder_is_refused_by_convert_and_sample(tmp_path):
+    """diffusers' activation_fn "gelu" is the exact erf GELU; the toolkit's DiT computes the tanh
+    GELU ("gelu-approximate"). Such a folder converts to another function, so convert and sample
+    refuse it with one line instead."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+
+    theirs = _diffusers_dit(activation_fn="gelu")
+    theirs.save_pretrained(tmp_path / "exact")
+    config = json.loads((tmp_path / "exact" / "config.json").read_text())
+    assert config["activation_fn"] == "gelu"
+    # the check can fail: read as if it were the tanh GELU, the import is the tanh-GELU model with
+    # these weights, not this one
+    (tmp_path / "relabelled").mkdir()
+    (tmp_path / "relabelled" / "config.json").write_text(json.dumps({**config, "activation_fn": "gelu-approximate"}))
+    (tmp_path / "relabelled" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "exact" / "diffusion_pytorch_model.safetensors").read_bytes())
+    wrong = load_released(tmp_path / "relabelled").eval()
+    x, t, y = _inputs()
+    tanh = _diffusers_dit(activation_fn="gelu-approximate")
+    tanh.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(wrong(x, t, y), tanh(x, t, y).sample, atol=1e-6, rtol=1e-6)
+        assert (wrong(x, t, y) - theirs(x, t, y).sample).abs().max() > 3e-5
+
+    runner = CliRunner()
+    expected = (f"{tmp_path / 'exact' / 'config.json'} has activation_fn 'gelu' (exact erf GELU): the toolkit's DiT "
+                f"uses the tanh-approximated GELU ('gelu-approximate')")
+    out = runner.invoke(app, ["convert", str(tmp_path / "exact"), str(tmp_path / "o.safetensors")], env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and expected in out.output and "use this one with diffusers" in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
+    out = runner.invoke(app, ["sample", str(tmp_path / "exact"), "--num", "1", "--steps", "1", "--device", "cpu",
+                              "--npz", str(tmp_path / "s.npz")], env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and expected in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "s.npz").exists()
