@@ -187,9 +187,11 @@ def _bare_recipe(recipe: str | Path | None, model: torch.nn.Module) -> Recipe:
 
 
 def _is_diffusers_dir(path: Path) -> bool:
-    from diffit_toolkit.interop.diffusers_dit import DIFFUSERS_WEIGHTS
+    """A diffusers model folder (any weights variant) or pipeline folder: read (or refused with the
+    folder to pass) by [`read_diffusers_dit`][diffit_toolkit.interop.diffusers_dit.read_diffusers_dit]."""
+    from diffit_toolkit.interop.diffusers_dit import is_diffusers_folder
 
-    return (path / DIFFUSERS_WEIGHTS).is_file() and (path / "config.json").is_file()
+    return is_diffusers_folder(path)
 
 
 def _load_bare_file(path: Path) -> torch.nn.Module:

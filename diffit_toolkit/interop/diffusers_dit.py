@@ -45,6 +45,10 @@ from diffit_toolkit.backbones.latent import LatentDiffiT
 DIFFUSERS_PREFIX = "transformer_blocks."
 #: File names of a diffusers model folder.
 DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
+#: The file that marks a diffusers pipeline folder (its models lie in subfolders).
+DIFFUSERS_PIPELINE_INDEX = "model_index.json"
+#: A variant weights file (``save_pretrained(variant="fp16")``): ``diffusion_pytorch_model.fp16.safetensors``.
+_VARIANT = re.compile(r"^diffusion_pytorch_model\.([A-Za-z0-9_]+)\.safetensors$")
 #: Time-feature option that matches diffusers' ``Timesteps(downscale_freq_shift=1)``.
 DIFFUSERS_TIME_OPTIONS = {"freq_shift": 1.0}
 
@@ -121,21 +125,77 @@ def diffusers_to_dit(state: Mapping[str, Tensor], input_size: int | None) -> dic
     return out
 
 
+def is_diffusers_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a diffusers model folder (weights ``diffusion_pytorch_model*``, any
+    variant or format) or a diffusers pipeline folder (``model_index.json``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return (folder / DIFFUSERS_PIPELINE_INDEX).is_file() or any(
+        p.name.startswith("diffusion_pytorch_model") for p in folder.iterdir())
+
+
+def diffusers_weights_file(folder: str | Path) -> Path:
+    """The safetensors weights file of a diffusers model folder: ``diffusion_pytorch_model.safetensors``,
+    else its only variant (``diffusion_pytorch_model.fp16.safetensors``, as
+    ``save_pretrained(variant="fp16")`` writes it).
+
+    Raises:
+        ValueError: one line saying what the folder holds instead and what to pass: a pipeline
+            folder (its ``transformer/`` subfolder), several variants, sharded or pickled
+            (``.bin``) weights, or no weights at all.
+    """
+    folder = Path(folder)
+    main = folder / DIFFUSERS_WEIGHTS
+    if main.is_file():
+        return main
+    if (folder / DIFFUSERS_PIPELINE_INDEX).is_file():
+        sub = folder / "transformer"
+        vae = f" (to sample, add --vae {folder / 'vae'})" if (folder / "vae").is_dir() else ""
+        if sub.is_dir():
+            raise ValueError(f"{folder} is a diffusers pipeline folder ({DIFFUSERS_PIPELINE_INDEX}), not a model folder: "
+                             f"pass its transformer folder {sub}{vae}")
+        raise ValueError(f"{folder} is a diffusers pipeline folder ({DIFFUSERS_PIPELINE_INDEX}) without a transformer/ "
+                         f"subfolder: pass the folder of its DiTTransformer2DModel")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    variants = [n for n in names if _VARIANT.match(n)]
+    if len(variants) == 1:
+        return folder / variants[0]
+    if variants:
+        raise ValueError(f"{folder} holds several variant weights files ({', '.join(variants)}) and no {DIFFUSERS_WEIGHTS}: "
+                         f"copy the folder with only the variant to use")
+    if any(n.startswith("diffusion_pytorch_model") and n.endswith(".index.json") for n in names):
+        raise ValueError(f"{folder} holds sharded diffusers weights ({DIFFUSERS_WEIGHTS.replace('.safetensors', '')}-*-of-*), "
+                         f"which the toolkit does not read: save the model again as one file with diffusers "
+                         f"(DiTTransformer2DModel.from_pretrained(folder).save_pretrained(out, max_shard_size='100GB'))")
+    pickled = [n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(".bin")]
+    if pickled:
+        raise ValueError(f"{folder} holds {pickled[0]} (pickled weights), which the toolkit does not read: save the "
+                         f"model again as safetensors with diffusers (DiTTransformer2DModel.from_pretrained(folder)"
+                         f".save_pretrained(out))")
+    raise ValueError(f"{folder} is not a diffusers model folder: it needs {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+
+
 def read_diffusers_dit(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The weights of a diffusers ``DiTTransformer2DModel`` folder in the DiT layout and the
-    toolkit options its ``config.json`` gives (input size, heads, norm epsilon)."""
+    toolkit options its ``config.json`` gives (input size, heads).
+
+    The weights are ``diffusion_pytorch_model.safetensors`` or, without it, the folder's only
+    variant file (``diffusion_pytorch_model.fp16.safetensors``), read in float32 (exactly the
+    stored values, as diffusers loads it with ``torch_dtype=torch.float32``)."""
     from diffit_toolkit.backbones.pretrained import read_safetensors
 
     folder = Path(folder)
+    weights = diffusers_weights_file(folder)
     config_path = folder / DIFFUSERS_CONFIG
-    weights = folder / DIFFUSERS_WEIGHTS
-    if not config_path.is_file() or not weights.is_file():
-        raise ValueError(f"{folder} is not a diffusers model folder: it needs {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a diffusers model folder: it has {weights.name} but no {DIFFUSERS_CONFIG}")
     config = read_json_object(config_path, "a model config")
     if config.get("_class_name") not in (None, "DiTTransformer2DModel"):
         raise ValueError(f"{config_path} describes a {config['_class_name']}, not a DiTTransformer2DModel")
     options = diffusers_options(config, str(config_path))
-    return diffusers_to_dit(read_safetensors(weights), options["input_size"]), options
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(weights).items()}
+    return diffusers_to_dit(state, options["input_size"]), options
 
 
 #: The MLP activation of the toolkit's DiT, in diffusers' words (``GELU(approximate="tanh")``).

@@ -152,3 +152,74 @@ def test_exact_gelu_diffusers_folder_is_refused_by_convert_and_sample(tmp_path):
                               "--npz", str(tmp_path / "s.npz")], env={"COLUMNS": "300"})
     assert out.exit_code == 2 and expected in out.output, out.output
     assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "s.npz").exists()
+
+
+def _tiny_vae():
+    return diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+
+
+def test_fp16_variant_folder_converts_exactly_and_samples(tmp_path):
+    """A folder written with save_pretrained(variant="fp16") holds only
+    diffusion_pytorch_model.fp16.safetensors: convert and sample read it (in float32, the stored
+    values), equal to diffusers loading that variant in float32."""
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+    from diffit_toolkit.runs.model_file import load_model_file
+
+    _diffusers_dit(learn_sigma=False).half().save_pretrained(tmp_path / "v", variant="fp16")
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float32).eval()
+    runner = CliRunner()
+    out = runner.invoke(app, ["convert", str(tmp_path / "v"), str(tmp_path / "o.safetensors")], env={"COLUMNS": "300"})
+    assert out.exit_code == 0, out.output
+    ours = load_model_file(tmp_path / "o.safetensors").eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), theirs(x, t, y).sample, atol=2e-5, rtol=1e-4)
+    _tiny_vae().save_pretrained(tmp_path / "vae")
+    out = runner.invoke(app, ["sample", str(tmp_path / "v"), "--vae", str(tmp_path / "vae"), "--num", "2", "--steps", "2",
+                              "--device", "cpu", "--npz", str(tmp_path / "s.npz")], env={"COLUMNS": "300"})
+    assert out.exit_code == 0, (out.output, out.exception)
+
+
+def test_pipeline_folder_points_to_its_transformer_folder(tmp_path):
+    """convert and sample of a DiTPipeline folder (model_index.json, transformer/, vae/) name its
+    transformer folder (and its VAE for sample), not a checkpoint's step_* folder; the advice works."""
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+
+    pipe = diffusers.DiTPipeline(transformer=_diffusers_dit(learn_sigma=False), vae=_tiny_vae(),
+                                 scheduler=diffusers.DDIMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    root = tmp_path / "pipe"
+    expected = (f"error: {root} is a diffusers pipeline folder (model_index.json), not a model folder: pass its "
+                f"transformer folder {root / 'transformer'} (to sample, add --vae {root / 'vae'})")
+    runner = CliRunner()
+    for args in (["convert", str(root), str(tmp_path / "o.safetensors")],
+                 ["sample", str(root), "--num", "1", "--steps", "1", "--device", "cpu", "--npz", str(tmp_path / "s.npz")]):
+        out = runner.invoke(app, args, env={"COLUMNS": "300"})
+        assert out.exit_code == 2 and out.output.strip().splitlines() == [expected], out.output
+        assert "step_" not in out.output
+    out = runner.invoke(app, ["sample", str(root / "transformer"), "--vae", str(root / "vae"), "--num", "1", "--steps",
+                              "2", "--device", "cpu", "--npz", str(tmp_path / "s.npz")], env={"COLUMNS": "300"})
+    assert out.exit_code == 0, (out.output, out.exception)
+
+
+def test_pickled_sharded_and_several_variant_weights_say_what_was_found(tmp_path):
+    model = _diffusers_dit(learn_sigma=False)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(ValueError, match=r"holds diffusion_pytorch_model\.bin \(pickled weights\), which the toolkit "
+                                         r"does not read: save the model again as safetensors"):
+        load_released(tmp_path / "bin")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert (tmp_path / "shards" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    with pytest.raises(ValueError, match="holds sharded diffusers weights"):
+        load_released(tmp_path / "shards")
+    model.save_pretrained(tmp_path / "two", variant="fp16")
+    model.save_pretrained(tmp_path / "two", variant="bf16")
+    with pytest.raises(ValueError, match=r"several variant weights files \(diffusion_pytorch_model\.bf16\.safetensors, "
+                                         r"diffusion_pytorch_model\.fp16\.safetensors\)"):
+        load_released(tmp_path / "two")
