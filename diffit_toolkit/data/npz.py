@@ -18,6 +18,13 @@ from diffit_toolkit.data.transforms import match_channels, to_model_range
 NPZ_KEYS = (("arr_0", "arr_1"), ("images", "labels"))
 #: Most classes a label array may imply (labels are 0..K-1; a stray 2**40 would size the model).
 MAX_CLASSES = 1_000_000
+#: A compressed (deflated) array may inflate to this many bytes whatever its compression ratio ...
+MAX_INFLATED_BYTES = 256 * 2**20
+#: ... and beyond it to at most this many times its compressed size. Image data deflates 2 to 10
+#: times (the digits, shapes and canvas testbeds: 2.5 to 8.5); deflate's limit, about 1030 times,
+#: is reached by one repeated byte: a small file declaring gigabytes of it (a zip bomb) is refused
+#: from its headers, before any memory is taken.
+MAX_DEFLATE_RATIO = 100
 
 
 def _memory_bytes() -> int:
@@ -30,7 +37,9 @@ def _memory_bytes() -> int:
 def read_member(archive: Any, key: str, path: Path) -> np.ndarray:
     """``archive[key]`` after checking its ``.npy`` header: the size it declares must be what the
     file holds and fit in half of this machine's memory (a forged header claiming 183 GiB is an
-    error, not an allocation)."""
+    error, not an allocation); a compressed array larger than ``MAX_INFLATED_BYTES`` must not
+    inflate more than ``MAX_DEFLATE_RATIO`` times (a few MiB that declare gigabytes are refused
+    before they are inflated)."""
     name = f"{key}.npy"
     try:
         info = archive.zip.getinfo(name)
@@ -48,6 +57,11 @@ def read_member(archive: Any, key: str, path: Path) -> np.ndarray:
     if declared > info.file_size - header:
         raise ValueError(f"'{path}': array {key} declares {shape} {dtype} ({declared} bytes) but holds "
                          f"{info.file_size - header} bytes; the file is damaged")
+    ratio = declared / max(info.compress_size, 1)
+    if info.compress_type != zipfile.ZIP_STORED and declared > MAX_INFLATED_BYTES and ratio > MAX_DEFLATE_RATIO:
+        raise ValueError(f"'{path}': array {key} declares {shape} {dtype} ({declared / 2**30:.1f} GiB) from "
+                         f"{info.compress_size / 2**20:.1f} MiB of compressed data ({ratio:.0f}:1, images reach about "
+                         f"10:1); not inflated: if the arrays are real, save them uncompressed (np.savez)")
     if declared > _memory_bytes() // 2:
         raise ValueError(f"'{path}': array {key} is {declared / 2**30:.1f} GiB, more than half of this machine's "
                          f"memory; split the file")

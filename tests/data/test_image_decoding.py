@@ -157,3 +157,50 @@ def test_an_npz_label_of_2_to_the_40_is_refused(tmp_path):
         build_dataset("npz", path=str(tmp_path / "labels.npz"))
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "labels.npz")], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "labels must be below" in result.output
+
+
+def deflated_zeros_npz(path: Path, shape: tuple[int, ...]) -> Path:
+    """A real, valid compressed .npz (as np.savez_compressed writes) whose arr_0 is ``shape`` uint8
+    zeros: streamed through deflate, so it is a few MiB on disk however large ``shape`` is."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            chunk, left = bytes(1 << 22), int(np.prod(shape))
+            while left:
+                member.write(chunk[: min(len(chunk), left)])
+                left -= min(len(chunk), left)
+    return path
+
+
+def test_a_compressed_npz_inflating_to_1_5_gib_is_refused_before_inflating(tmp_path):
+    # protection: npz.read_member bounds a deflated array's size by its compressed size (before:
+    # 6.5 MiB on disk took 3.6 GB of memory and 18 s to load as a dataset)
+    import resource
+
+    path = deflated_zeros_npz(tmp_path / "bomb.npz", (8000, 256, 256, 3))
+    assert path.stat().st_size < 16 * 2**20
+    with np.load(path) as archive:  # a valid file: numpy reads its header as we do
+        assert archive.zip.getinfo("arr_0.npy").file_size > 1.5e9
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    expected = r"array arr_0 declares \(8000, 256, 256, 3\) uint8 \(1\.5 GiB\) from .* MiB of compressed data"
+    with pytest.raises(ValueError, match=expected + r".*save them uncompressed \(np\.savez\)"):
+        build_dataset("npz", path=str(path))
+    from diffit_toolkit.eval.inputs import InputError, load_npz
+
+    with pytest.raises(InputError, match=expected):
+        load_npz(path)
+    result = CliRunner().invoke(app, ["eval", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "of compressed data" in result.output and "np.savez" in result.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: nothing was inflated
+
+
+def test_compressed_npz_of_real_images_still_loads(tmp_path):
+    """The bound leaves real compressed files alone: the shapes testbed's images (about 3:1)."""
+    from diffit_toolkit.data.shapes import make_shapes
+
+    images, labels = make_shapes("train", num=64)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(tmp_path / "shapes.npz", pixels, labels.numpy())
+    dataset = build_dataset("npz", path=str(tmp_path / "shapes.npz"))
+    assert len(dataset) == 64 and dataset.num_classes == int(labels.max()) + 1
