@@ -223,3 +223,23 @@ def test_pickled_sharded_and_several_variant_weights_say_what_was_found(tmp_path
     with pytest.raises(ValueError, match=r"several variant weights files \(diffusion_pytorch_model\.bf16\.safetensors, "
                                          r"diffusion_pytorch_model\.fp16\.safetensors\)"):
         load_released(tmp_path / "two")
+
+
+def test_sample_cli_npz_declares_the_side_an_upsampling_vae_decodes_to(tmp_path):
+    """sample MODEL --vae VAE --npz: the .npz header holds the decoded side (8 latent -> 16 pixels
+    with a two-block VAE), which np.load (and the ADM evaluator) read from it."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from diffit_toolkit.cli import app
+
+    _diffusers_dit(learn_sigma=False).save_pretrained(tmp_path / "dd")
+    diffusers.AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4, layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    out = CliRunner().invoke(app, ["sample", str(tmp_path / "dd"), "--vae", str(tmp_path / "vae"), "--num", "3", "--steps",
+                                   "2", "--sampler", "ddim", "--device", "cpu", "--npz", str(tmp_path / "s.npz")],
+                             env={"COLUMNS": "300"})
+    assert out.exit_code == 0, out.output
+    with np.load(tmp_path / "s.npz") as arrays:
+        assert arrays["arr_0"].shape == (3, 16, 16, 3) and arrays["arr_1"].shape == (3,)
