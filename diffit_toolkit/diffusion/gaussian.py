@@ -128,8 +128,10 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0) (Ho et al., eq. 6-7)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The posterior variance is 0 at t = 0; the log is clipped to the t = 1 value (ADM).
+        # the variance at t = 0 is 0; the second entry stands in for it (one step: beta_0)
         first = self.posterior_variance[1:2] if self.num_timesteps > 1 else self.betas[:1]
         self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
+        self._first_variance = first
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
@@ -349,7 +351,7 @@ class GaussianDiffusion:
             mean_output = model_output
             if self.model_var_type == "fixed_large":
                 # ADM: beta_t, with the first entry replaced to get a good decoder log-likelihood.
-                fixed = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+                fixed = torch.cat([self._first_variance, self.betas[1:]])
                 variance = self._extract(fixed, t, x).expand_as(x)
                 log_variance = self._extract(torch.log(fixed), t, x).expand_as(x)
             else:

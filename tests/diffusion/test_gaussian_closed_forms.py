@@ -166,3 +166,21 @@ def test_bad_respacing_and_bad_output_channels_raise() -> None:
         GaussianDiffusion.from_schedule("linear", T, model_mean_type="score")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2\\*C = 8"):
         base.p_mean_variance(lambda x, t, y: x, torch.zeros(1, 4, 1, 1), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_one_respaced_step_samples_the_model_prediction(var_type):
+    # one step from pure noise to data: the variance table has a single entry, and the sample is
+    # the model's x0 prediction (no noise is added at the last step)
+    from diffit_toolkit.sampling.gaussian_samplers import ddpm_sample
+
+    one = GaussianDiffusion.from_schedule("linear", 1000, model_var_type=var_type).respace(1)
+    assert one.num_timesteps == 1
+    target = torch.full((2, 1, 4, 4), 0.25)
+    zero = torch.zeros(2, dtype=torch.long)
+
+    def model(x, t, y):  # a perfect epsilon model for the data point `target`
+        return one.predict_eps_from_xstart(x, zero, target)
+
+    x = ddpm_sample(one, model, torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(x, target, atol=1e-4)
