@@ -35,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the ablate output folder")
     parser.add_argument("stem", type=Path, help="write STEM.csv and STEM.png")
+    parser.add_argument("--glyph-ceiling", type=float, default=None,
+                        help="FD / floor of a trained 8x8 digits model's samples pasted on canvases (a reference line)")
     args = parser.parse_args()
     rows = curve_rows(args.out)
     args.stem.parent.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,13 @@ def main() -> None:
                         xytext=(4, 4), fontsize=7)
     ax.axhline(1.0, color="gray", linestyle="--", label="real-vs-real floor")
     ax.axhline(1.5, color="gray", linestyle=":", label="1.5 x floor")
+    if args.glyph_ceiling:
+        ax.axhline(args.glyph_ceiling, color="tab:green", linestyle="-.",
+                   label="8x8 digits model, pasted (glyph quality)")
     ax.set_yscale("log")
     ax.set_xlabel("training CPU-minutes (one thread; labels: step)")
     ax.set_ylabel("FD / real-vs-real floor (log scale)")
-    ax.set_title("Digits canvas, default preset (TMSA, width 64, batch 64)", fontsize=10)
+    ax.set_title("Digits canvas, default preset (U-shaped DiffiT, TMSA in 4x4 windows, batch 64)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
