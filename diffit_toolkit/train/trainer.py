@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import threading
@@ -547,8 +548,30 @@ def _init_weights(trainer: Trainer, path: str | Path) -> None:
     load_model_state(trainer.ema.module, state)
 
 
+def busy_cpu_note(device: torch.device, threads: int, load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when this CPU run asks for several threads on a machine whose cores are already
+    busy (1-minute load average at least the core count): OpenMP threads that wait for each other on
+    busy cores can make every step many times slower than one thread would be."""
+    if device.type != "cpu" or threads <= 1:
+        return None
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):  # not available on this platform
+            return None
+    cores = cores or os.cpu_count() or 1
+    if load < cores:
+        return None
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores) and this run uses {threads} threads; "
+            f"threads waiting for each other on busy cores can make training many times slower: start it with "
+            f"OMP_NUM_THREADS=1, or run fewer processes at once")
+
+
 def _start_messages(trainer: Trainer, notes: list[str], ckpt: dict[str, Any] | None, other_setup: list[str]) -> list[str]:
     lines = [f"warning: {note}" for note in notes]
+    busy = busy_cpu_note(trainer.env.device, torch.get_num_threads())
+    if busy:
+        lines.append(f"warning: {busy}")
     if trainer.sharded:
         model = trainer.model
         lines.append(f"FSDP over {trainer.env.world_size} processes: " + (

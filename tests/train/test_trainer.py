@@ -231,3 +231,27 @@ def test_an_unconditional_model_on_labelled_data_trains_and_samples_without_labe
     gen = load_generator(tmp_path / "run", device="cpu")
     images, labels = gen.sample(3, gen.recipe.sample.model_copy(update={"guidance_scale": 1.0}), batch_size=3)
     assert images.shape == (3, 1, 8, 8) and labels is None
+
+
+def test_a_busy_machine_gets_one_warning_about_threads(tmp_path, tiny_recipe, monkeypatch):
+    import os
+
+    from typer.testing import CliRunner
+
+    import torch
+
+    from diffit_toolkit.cli import app
+    from diffit_toolkit.train.trainer import busy_cpu_note
+
+    cpu = torch.device("cpu")
+    assert busy_cpu_note(cpu, 2, load=4.0, cores=2) and "OMP_NUM_THREADS=1" in busy_cpu_note(cpu, 2, load=4.0, cores=2)
+    assert busy_cpu_note(cpu, 2, load=1.2, cores=2) is None  # a core to spare
+    assert busy_cpu_note(cpu, 1, load=9.0, cores=2) is None  # one thread does not wait for others
+    assert busy_cpu_note(torch.device("cuda"), 8, load=9.0, cores=2) is None
+    # through the command: the load average the machine reports decides
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    recipe = tiny_recipe(tmp_path, "run", max_steps=1)
+    out = CliRunner().invoke(app, ["train", str(recipe), "--device", "cpu", "--no-progress"], env={"COLUMNS": "400"})
+    assert out.exit_code == 0, out.output
+    assert out.output.count("the machine is busy (load average 64.0") == 1
