@@ -24,6 +24,20 @@ def test_model_info_unknown_backbone_is_a_usage_error():
     assert preset.exit_code == 2 and "unknown preset(s) XL/3" in preset.output
 
 
+def test_model_info_without_a_preset_counts_the_benchmark_canvas_model():
+    from diffit_toolkit.build import build_dataset, build_model, data_facts, load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "benchmark" / "base.yaml")
+    built = build_model(recipe, data_facts(build_dataset(recipe)), device="meta")
+    sets = [f"{k}={v}" for k, v in recipe.model.items() if k in ("in_channels", "channels", "num_blocks", "head_dim",
+                                                                   "time_dim", "norm_groups", "window")]
+    out = RUNNER.invoke(app, ["model-info", "-b", "image_diffit", "-p", "none", "--input-size", "16",
+                              "--num-classes", "0", "-m", "tmsa", *[a for s in sets for a in ("--set", s)]], env=WIDE)
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if "(no preset)" in line)
+    assert f"{sum(p.numel() for p in built.parameters()) / 1e6:.2f}" in row and "tmsa" in row
+
+
 def test_convert_of_a_wrong_file_is_a_usage_error(tmp_path):
     out = RUNNER.invoke(app, ["convert", str(tmp_path / "missing.pt"), str(tmp_path / "o.safetensors")], env=WIDE)
     assert out.exit_code == 2 and "does not exist" in out.output

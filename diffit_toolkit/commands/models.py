@@ -49,7 +49,7 @@ def _error(message: str) -> None:
 @app.command("model-info")
 def model_info(
     backbone: list[str] = typer.Option(None, "--backbone", "-b", help="Backbone(s): latent_diffit, dit, image_diffit (default: all)."),
-    preset: list[str] = typer.Option(None, "--preset", "-p", help="Preset(s), e.g. XL/2 or cifar10 (default: all of each backbone)."),
+    preset: list[str] = typer.Option(None, "--preset", "-p", help="Preset(s), e.g. XL/2 or cifar10, or none for the backbone's defaults with --set (default: all of each backbone)."),
     mechanism: str = typer.Option(None, "--mechanism", "-m", help="Conditioning mechanism for every model listed."),
     input_size: int = typer.Option(None, "--input-size", help="Input side (latent side for latent models: 32 = 256 px, 64 = 512 px)."),
     num_classes: int = typer.Option(None, "--num-classes", help="Class labels (latent default 1000; 0 = unconditional)."),
@@ -79,14 +79,16 @@ def model_info(
     for name in chosen:
         prefix, presets = listed.get(name, (name, []))
         for p in preset or presets:
-            if preset and presets and p not in presets:
+            defaults = p.lower() == "none"  # the backbone's defaults and the --set options, no preset
+            if preset and presets and p not in presets and not defaults:
                 continue  # a preset of another backbone
             try:
-                facts = model_facts(name, p, **options)
+                facts = model_facts(name, None if defaults else p, **options)
             except ValueError as exc:
                 _error(str(exc).splitlines()[0])
             table.add_row(
-                f"{prefix}-{p}", facts.mechanism or "", f"{facts.params / 1e6:.2f}", f"{facts.gmacs:.2f}", f"{facts.gflops:.2f}"
+                f"{prefix} (no preset)" if defaults else f"{prefix}-{p}", facts.mechanism or "",
+                f"{facts.params / 1e6:.2f}", f"{facts.gmacs:.2f}", f"{facts.gflops:.2f}"
             )
     if not table.rows:
         valid = sorted({p for name in chosen for p in listed.get(name, ("", []))[1]})
