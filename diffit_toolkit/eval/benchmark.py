@@ -212,6 +212,8 @@ def matched_hidden_size(recipe_path: Path, overrides: Sequence[str], target: int
 def plan_arms(plan: BenchmarkPlan, log: Callable[[str], None] = print) -> tuple[list[Arm], list[str]]:
     """The arms of every testbed (candidate, references, parameter-matched variants) with their
     jobs, and the notes of pairs that could not be parameter-matched."""
+    from diffit_toolkit.build import load_recipe
+
     base = _base_overrides(plan)
     arms: list[Arm] = []
     notes: list[str] = []
@@ -230,7 +232,7 @@ def plan_arms(plan: BenchmarkPlan, log: Callable[[str], None] = print) -> tuple[
                 continue
             found = matched_hidden_size(recipe_path, [*base, f"model.mechanism={plan.mechanism}"], counts[ref])
             if found is None:
-                has_width = bool(count_params(recipe_path, base)[1].model.get("hidden_size"))
+                has_width = bool(load_recipe(recipe_path, base).model.get("hidden_size"))
                 why = (f"no hidden_size comes within {MATCH_TOLERANCE:.0%}" if has_width
                        else "the testbed's backbone has no hidden_size to adjust")
                 notes.append(f"{testbed}: {plan.mechanism} ({counts[plan.mechanism]:,} parameters) is not matched to "
