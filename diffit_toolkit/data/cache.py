@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from diffit_toolkit.data.image_folder import ImageFolderDataset
-from diffit_toolkit.data.latents import LatentMeta, shard_name
+from diffit_toolkit.data.image_folder import ImageFolderDataset, check_resolution
+from diffit_toolkit.data.latents import LatentMeta, read_shard_digest, shard_digest, shard_name
 from diffit_toolkit.data.vae import encode_raw, load_vae, vae_latent_scale
 
 #: Storage dtypes accepted for the cached latents.
@@ -26,14 +26,17 @@ def _fingerprint(dataset: ImageFolderDataset, start: int, stop: int, settings: d
     return {**settings, "count": str(stop - start), "first": first, "last": last}
 
 
-def _complete(file: Path, fingerprint: dict[str, str]) -> bool:
+def _complete(file: Path, fingerprint: dict[str, str]) -> str | None:
+    """The checksum of a finished shard with this fingerprint whose bytes are intact, else ``None``
+    (missing, foreign, interrupted or damaged: encode it again)."""
     if not file.is_file():
-        return False
+        return None
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.metadata() == fingerprint
-    except Exception:  # a foreign or damaged file: encode the shard again
-        return False
+        metadata, digest = read_shard_digest(file)
+    except ValueError:
+        return None
+    recorded = metadata.pop("sha256", None)
+    return digest if metadata == fingerprint and recorded == digest else None
 
 
 def cache_latents(
@@ -57,7 +60,8 @@ def cache_latents(
 
     Every image is ADM-center-cropped to ``resolution`` and encoded twice, plain and mirrored.
     Shards are written atomically (temporary file, then rename) and carry a fingerprint of their
-    content, so re-running the same command after an interruption skips the finished shards.
+    inputs and a checksum of their bytes, so re-running the same command after an interruption
+    skips the finished shards and encodes a damaged one again.
 
     Args:
         data_path: Image folder (class subfolders, or flat with ``conditional=False``).
@@ -84,6 +88,7 @@ def cache_latents(
         raise ValueError(f"dtype must be one of {', '.join(LATENT_DTYPES)}, got '{dtype}'")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    check_resolution(resolution)  # before the VAE is loaded: --resolution 100000 would fill the memory
     model = load_vae(vae, device=device)  # a wrong VAE fails at once, before the image folder is scanned
     dataset = ImageFolderDataset(data_path, resolution, channels=3, conditional=conditional, on_bad_file=on_bad_file)
     scale = vae_latent_scale(model) if latent_scale is None else float(latent_scale)
@@ -96,8 +101,8 @@ def cache_latents(
     for index in range(math.ceil(total / shard_size)):
         start, stop = index * shard_size, min(total, (index + 1) * shard_size)
         file, fingerprint = out / shard_name(index), _fingerprint(dataset, start, stop, settings)
-        shards.append({"file": file.name, "count": stop - start})
-        if not _complete(file, fingerprint):
+        digest = _complete(file, fingerprint)
+        if digest is None:
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + index)
             loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers)
             latents, labels = [], []
@@ -109,13 +114,15 @@ def cache_latents(
                 if progress:
                     progress(done, total)
             tensors = {"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels).to(torch.int64)}
+            digest = shard_digest(tensors)
             tmp = file.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata=fingerprint)
+            save_file(tensors, str(tmp), metadata={**fingerprint, "sha256": digest})
             os.replace(tmp, file)
         else:
             done += stop - start
             if progress:
                 progress(done, total)
+        shards.append({"file": file.name, "count": stop - start, "sha256": digest})
         with safe_open(str(file), framework="pt") as handle:
             latent_shape = tuple(handle.get_slice("latents").get_shape()[2:])  # (C, h, w)
     meta = LatentMeta(

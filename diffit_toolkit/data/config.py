@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from diffit_toolkit.data.base import DiffusionDataset
-from diffit_toolkit.data.image_folder import BAD_FILE_POLICIES
+from diffit_toolkit.data.image_folder import BAD_FILE_POLICIES, check_resolution
 from diffit_toolkit.errors import did_you_mean
 from diffit_toolkit.registry import datasets
 
@@ -78,8 +78,8 @@ class DataConfig:
             raise ValueError(f"kind='{self.kind}' needs path: {needs}")
         if self.path is not None and not Path(self.path).expanduser().exists():
             raise ValueError(f"data path '{self.path}' does not exist (kind='{self.kind}' needs {needs})")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"resolution must be a positive image side, got {self.resolution}")
+        if self.resolution is not None:
+            check_resolution(self.resolution)
         if kind.image_channels and self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 or 3 for images, got {self.channels}")
         if self.on_bad_file not in BAD_FILE_POLICIES:

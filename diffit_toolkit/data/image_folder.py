@@ -24,6 +24,9 @@ IMAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: Largest decoded image accepted (pixels), checked from the header before decoding.
 MAX_IMAGE_PIXELS = 2**26
+#: Largest image side a dataset produces (an 8192 x 8192 float image alone is 0.8 GB; every model
+#: and VAE in this field works far below it).
+MAX_RESOLUTION = 4096
 #: Largest ratio of the long to the short side (the center crop scales the short side to the
 #: resolution, so a 4,000,000 x 1 strip would become gigabytes).
 MAX_ASPECT_RATIO = 32
@@ -77,6 +80,12 @@ def check_image_size(image: Image.Image) -> None:
         raise ValueError(f"{width}x{height} is more elongated than {MAX_ASPECT_RATIO}:1")
 
 
+def check_resolution(resolution: int) -> None:
+    """One-line ``ValueError`` unless ``resolution`` is an image side from 1 to `MAX_RESOLUTION`."""
+    if not 1 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"resolution must be an image side from 1 to {MAX_RESOLUTION} pixels, got {resolution}")
+
+
 def verify_image(path: Path) -> None:
     """Raise one of `IMAGE_ERRORS` if PIL cannot identify ``path``, finds it truncated or
     corrupted, or its header declares a size beyond
@@ -123,6 +132,7 @@ class ImageFolderDataset(DiffusionDataset):
             raise ValueError(f"image folder '{root}' does not exist or is not a folder")
         if on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"on_bad_file must be one of {', '.join(BAD_FILE_POLICIES)}, got '{on_bad_file}'")
+        check_resolution(resolution)
         self.root, self.resolution, self.channels = root, resolution, channels or 3
         if self.channels not in PIL_MODES:
             raise ValueError(f"image folders give 1 or 3 channels, got channels={self.channels}")

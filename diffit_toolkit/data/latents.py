@@ -13,6 +13,7 @@ so decoding always divides by the scale the latents were made with.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from diffit_toolkit.errors import read_json_object
+from diffit_toolkit.errors import first_line, read_json_object
 from diffit_toolkit.data.base import DiffusionDataset, label
 
 #: Stable Diffusion's VAE latent scale (``latents * scale`` has roughly unit variance); DiT, LDM and DiffiT use it.
@@ -37,9 +38,41 @@ LATENT_FORMAT_VERSION = 1
 FLIP_VARIANTS = 2
 
 
+#: The tensors of a shard, in the order their bytes enter its checksum.
+SHARD_TENSORS = ("latents", "labels")
+
+
 def shard_name(index: int) -> str:
     """File name of shard ``index``."""
     return f"shard-{index:05d}.safetensors"
+
+
+def shard_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a shard's tensor bytes (``latents``, then ``labels``): its checksum, stored in the
+    shard's own metadata and in ``meta.json``."""
+    digest = hashlib.sha256()
+    for name in SHARD_TENSORS:
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def read_shard_digest(file: Path) -> tuple[dict[str, str], str]:
+    """A shard's metadata and the checksum of the bytes it holds now; ``ValueError`` when the file
+    cannot be read as a shard (truncated, foreign, a damaged header)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            return metadata, shard_digest({name: handle.get_tensor(name) for name in SHARD_TENSORS})
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise ValueError(f"'{file}' is not a readable latent shard ({first_line(exc)})") from None
+
+
+def verify_shard(file: Path, expected: str) -> None:
+    """One-line ``ValueError`` unless ``file`` holds the bytes whose checksum ``meta.json`` records."""
+    _, actual = read_shard_digest(file)
+    if actual != expected:
+        raise ValueError(f"latent shard '{file}' is damaged: its content does not match the checksum in {META_FILE} "
+                         f"(delete the shard and re-run cache-latents with the same arguments to encode it again)")
 
 
 @dataclass
@@ -55,7 +88,8 @@ class LatentMeta:
         num_classes: Number of class labels (0 = unconditional).
         class_names: Name per label, or ``None``.
         num_items: Number of images (each stored plain and flipped).
-        shards: ``{"file": name, "count": n}`` per shard, in order.
+        shards: ``{"file": name, "count": n, "sha256": checksum}`` per shard, in order (caches
+            written before checksums existed have none, and are read unchecked).
         stored: ``"mean"`` (the posterior mean, deterministic) or ``"sample"`` (one posterior sample).
         dtype: Storage dtype of the latents (``float16`` or ``float32``).
         source: The image folder that was encoded.
@@ -152,6 +186,9 @@ class LatentDataset(DiffusionDataset):
         missing = [s["file"] for s in meta.shards if not (self.root / s["file"]).is_file()]
         if missing:
             raise ValueError(f"latent cache '{self.root}' lacks shard(s) {', '.join(missing)} (re-run cache-latents to complete it)")
+        for shard in meta.shards:  # one read of the cache at start: a flipped byte is never trained on
+            if isinstance(shard.get("sha256"), str):
+                verify_shard(self.root / shard["file"], shard["sha256"])
         self.latent_scale, self.vae = float(meta.latent_scale), meta.vae
         self.channels, self.resolution = meta.channels, meta.resolution
         self.num_classes = meta.num_classes if conditional else 0

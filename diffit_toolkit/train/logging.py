@@ -16,7 +16,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from diffit_toolkit.optional import missing, require
 from diffit_toolkit.runs.files import open_no_follow, write_text_atomic
-from diffit_toolkit.recipe import LoggingSection, WandbSection
+from diffit_toolkit.errors import first_line
+from diffit_toolkit.recipe import LoggingSection, RecipeError, WandbSection
+
+#: Seconds an online W&B run may take to reach its server before training stops with an error.
+WANDB_INIT_TIMEOUT = 30.0
 
 
 def _start_wandb(section: WandbSection, run_dir: Path, config: dict[str, Any], name: str):
@@ -27,8 +31,19 @@ def _start_wandb(section: WandbSection, run_dir: Path, config: dict[str, Any], n
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     write_text_atomic(id_file, run_id + "\n", root=run_dir)
-    return wandb.init(project=section.project, entity=section.entity, name=section.name or name, tags=section.tags,
-                      mode=section.mode, dir=str(run_dir), id=run_id, resume="allow", config=config)
+    settings = {}
+    if section.mode == "online":
+        settings["init_timeout"] = WANDB_INIT_TIMEOUT
+        Console(stderr=True).print(f"connecting to Weights & Biases (online, up to {WANDB_INIT_TIMEOUT:g} s)")
+    try:
+        return wandb.init(project=section.project, entity=section.entity, name=section.name or name, tags=section.tags,
+                          mode=section.mode, dir=str(run_dir), id=run_id, resume="allow", config=config,
+                          settings=wandb.Settings(**settings))
+    except wandb.errors.Error as exc:  # no API key, no network, a wrong entity: before any step is trained
+        reason = first_line(exc).rstrip(".")
+        raise RecipeError(f"recipe error at logging.wandb: W&B could not start ({reason}); set "
+                          "WANDB_API_KEY or run `wandb login`, or set logging.wandb.mode=offline to log under the run "
+                          "folder and upload later with `wandb sync`") from exc
 
 
 def _record(line: str) -> dict[str, Any] | None:

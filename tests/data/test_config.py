@@ -20,7 +20,8 @@ from diffit_toolkit.data import DataConfig, build_dataset
         ({"kind": "digits", "channels": 2}, "channels must be 1 or 3"),
         ({"kind": "digits", "on_bad_file": "ignore"}, "on_bad_file must be one of skip, stop"),
         ({"kind": "npz", "path": ".", "split": "test"}, "split applies to kind='digits' or kind='digits_canvas' only"),
-        ({"kind": "digits", "resolution": 0}, "resolution must be a positive"),
+        ({"kind": "digits", "resolution": 0}, "resolution must be an image side from 1 to 4096 pixels, got 0"),
+            ({"kind": "digits", "resolution": 100000}, "resolution must be an image side from 1 to 4096 pixels, got 100000"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):

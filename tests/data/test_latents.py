@@ -203,3 +203,60 @@ def test_a_cache_naming_a_missing_vae_fails_before_training(cache, tmp_path):
     with pytest.raises(RecipeError, match="names the VAE folder .*gone_vae', which does not exist"):
         train(recipe, device="cpu", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _flip_a_latent_byte(shard) -> None:
+    """Flip one byte of a shard's tensor data: the header and the safetensors layout stay valid."""
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_a_shard_with_a_flipped_byte_is_refused_for_training_and_encoded_again_by_a_rerun(
+        cache, shared_class_folder, tiny_vae_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    assert all(len(shard["sha256"]) == 64 for shard in meta["shards"])
+    second = copy / "shard-00001.safetensors"
+    intact = {name: t.clone() for name, t in load_file(second).items()}
+    _flip_a_latent_byte(second)
+    assert load_file(second).keys() == {"latents", "labels"}  # still a valid safetensors file
+    with pytest.raises(ValueError, match=r"latent shard '.*shard-00001.safetensors' is damaged: its content does not "
+                                         r"match the checksum in meta.json \(delete the shard and re-run cache-latents") as info:
+        LatentDataset(copy)
+    assert "\n" not in str(info.value)
+    first_time = (copy / "shard-00000.safetensors").stat().st_mtime_ns
+    cache_latents(shared_class_folder, copy, str(tiny_vae_dir), resolution=16, batch_size=2, shard_size=3, dtype="float32")
+    for name, tensor in load_file(second).items():  # encoded again, to the same values
+        assert torch.equal(tensor, intact[name])
+    assert (copy / "shard-00000.safetensors").stat().st_mtime_ns == first_time  # the intact shard was kept
+    assert len(LatentDataset(copy)) == 5
+
+
+def test_a_truncated_shard_is_refused_in_one_line(cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    second = copy / "shard-00001.safetensors"
+    second.write_bytes(second.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors' is not a readable latent shard \(") as info:
+        LatentDataset(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_a_cache_without_checksums_is_still_read(cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    for shard in meta["shards"]:
+        del shard["sha256"]
+    (copy / META_FILE).write_text(json.dumps(meta))
+    assert len(LatentDataset(copy)) == 5
+
+
+def test_cache_latents_refuses_a_huge_resolution_before_loading_anything(tmp_path, shared_class_folder, tiny_vae_dir):
+    args = ["cache-latents", str(shared_class_folder), str(tmp_path / "o"), "--vae", str(tiny_vae_dir), "--resolution", "100000"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "resolution must be an image side from 1 to 4096 pixels, got 100000" in result.output
+    assert not (tmp_path / "o").exists()

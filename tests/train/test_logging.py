@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -106,3 +109,36 @@ def test_wandb_offline_gets_metrics_config_and_grids_and_resumes_the_same_run(tm
     files = [p for run in runs for p in run.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files)  # the offline log that `wandb sync` uploads
     assert any(p.suffix == ".png" and "samples" in p.name for p in files)  # the grids
+
+
+@wandb_installed
+def test_wandb_online_without_an_api_key_stops_before_training_with_one_line(tmp_path, tiny_recipe):
+    path = tiny_recipe(tmp_path, "run", max_steps=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"), WANDB_SILENT="true")
+    result = subprocess.run([sys.executable, "-m", "diffit_toolkit.cli", "train", str(path), "--device", "cpu",
+                             "--set", "logging.wandb.project=demo", "--set", "logging.wandb.mode=online"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    output = " ".join((result.stdout + result.stderr).split())  # the terminal may wrap the line
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert "logging.wandb: W&B could not start (No API key configured" in output
+    assert "logging.wandb.mode=offline" in output
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the first step
+
+
+@wandb_installed
+def test_wandb_online_with_its_server_unreachable_stops_after_the_timeout_with_one_line(tmp_path, tiny_recipe, monkeypatch):
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.recipe import RecipeError
+    from diffit_toolkit.train import logging as run_logging, train
+
+    monkeypatch.setattr(run_logging, "WANDB_INIT_TIMEOUT", 3.0)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens, connections are refused
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    recipe = load_recipe(tiny_recipe(tmp_path, "run", max_steps=2), ["logging.wandb.project=demo", "logging.wandb.mode=online"])
+    with pytest.raises(RecipeError, match=r"^recipe error at logging\.wandb: W&B could not start \(.*\); "
+                                          r"set WANDB_API_KEY or run `wandb login`, or set logging\.wandb\.mode=offline"):
+        train(recipe, device="cpu", progress=False)
