@@ -4,7 +4,8 @@ For each *testbed* (a base recipe; the mechanism is set with ``model.mechanism=<
 mechanism is trained with several seeds for the same budget and scored by the testbed's offline
 judge (FD, lower is better) at its best guidance scale (conditional testbeds) or once
 (unconditional ones). A mechanism whose parameter count differs from a reference's by more than
-10 % also runs a parameter-matched variant (its ``hidden_size`` adjusted) where one exists. Each
+10 % also runs a parameter-matched variant (its ``hidden_size``, or on a backbone without one its
+``mlp_ratio``, adjusted) where one exists. Each
 candidate-vs-reference pair gets Welch's difference with a 95 % interval, a Holm-Bonferroni
 corrected p-value (over all pairs of all testbeds), a verdict and the smallest difference the
 design could detect ([`diffit_toolkit.eval.stats`][diffit_toolkit.eval.stats]).
@@ -46,6 +47,8 @@ DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0)
 METRIC, LOWER_IS_BETTER = "fd", True
 #: Parameter counts within this fraction of a reference's count are "matched".
 MATCH_TOLERANCE = 0.10
+#: Largest MLP ratio a parameter-matched variant may get (four is the usual ratio).
+MAX_MATCHED_MLP_RATIO = 16.0
 
 
 @dataclass
@@ -183,28 +186,54 @@ def count_params(recipe_path: Path, overrides: Sequence[str]) -> tuple[int, Any]
     return sum(p.numel() for p in model.parameters()), recipe
 
 
-def matched_hidden_size(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[int, int] | None:
-    """``(hidden_size, params)`` of the width that brings the model closest to ``target``
-    parameters (multiples of ``num_heads`` up to four times the width), or ``None`` when no width
-    comes within ``MATCH_TOLERANCE`` (10 %)."""
+def _matched_width(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[str, str, int] | None:
+    """The ``hidden_size`` (a multiple of ``num_heads``, up to four times the width) closest to ``target``."""
     from diffit_toolkit.recipe import RecipeError
 
     _, recipe = count_params(recipe_path, overrides)
     heads = int(recipe.model.get("num_heads", 1) or 1)
     width = int(recipe.model.get("hidden_size", 0) or 0)
-    if width <= 0:
-        return None
-    best: tuple[int, int] | None = None
+    best: tuple[str, str, int] | None = None
     for h in range(heads, 4 * width + 1, heads):
         try:
             params, _ = count_params(recipe_path, [*overrides, f"model.hidden_size={h}"])
         except (RecipeError, ValueError):
             continue
-        if best is None or abs(params - target) < abs(best[1] - target):
-            best = (h, params)
+        if best is None or abs(params - target) < abs(best[2] - target):
+            best = (f"model.hidden_size={h}", f"h{h}", params)
         if params > target * (1 + MATCH_TOLERANCE):
             break  # wider only grows
-    if best is None or abs(best[1] - target) > MATCH_TOLERANCE * target:
+    return best
+
+
+def _matched_mlp_ratio(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[str, str, int] | None:
+    """The ``mlp_ratio`` (two decimals) closest to ``target``: the parameter count is linear in it,
+    so two counts give the ratio and a third checks it."""
+    from diffit_toolkit.recipe import RecipeError
+
+    try:
+        low, high = (count_params(recipe_path, [*overrides, f"model.mlp_ratio={r}"])[0] for r in (2.0, 4.0))
+    except (RecipeError, ValueError, TypeError):
+        return None  # a backbone without an MLP ratio
+    if high == low:
+        return None
+    ratio = round(2.0 + 2.0 * (target - low) / (high - low), 2)
+    if not 0 < ratio <= MAX_MATCHED_MLP_RATIO:
+        return None
+    params = count_params(recipe_path, [*overrides, f"model.mlp_ratio={ratio:g}"])[0]
+    return f"model.mlp_ratio={ratio:g}", f"mlp{ratio:g}", params
+
+
+def match_parameters(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[str, str, int] | None:
+    """``(override, label suffix, params)`` of the variant that brings the model within
+    ``MATCH_TOLERANCE`` (10 %) of ``target`` parameters, or ``None``. The knob: ``hidden_size``
+    where the testbed's model section sets one (the transformer's width), else ``mlp_ratio`` (the
+    U-shaped backbone, whose stage widths are tied to its head and group sizes): the attention, its
+    heads and windows stay as they are."""
+    _, recipe = count_params(recipe_path, overrides)
+    knob = _matched_width if recipe.model.get("hidden_size") else _matched_mlp_ratio
+    best = knob(recipe_path, overrides, target)
+    if best is None or abs(best[2] - target) > MATCH_TOLERANCE * target:
         return None
     return best
 
@@ -230,22 +259,20 @@ def plan_arms(plan: BenchmarkPlan, log: Callable[[str], None] = print) -> tuple[
         for ref in plan.against:
             if ref == plan.mechanism or abs(counts[plan.mechanism] - counts[ref]) <= MATCH_TOLERANCE * counts[ref]:
                 continue
-            found = matched_hidden_size(recipe_path, [*base, f"model.mechanism={plan.mechanism}"], counts[ref])
+            found = match_parameters(recipe_path, [*base, f"model.mechanism={plan.mechanism}"], counts[ref])
             if found is None:
-                has_width = bool(load_recipe(recipe_path, base).model.get("hidden_size"))
-                why = (f"no hidden_size comes within {MATCH_TOLERANCE:.0%}" if has_width
-                       else "the testbed's backbone has no hidden_size to adjust")
+                knob = "hidden_size" if load_recipe(recipe_path, base).model.get("hidden_size") else "mlp_ratio"
                 notes.append(f"{testbed}: {plan.mechanism} ({counts[plan.mechanism]:,} parameters) is not matched to "
-                             f"{ref} ({counts[ref]:,}): {why}")
+                             f"{ref} ({counts[ref]:,}): no {knob} comes within {MATCH_TOLERANCE:.0%}")
                 continue
-            width, params = found
-            label = f"{plan.mechanism}-h{width}"
+            override, suffix, params = found
+            label = f"{plan.mechanism}-{suffix}"
             existing = next((a for a in tb_arms if a.label == label), None)
             if existing is not None:
                 existing.matched_to.append(ref)
                 continue
             tb_arms.append(Arm(testbed, label, plan.mechanism, "matched",
-                               [*base, f"model.mechanism={plan.mechanism}", f"model.hidden_size={width}"], params, [ref]))
+                               [*base, f"model.mechanism={plan.mechanism}", override], params, [ref]))
             log(f"{testbed}: {plan.mechanism} has {counts[plan.mechanism]:,} parameters, {ref} {counts[ref]:,}: "
                 f"also running {label} ({params:,})")
         for arm in tb_arms:

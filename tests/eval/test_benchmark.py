@@ -169,9 +169,19 @@ def test_report_only_without_runs_lists_them_as_missing(tmp_path):
     assert "n/a" in (tmp_path / "bench" / "benchmark.md").read_text()
 
 
-def test_a_backbone_without_a_width_says_why_its_pairs_are_not_matched(tmp_path):
+def test_a_backbone_without_a_width_is_matched_by_its_mlp_ratio(tmp_path, monkeypatch):
     plan = bm.BenchmarkPlan(mechanism="adaln_zero", against=["tmsa"], testbeds=bm.resolve_testbeds("canvas"),
                             seeds=[0, 1], out=tmp_path / "bench", steps=10, num_images=10)
     arms, notes = bm.plan_arms(plan, log=lambda line: None)
+    by_label = {a.label: a for a in arms}
+    candidate, reference = by_label["adaln_zero"], by_label["tmsa"]
+    assert candidate.params > 1.1 * reference.params and not notes
+    (matched,) = [a for a in arms if a.role == "matched"]
+    ratio = float(matched.label.rsplit("-mlp", 1)[1])
+    assert f"model.mlp_ratio={ratio:g}" in matched.overrides and 0 < ratio < 4
+    assert abs(matched.params - reference.params) <= 0.02 * reference.params  # linear in the ratio: close
+    assert not any("hidden_size" in o for o in matched.overrides)
+    monkeypatch.setattr(bm, "MAX_MATCHED_MLP_RATIO", 0.01)  # no admissible ratio: a note says so
+    arms, notes = bm.plan_arms(plan, log=lambda line: None)
     assert {a.role for a in arms} == {"candidate", "reference"}
-    assert len(notes) == 1 and "no hidden_size to adjust" in notes[0] and "adaln_zero" in notes[0]
+    assert len(notes) == 1 and "no mlp_ratio comes within 10%" in notes[0] and "adaln_zero" in notes[0]
