@@ -332,33 +332,53 @@ def read_weights(path: str | Path, weights: str = "ema") -> dict[str, torch.Tens
     return load_checkpoint(path)[weights]
 
 
-def export_model(generator: Generator, out: str | Path) -> Path:
-    """Write ``generator``'s weights as a pretrained folder plus ``sampling.json`` (the recipe's
-    model, diffusion and sample sections and the data facts, with the VAE reference).
+def write_folder_atomically(out: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Create the folder ``out`` by ``write(tmp)`` into a temporary folder beside it, renamed to
+    ``out`` once complete: ``out`` never holds a partial folder (a crash or a full disk leaves
+    nothing, and a retry is not blocked); ``out`` must not exist or be an empty folder.
 
-    The folder is written under a temporary name beside ``out`` and renamed once complete, so
-    ``out`` never holds a partial export (a crash or a full disk leaves nothing, and a retry
-    is not blocked); ``out`` must not exist or be an empty folder."""
+    Raises:
+        CheckpointError: one line when the folder cannot be written (nothing is left behind).
+        ValueError: as ``write`` raises it (nothing is left behind).
+    """
     import shutil
 
     from diffit_toolkit.runs.files import temporary_name, why_write_failed
 
     out = Path(out)
-    check_finite_weights(generator.model, "the weights to export")
     tmp = temporary_name(out)
     try:
-        save_pretrained(generator.model, tmp)
-        recipe = generator.recipe.to_dict()
-        settings = {"recipe": {k: recipe[k] for k in EXPORTED_SECTIONS}, "data": generator.facts}
-        (tmp / SAMPLING_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        tmp.mkdir(parents=True)
+        write(tmp)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         os.rename(tmp, out)  # fails rather than replace an existing export
+    except ValueError:
+        raise
     except Exception as exc:  # safetensors and torch wrap a full disk in their own exceptions
         raise CheckpointError(f"could not write {out} ({why_write_failed(exc, out.parent)}); nothing was written") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_model(generator: Generator, out: str | Path, extra: Callable[[Path], Any] | None = None) -> Path:
+    """Write ``generator``'s weights as a pretrained folder plus ``sampling.json`` (the recipe's
+    model, diffusion and sample sections and the data facts, with the VAE reference).
+
+    The folder is written as [`write_folder_atomically`][diffit_toolkit.generate.write_folder_atomically]
+    writes it; ``extra(folder)`` adds more files (the model card) before it gets its name."""
+    check_finite_weights(generator.model, "the weights to export")
+
+    def write(tmp: Path) -> None:
+        save_pretrained(generator.model, tmp)
+        recipe = generator.recipe.to_dict()
+        settings = {"recipe": {k: recipe[k] for k in EXPORTED_SECTIONS}, "data": generator.facts}
+        (tmp / SAMPLING_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
+
+    return write_folder_atomically(out, write)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -445,9 +465,9 @@ def _append_rows(target: Any, shard: Path, shape: tuple[int, ...], dtype: np.dty
 
 
 def write_samples(generator: Generator, num_images: int, sample: SampleSection, *, npz: Path | None = None,
-                  grid: Path | None = None, classes: list[int] | None = None, batch_size: int = 64, seed: int = 0,
-                  progress: Callable[[int], None] | None = None, rank: int = 0, world_size: int = 1,
-                  barrier: Callable[[], None] | None = None) -> list[Path]:
+                  grid: Path | None = None, png_dir: Path | None = None, classes: list[int] | None = None,
+                  batch_size: int = 64, seed: int = 0, progress: Callable[[int], None] | None = None, rank: int = 0,
+                  world_size: int = 1, barrier: Callable[[], None] | None = None, source: str = "") -> list[Path]:
     """Sample ``num_images`` images straight to disk, one batch at a time.
 
     The ``.npz`` (ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` labels) is written batch by batch
@@ -460,8 +480,15 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
     rank (all shards written), rank 0 appends the shards in rank order, writes the ``.npz`` and the
     grid, and removes the shards. The ``.npz`` is the one a single process writes, byte for byte.
 
+    ``png_dir`` receives one PNG per image, named by [`png_name`][diffit_toolkit.generate.png_name]
+    (index and class), each written under a temporary name and renamed once complete. A rerun
+    skips the images already there (with neither ``npz`` nor ``grid``, their batches are not even
+    drawn) and draws the same images for the others; the folder's ``sampling_settings.json``
+    records the settings, and a rerun with other settings is refused.
+
     Args:
         progress: called with the number of this process's images finished after every batch.
+        source: the weights sampled (recorded in ``png_dir``'s settings).
         rank: this process (0 in a plain run).
         world_size: the number of processes (1: a plain run).
         barrier: returns once every process has called it (required with ``world_size > 1``).
@@ -475,9 +502,20 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
 
     part = shard_range(num_images, batch_size, rank, world_size)
     distributed = world_size > 1
-    if distributed and (npz is None or barrier is None):
-        raise ValueError("sampling on several processes writes an .npz: give --npz PATH (the grid is drawn from it)")
+    if distributed and npz is None and png_dir is None:
+        raise ValueError("sampling on several processes writes an .npz or PNG files: give --npz PATH or --png-dir DIR")
+    if distributed and npz is None and grid is not None:
+        raise ValueError("the grid of a sampling on several processes is drawn from its .npz: add --npz PATH or drop --out")
+    if distributed and npz is not None and barrier is None:
+        raise ValueError("sampling on several processes into one .npz needs a barrier")
     generator.check_guidance(sample)
+    if png_dir is not None:
+        chosen = generator.chosen_classes(classes)
+        check_png_dir(png_dir, {"source": source, "vae": generator.facts.get("vae"), "seed": seed, "classes": chosen,
+                                "sample": sample.model_dump(mode="json")},
+                      write=rank == 0)
+        digits = max(PNG_INDEX_DIGITS, len(str(num_images - 1)))
+        names = [png_name(i, None if chosen is None else chosen[i % len(chosen)], digits) for i in range(num_images)]
     height, width, _ = generator.image_shape()  # the decoded images' side for a latent model
     arrays = {"arr_0": ((height, width, 3), np.dtype(np.uint8))}
     if generator.num_classes:
@@ -496,9 +534,18 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
             rows = num_images if rank == 0 else len(part)  # rank 0's file becomes the whole array
             for key, (shape, dtype) in arrays.items():
                 files[key] = _open_npy(_part_file(npz, key, rank, token), (rows, *shape), dtype)
-        for images, labels in generator.batches(num_images, sample, classes, batch_size, seed, images=part):
+        for start in range(part.start, part.stop, batch_size):
+            batch = range(start, min(start + batch_size, part.stop))
+            if png_dir is not None and npz is None and grid is None and all((png_dir / names[i]).is_file() for i in batch):
+                done += len(batch)  # drawn by an earlier run: the same images
+                if progress is not None:
+                    progress(done)
+                continue
+            images, labels = next(generator.batches(num_images, sample, classes, batch_size, seed, images=batch))
+            pixels = to_uint8_nhwc(images) if files or png_dir is not None else None
+            if png_dir is not None:
+                _write_pngs(pixels, [png_dir / names[i] for i in batch])
             if files:
-                pixels = to_uint8_nhwc(images)
                 if pixels.shape[1:] != arrays["arr_0"][0]:  # a header that lies makes every reader return garbage
                     raise ValueError(f"the sampler made images of {pixels.shape[1:]}, not the {arrays['arr_0'][0]} "
                                      f"the .npz declares")
@@ -514,7 +561,7 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
                 progress(done)
         for handle in files.values():
             handle.close()
-        if distributed:
+        if distributed and npz is not None:
             barrier()
             handed_over = True
             if rank != 0:
@@ -545,9 +592,66 @@ def write_samples(generator: Generator, num_images: int, sample: SampleSection, 
                 for r in ranks:
                     _part_file(npz, key, r, token).unlink(missing_ok=True)
             zipped.unlink(missing_ok=True)
+    if png_dir is not None and rank == 0:
+        written.append(png_dir)
     if grid is not None:
         written.append(save_sample_grid(torch.cat(kept), torch.cat(kept_labels) if kept_labels else None, grid))
     return written
+
+
+#: Least digits of the image index in a PNG file name (``0000042_class3.png``): names sort in drawing order.
+PNG_INDEX_DIGITS = 7
+#: The file in a PNG folder recording the settings its images were drawn with.
+PNG_SETTINGS = "sampling_settings.json"
+
+
+def png_name(index: int, label: int | None, width: int = PNG_INDEX_DIGITS) -> str:
+    """``0000042_class3.png`` (``0000042.png`` for an unconditional model): the index, then the class."""
+    return f"{index:0{width}d}.png" if label is None else f"{index:0{width}d}_class{label}.png"
+
+
+def check_png_dir(png_dir: Path, settings: dict[str, Any], write: bool = True) -> None:
+    """Create ``png_dir`` or check that the images already in it were drawn with ``settings``;
+    record them (when ``write``) for the next run.
+
+    Raises:
+        ValueError: one line when the folder holds images drawn with other settings (they would
+            mix with these), or is a file.
+    """
+    from diffit_toolkit.runs.files import write_text_atomic
+
+    if png_dir.exists() and not png_dir.is_dir():
+        raise ValueError(f"--png-dir {png_dir} is a file; give a folder")
+    record = png_dir / PNG_SETTINGS
+    if record.is_file():
+        try:
+            before = json.loads(record.read_text())
+        except ValueError:
+            before = None
+        if before != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in settings if not isinstance(before, dict) or before.get(k) != json.loads(json.dumps(settings[k])))
+            raise ValueError(f"--png-dir {png_dir} holds images drawn with other settings ({', '.join(changed) or PNG_SETTINGS}): "
+                             f"give a new folder, or the same settings to complete it")
+    elif png_dir.is_dir() and any(p.suffix.lower() == ".png" for p in png_dir.iterdir()):
+        raise ValueError(f"--png-dir {png_dir} holds PNG files that diffit-toolkit sample did not draw (no {PNG_SETTINGS}): "
+                         f"give a new or empty folder")
+    png_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        write_text_atomic(record, json.dumps(settings, indent=2) + "\n")
+
+
+def _write_pngs(pixels: np.ndarray, paths: list[Path]) -> None:
+    """One PNG per image (uint8 HWC), each under a temporary name renamed once complete; files
+    already there (a rerun) are kept."""
+    from PIL import Image
+
+    from diffit_toolkit.runs.files import atomic_output
+
+    for image, path in zip(pixels, paths):
+        if path.is_file():
+            continue
+        with atomic_output(path) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
 
 
 def _image_channels(generator: Generator) -> int:

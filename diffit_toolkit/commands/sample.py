@@ -1,4 +1,4 @@
-"""``diffit-toolkit sample``: images from a trained run as a PNG grid and/or an ADM ``.npz``."""
+"""``diffit-toolkit sample``: images from a trained run as a PNG grid, an ADM ``.npz`` and/or one PNG per image."""
 
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ def _default_grid(run: Path) -> Path:
 def sample(
     run: Path = typer.Argument(..., help="Run folder (newest checkpoint), checkpoint step folder, exported folder "
                                          "or a single .safetensors / .pt weights file."),
-    out: Path = typer.Option(None, help="PNG grid to write (default, unless --npz is given: samples/sample.png in the run folder, or NAME_samples.png beside a weights file)."),
+    out: Path = typer.Option(None, help="PNG grid to write (default, unless --npz or --png-dir is given: samples/sample.png in the run folder, or NAME_samples.png beside a weights file)."),
     npz: Path = typer.Option(None, help="Also write the images as an ADM-layout .npz (uint8 NHWC + labels)."),
+    png_dir: Path = typer.Option(None, help="Also write one PNG per image into this folder (INDEX_classLABEL.png), for "
+                                            "evaluators that read folders; a rerun with the same settings skips the "
+                                            "images already there."),
     num: int = typer.Option(64, "--num", "-n", min=1, help="Number of images (under torchrun write -n: torchrun's own "
                                                             "parser takes --num for its --numa-binding)."),
     classes: str = typer.Option(None, help="Comma-separated class labels to cycle through (default: all)."),
@@ -77,6 +80,9 @@ def sample(
         if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
             what = "a folder" if path.is_dir() else "not an image file name" if option == "--out" else "not an .npz file name"
             exit_with_error(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}", 2)
+    check_output(png_dir, "--png-dir", folder=True)
+    if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
+        exit_with_error(f"--png-dir {png_dir} is a file; give a folder", 2)
     check_device(device)
     overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                        guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
@@ -88,9 +94,9 @@ def sample(
             exit_with_error(exc, 2)
     env = setup_distributed(device)  # one process, or this process's rank under torchrun / SLURM
     try:
-        if env.distributed and npz is None:
-            exit_with_error(f"sampling on {env.world_size} processes writes an .npz: give --npz PATH "
-                            f"(and --out for a grid, drawn by rank 0)", 2)
+        if env.distributed and npz is None and png_dir is None:
+            exit_with_error(f"sampling on {env.world_size} processes writes an .npz or PNG files: give --npz PATH "
+                            f"(and --out for a grid, drawn by rank 0) or --png-dir DIR", 2)
         try:
             gen = load_generator(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
             if env.is_main:
@@ -108,7 +114,7 @@ def sample(
             gen.labels(chosen, 1)  # a wrong class is reported before any sampling
         except (CheckpointError, PluginError, ValueError) as exc:
             exit_with_error(exc, 2)
-        grid = out or (_default_grid(run) if npz is None else None)
+        grid = out or (_default_grid(run) if npz is None and png_dir is None else None)
         if out is None and grid is not None and grid.parent.name == "samples":
             try:  # the default grid lies inside the run folder: never written through a link there
                 confined(grid.parent.parent, grid)
@@ -118,9 +124,10 @@ def sample(
         label = f"sampling (rank 0 of {env.world_size})" if env.distributed else "sampling"
         try:
             with progress_bar(label, total=share, enabled=env.is_main and not no_progress) as update:
-                written = write_samples(gen, num, settings, npz=npz, grid=grid, classes=chosen, batch_size=batch_size,
-                                        seed=seed, progress=update, rank=env.rank, world_size=env.world_size,
-                                        barrier=lambda: barrier(env))
+                written = write_samples(gen, num, settings, npz=npz, grid=grid, png_dir=png_dir, classes=chosen,
+                                        batch_size=batch_size, seed=seed, progress=update, rank=env.rank,
+                                        world_size=env.world_size, barrier=lambda: barrier(env),
+                                        source=f"{run.resolve()} ({weights} weights)")
         except ValueError as exc:  # e.g. a VAE that cannot be loaded, a latent model without one
             exit_with_error(exc, 2)
         except OSError as exc:

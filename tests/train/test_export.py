@@ -73,7 +73,8 @@ def test_train_export_from_pretrained_gives_identical_outputs(tiny_run):
     folder, result = tiny_run
     out = RUNNER.invoke(app, ["export", str(folder / "run"), str(folder / "exported")], env=WIDE)
     assert out.exit_code == 0, out.output
-    assert sorted(p.name for p in (folder / "exported").iterdir()) == ["config.json", "model.safetensors", "sampling.json"]
+    assert sorted(p.name for p in (folder / "exported").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                                      "sampling.json", "training_recipe.yaml"]
     model = LatentDiffiT.from_pretrained(folder / "exported")
     ema = load_checkpoint(result.checkpoint)["ema"]
     for key, value in model.state_dict().items():
