@@ -151,7 +151,10 @@ def diffusers_weights_file(folder: str | Path) -> Path:
         return main
     if (folder / DIFFUSERS_PIPELINE_INDEX).is_file():
         sub = folder / "transformer"
-        vae = f" (to sample, add --vae {folder / 'vae'})" if (folder / "vae").is_dir() else ""
+        vae = f" --vae {folder / 'vae'}" if (folder / "vae").is_dir() else ""
+        if (folder / "training_recipe.yaml").is_file():  # exported by the toolkit: its recipe samples it as trained
+            vae += f" --recipe {folder / 'training_recipe.yaml'}"
+        vae = f" (to sample, add{vae})" if vae else ""
         if sub.is_dir():
             raise ValueError(f"{folder} is a diffusers pipeline folder ({DIFFUSERS_PIPELINE_INDEX}), not a model folder: "
                              f"pass its transformer folder {sub}{vae}")

@@ -111,14 +111,23 @@ def test_pipeline_export_samples_in_diffusers_as_the_toolkit_does(dit_run, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[:2] == [str(CLASSES), "[7]"] and proc.stdout.split()[2] == "DDIMScheduler"
     theirs = np.load(tmp_path / "diffusers.npy")
-    ours = RUNNER.invoke(app, ["sample", str(dit_run / "run"), "--sampler", "diffusers:DDIMScheduler", "--guided-channels",
-                               "4", "--guidance-scale", str(scale), "--steps", str(steps), "--classes", classes, "-n",
-                               str(count), "--seed", str(seed), "--npz", str(tmp_path / "ours.npz"), "--device", "cpu",
-                               "--no-progress"], env=WIDE)
+    ours_args = ["--sampler", "diffusers:DDIMScheduler", "--guided-channels", "4", "--guidance-scale", str(scale),
+                 "--steps", str(steps), "--classes", classes, "-n", str(count), "--seed", str(seed), "--device", "cpu",
+                 "--no-progress"]
+    ours = RUNNER.invoke(app, ["sample", str(dit_run / "run"), *ours_args, "--npz", str(tmp_path / "ours.npz")], env=WIDE)
     assert ours.exit_code == 0, ours.output
     mine = np.load(tmp_path / "ours.npz")["arr_0"]
     assert theirs.shape == mine.shape == (count, 8, 8, 3) and theirs.std() > 5  # decoded images, not a flat colour
     assert np.array_equal(theirs, mine)
+    # the toolkit samples the folder's transformer as it was trained, with the advice it gives for the folder
+    advice = RUNNER.invoke(app, ["sample", str(pipe), "-n", "1", "--device", "cpu"], env=WIDE)
+    assert advice.exit_code == 2 and advice.output.strip().endswith(
+        f"(to sample, add --vae {pipe / 'vae'} --recipe {pipe / 'training_recipe.yaml'})"), advice.output
+    again = RUNNER.invoke(app, ["sample", str(pipe / "transformer"), "--vae", str(pipe / "vae"), "--recipe",
+                                str(pipe / "training_recipe.yaml"), *ours_args, "--npz", str(tmp_path / "again.npz")],
+                          env=WIDE)
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], theirs)
 
 
 def test_pipeline_export_refusals_name_the_reason_and_write_nothing(dit_run, tmp_path, tiny_recipe):
