@@ -4,6 +4,7 @@ swappable conditioning mechanisms.
 The public entry points for plugin authors are the ``register_*`` functions and the block API
 ([`ConditioningMechanism`][diffit_toolkit.nn.block.ConditioningMechanism],
 [`Injection`][diffit_toolkit.nn.block.Injection],
+[`Conditioning`][diffit_toolkit.nn.block.Conditioning],
 [`BlockSpec`][diffit_toolkit.nn.block.BlockSpec], [`DiffiTBlock`][diffit_toolkit.nn.block.DiffiTBlock]).
 
 Importing the package is cheap: each public name is imported from its module on first use
@@ -31,6 +32,7 @@ _PUBLIC = {
     "Attention": "diffit_toolkit.nn.attention",
     "AttentionBackend": "diffit_toolkit.nn.attention",
     "BlockSpec": "diffit_toolkit.nn.block",
+    "Conditioning": "diffit_toolkit.nn.block",
     "ConditioningMechanism": "diffit_toolkit.nn.block",
     "DiffiTBlock": "diffit_toolkit.nn.block",
     "Injection": "diffit_toolkit.nn.block",
@@ -41,7 +43,7 @@ __all__ = sorted([*_PUBLIC, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily
     from diffit_toolkit.nn.attention import Attention, AttentionBackend
-    from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, DiffiTBlock, Injection
+    from diffit_toolkit.nn.block import BlockSpec, Conditioning, ConditioningMechanism, DiffiTBlock, Injection
     from diffit_toolkit.nn.embeddings import TimestepEmbedder
     from diffit_toolkit.registry import (
         DuplicatePluginError,

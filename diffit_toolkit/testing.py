@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffit_toolkit.optional import require
 
@@ -56,7 +56,14 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (check
 from hypothesis import strategies as st  # noqa: E402
 
 from diffit_toolkit.nn.attention import Attention, AttentionBackend, BackendChoice, attention_math
-from diffit_toolkit.nn.block import BlockSpec, ConditioningMechanism, DiffiTBlock, Injection, resolve_mechanism
+from diffit_toolkit.nn.block import (
+    BlockSpec,
+    Conditioning,
+    ConditioningMechanism,
+    DiffiTBlock,
+    Injection,
+    resolve_mechanism,
+)
 from diffit_toolkit.registry import attention_backends, conditioning
 
 __all__ = [
@@ -229,6 +236,37 @@ def _block_cases(cls: type[ConditioningMechanism]) -> st.SearchStrategy[_BlockCa
     return draw_case()
 
 
+class _Unit(nn.Module):
+    """One block as a backbone runs it: ``c`` (B, 2, cond_dim) holds the time and class
+    embeddings; the mechanism's shared module (if it declares one) runs on their sum, and tokens
+    the block appends to the sequence are dropped from its output."""
+
+    def __init__(self, block: DiffiTBlock, shared: nn.Module | None) -> None:
+        super().__init__()
+        self.block, self.shared = block, shared
+
+    @property
+    def spec(self) -> BlockSpec:
+        return self.block.spec
+
+    def mechanism_parameters(self) -> dict[str, nn.Parameter]:
+        """The mechanism's parameters, then the shared module's (prefixed ``shared.``)."""
+        params = dict(self.block.cond.named_parameters())
+        if self.shared is not None:
+            params.update({f"shared.{n}": p for n, p in self.shared.named_parameters()})
+        return params
+
+    def conditioning(self, c: Tensor) -> Conditioning:
+        cond = Conditioning(c[:, 0], c[:, 1])
+        return cond if self.shared is None else cond._replace(shared=self.shared(cond.c))
+
+    def injection(self, c: Tensor) -> Injection:
+        return self.block.injection(self.conditioning(c))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.block(x, self.conditioning(c))[:, : x.shape[1]]
+
+
 class _MechanismHarness:
     """Builds blocks of one mechanism and the inputs of a case."""
 
@@ -236,12 +274,13 @@ class _MechanismHarness:
         self.cls = cls
         self.options = options
 
-    def block(self, case: _BlockCase, dtype: torch.dtype, seed: int | None = None) -> DiffiTBlock:
+    def block(self, case: _BlockCase, dtype: torch.dtype, seed: int | None = None) -> _Unit:
         with _seeded(case.seed if seed is None else seed):
             block = DiffiTBlock(case.spec, self.cls, dict(self.options))
-        return block.to(dtype).eval()
+            shared = self.cls.shared_module(block.spec, **self.options)
+        return _Unit(block, shared).to(dtype).eval()
 
-    def perturbed_block(self, case: _BlockCase, dtype: torch.dtype) -> DiffiTBlock:
+    def perturbed_block(self, case: _BlockCase, dtype: torch.dtype) -> _Unit:
         """A block whose parameters are moved off their init (zero inits would hide bugs)."""
         block = self.block(case, dtype)
         g = torch.Generator().manual_seed(case.seed + 1)
@@ -255,7 +294,7 @@ class _MechanismHarness:
         g = torch.Generator().manual_seed(case.seed + 2)
         n = case.spec.grid[0] * case.spec.grid[1]
         x = torch.randn(case.batch, n, case.spec.dim, generator=g, dtype=torch.float64)
-        c = torch.randn(case.batch, case.spec.cond_dim, generator=g, dtype=torch.float64)
+        c = torch.randn(case.batch, 2, case.spec.cond_dim, generator=g, dtype=torch.float64)  # t and y embeddings
         return x.to(dtype), c.to(dtype)
 
 
@@ -273,6 +312,8 @@ SITE_SHAPES: dict[str, str] = {
     "scale_mlp": "(B, 1 or N, D)",
     "mlp_in": "(B, 1 or N, D)",
     "gate_mlp": "(B, 1 or N, D)",
+    "sequence": "(B, M, D)",
+    "context": "(B, M, context_dim)",
 }
 
 
@@ -284,6 +325,7 @@ def _site_shape_ok(site: str, shape: tuple[int, ...], spec: BlockSpec, batch: in
         "(B, 1 or N, 3D)": len(shape) == 3 and shape[0] == batch and shape[1] in (1, n) and shape[2] == 3 * d,
         "(B, T, heads)": shape == (batch, spec.bias_table_size, spec.num_heads),
         "(B, M, D)": len(shape) == 3 and shape[0] == batch and shape[1] >= 1 and shape[2] == d,
+        "(B, M, context_dim)": len(shape) == 3 and shape[0] == batch and shape[1] >= 1 and shape[2] == spec.context_dim,
     }
     return allowed[SITE_SHAPES[site]]
 
@@ -299,8 +341,10 @@ def check_mechanism(
 
     The mechanism is built into [`DiffiTBlock`][diffit_toolkit.nn.block.DiffiTBlock] s of toy shapes
     (hypothesis draws widths, heads, grids, windows and the relative bias; a mechanism with
-    ``requires_rel_pos_bias`` always gets one) with the ``math`` attention backend. Properties,
-    in order (see [`MECHANISM_PROPERTIES`][diffit_toolkit.testing.MECHANISM_PROPERTIES]):
+    ``requires_rel_pos_bias`` always gets one) with the ``math`` attention backend, and run as a
+    backbone runs them: from random time and class embeddings (given apart to a mechanism that
+    ``takes_parts``, summed otherwise), through the mechanism's shared module when it declares
+    one, with tokens appended to the sequence dropped from the output. Properties, in order (see [`MECHANISM_PROPERTIES`][diffit_toolkit.testing.MECHANISM_PROPERTIES]):
 
     * **output shapes and dtypes**: ``forward(c)`` returns an
       [`Injection`][diffit_toolkit.nn.block.Injection] whose tensors have the documented site shapes
@@ -313,7 +357,8 @@ def check_mechanism(
       loss gives every mechanism parameter a non-zero gradient within
       `DEAD_PARAMETER_STEPS` steps (a zero-initialised gate delays what it gates by one
       step; two zero-initialised layers in a row never move), except those named in the
-      class's ``unused_parameters`` (which must then get none).
+      class's ``unused_parameters`` (which must then get none). The shared module's
+      parameters count as the mechanism's, named ``shared.<name>``.
     * **state_dict round trip**: a second block that loads the first one's ``state_dict`` computes
       the same output (no state outside the state dict).
     * **torch.compile**: the block compiles (``fullgraph=True`` unless the class sets
@@ -345,7 +390,7 @@ def check_mechanism(
         for dtype in (torch.float32, torch.float64):
             block = harness.perturbed_block(case, dtype)
             x, c = harness.inputs(case, dtype)
-            inj = block.cond(c)
+            inj = block.injection(c)
             _require(isinstance(inj, Injection), f"forward(c) returned {type(inj).__name__}, not an Injection")
             for site in (f.name for f in dataclasses.fields(Injection)):
                 value = getattr(inj, site)
@@ -392,8 +437,8 @@ def check_mechanism(
 
     def no_dead_parameters(case: _BlockCase) -> None:
         block = harness.block(case, torch.float64).train()  # as freshly built
-        params = {n: p for n, p in block.cond.named_parameters() if p.requires_grad}
-        unknown = sorted(set(cls.unused_parameters) - set(dict(block.cond.named_parameters())))
+        params = {n: p for n, p in block.mechanism_parameters().items() if p.requires_grad}
+        unknown = sorted(set(cls.unused_parameters) - set(block.mechanism_parameters()))
         _require(not unknown, f"unused_parameters names {unknown}, which the mechanism does not have")
         x, c = harness.inputs(case, torch.float64)
         target = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed + 3), dtype=torch.float64)

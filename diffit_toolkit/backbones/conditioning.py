@@ -1,6 +1,6 @@
-"""What every denoiser backbone shares: the conditioning token ``c = t_emb (+ y_emb)``, computed
-once per forward (DiT's habit), the checks of its options, the choice of the output layer, and
-gradient checkpointing of the blocks.
+"""What every denoiser backbone shares: the conditioning (``t_emb``, ``y_emb`` and their sum
+``c``), computed once per forward (DiT's habit), the module a mechanism may share across blocks,
+the checks of its options, the choice of the output layer, and gradient checkpointing of the blocks.
 
 The embedders stay attributes of the backbone itself, so the released checkpoint keys
 (``t_embedder.mlp.{0,2}.*``, ``y_embedder.embedding_table.weight``) are unchanged.
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffit_toolkit.backbones.layers import LabelEmbedder
+from diffit_toolkit.nn.block import BlockSpec, Conditioning
 from diffit_toolkit.nn.embeddings import TimestepEmbedder
 from diffit_toolkit.registry import conditioning
 
@@ -80,21 +81,39 @@ class ConditionedBackbone(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
 
     def condition(self, t: Tensor, y: Tensor | None = None, force_drop: Tensor | None = None) -> Tensor:
-        """The conditioning token ``c = t_emb + y_emb`` (B, width), computed once per forward.
+        """The conditioning token ``c = t_emb + y_emb`` (B, width); arguments as
+        [`conditioning`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.conditioning]."""
+        return self.conditioning(t, y, force_drop).c
+
+    def conditioning(self, t: Tensor, y: Tensor | None = None, force_drop: Tensor | None = None) -> Conditioning:
+        """The time and class embeddings (B, width) each, computed once per forward.
 
         Args:
             t: (B,) timesteps or noise levels.
             y: (B,) labels; ``None`` gives the null class (class-conditional models).
             force_drop: (B,) bool, replace these labels by the null class (guidance batches).
         """
-        c = self.t_embedder(t)  # (B, width)
+        t_emb = self.t_embedder(t)  # (B, width)
         if self.y_embedder is None:
             if y is not None:
                 raise ValueError("this model is unconditional (num_classes=0): call it with y=None")
-            return c
+            return Conditioning(t_emb)
         if y is None:
             y = torch.full((t.shape[0],), self.null_class, dtype=torch.long, device=t.device)
-        return c + self.y_embedder(y, self.training, force_drop)
+        return Conditioning(t_emb, self.y_embedder(y, self.training, force_drop))
+
+    @staticmethod
+    def build_shared(spec: BlockSpec, mechanism: str, options: dict[str, Any]) -> nn.Module | None:
+        """The module the mechanism shares across the blocks built with ``spec`` (its
+        ``shared_module``), or ``None`` when it declares none."""
+        cls = conditioning.get(mechanism)
+        options = dict(options)
+        return cls.shared_module(cls.configure_block(spec, **options), **options)
+
+    @staticmethod
+    def share(module: nn.Module | None, cond: Conditioning) -> Conditioning:
+        """``cond`` with ``shared`` set to ``module(c)`` (unchanged without a shared module)."""
+        return cond if module is None else cond._replace(shared=module(cond.c))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
@@ -105,7 +124,7 @@ class ConditionedBackbone(nn.Module):
         the modules it runs through [`run_block`][diffit_toolkit.backbones.conditioning.ConditionedBackbone.run_block]. Empty: the model is sharded as one unit."""
         return []
 
-    def run_block(self, block: nn.Module, x: Tensor, c: Tensor) -> Tensor:
+    def run_block(self, block: nn.Module, x: Tensor, c: Tensor | Conditioning) -> Tensor:
         """``block(x, c)``, checkpointed when gradient checkpointing is on and gradients are recorded."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, c, use_reentrant=False)

@@ -26,7 +26,10 @@ Choices the paper leaves open, made here and recorded in the config:
 * init: convs xavier-uniform with zero bias (like the transformer's linears); the head's conv is
   zero-initialised so a fresh model outputs 0 (as DiT's and EDM's output layers).
 * conditioning: ``c = t_emb (+ y_emb)`` of width ``time_dim`` (512, paper Table 3) is computed
-  once and given to every block.
+  once and given to every block (with its parts, for mechanisms that read them). A module a
+  mechanism shares across blocks is built once per stage (``shared``), since widths differ
+  between stages; tokens a mechanism appends to a block's sequence are dropped after that block
+  (the ResBlock's convolution acts on the grid alone).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 from diffit_toolkit.backbones.conditioning import DEFAULT_CLASS_DROPOUT, ConditionedBackbone, check_conditioning_options
 from diffit_toolkit.backbones.config import check_positive, config_dict, config_from_options, unknown_name_error
 from diffit_toolkit.backbones.pretrained import PretrainedMixin
-from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
+from diffit_toolkit.nn.block import BlockSpec, Conditioning, DiffiTBlock
 from diffit_toolkit.nn.embeddings import DEFAULT_FREQUENCY_DIM
 
 #: Resolution factor between consecutive stages (the paper halves the resolution).
@@ -192,11 +195,11 @@ class DiffiTResBlock(nn.Module):
         self.conv = nn.Conv2d(spec.dim, spec.dim, kernel_size=3, padding=1)
         self.block = DiffiTBlock(spec, mechanism, mechanism_options)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | Conditioning) -> Tensor:
         B, C, H, W = x.shape
         h = self.conv(self.act(self.norm(x)))  # (B, C, H, W), eq. 9
         tokens = h.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major grid order
-        tokens = self.block(tokens, c)  # (B, H*W, C), window TMSA block
+        tokens = self.block(tokens, c)[:, : H * W]  # (B, H*W, C), window TMSA block (appended tokens dropped)
         return x + tokens.transpose(1, 2).reshape(B, C, H, W)  # eq. 10
 
 
@@ -240,6 +243,7 @@ class EncoderStage(nn.Module):
     def __init__(self, config: ImageDiffiTConfig, stage: int) -> None:
         super().__init__()
         spec = config.block_spec(stage)
+        self.shared = ConditionedBackbone.build_shared(spec, config.mechanism, config.mechanism_options)
         self.blocks = nn.ModuleList(
             [DiffiTResBlock(spec, config.mechanism, config.mechanism_options, config.norm_groups)
              for _ in range(config.num_blocks[stage])]
@@ -257,6 +261,7 @@ class DecoderStage(nn.Module):
         self.up = Upsample(config.channels[stage + 1], C, config.resample)
         self.merge = nn.Conv2d(2 * C, C, 1) if config.skip == "concat" else None
         spec = config.block_spec(stage)
+        self.shared = ConditionedBackbone.build_shared(spec, config.mechanism, config.mechanism_options)
         self.blocks = nn.ModuleList(
             [DiffiTResBlock(spec, config.mechanism, config.mechanism_options, config.norm_groups)
              for _ in range(config.num_blocks[stage])]
@@ -331,10 +336,11 @@ class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
                 f"model built for {self.input_size}x{self.input_size} images got {x.shape[-2]}x{x.shape[-1]}: "
                 f"build it with input_size={x.shape[-1]}"
             )
-        c = self.condition(t, y)  # (B, time_dim)
+        cond = self.conditioning(t, y)  # c = cond.c (B, time_dim)
         h = self.tokenizer(x)  # (B, C_1, H, W)
         skips = []
         for stage in self.encoder:
+            c = self.share(stage.shared, cond)
             for block in stage.blocks:
                 h = self.run_block(block, h, c)
             if stage.down is not None:
@@ -342,6 +348,7 @@ class ImageDiffiT(PretrainedMixin, ConditionedBackbone):
                 h = stage.down(h)  # (B, C_{s+1}, H_s / 2, W_s / 2)
         for stage in self.decoder:
             h = stage.join(h, skips.pop())  # (B, C_s, H_s, W_s)
+            c = self.share(stage.shared, cond)
             for block in stage.blocks:
                 h = self.run_block(block, h, c)
         return self.head(h)  # (B, C_out, H, W)

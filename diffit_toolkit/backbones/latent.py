@@ -6,8 +6,13 @@ Readable top to bottom like DiT's ``models.py``:
 x (B, C, H, W) --patchify--> (B, T, D) + fixed 2-D sin-cos positions
 c = t_embedder(t) + y_embedder(y)                       # (B, D), computed once
 x = block(x, c) for each of the N blocks                # the mechanism decides where c enters
-x = final_layer(x, c) --unpatchify--> (B, C_out, H, W)  # C_out = 2C with learned variance
+x = final_layer(x[:, :T], c) --unpatchify--> (B, C_out, H, W)  # C_out = 2C with learned variance
 ```
+
+The blocks get ``c`` with its parts (a ``Conditioning``: the mechanism may read ``t_emb`` and
+``y_emb`` apart, and the output of a module it shares across blocks, built here as
+``shared_conditioning`` only when it declares one). Tokens a mechanism appends to the sequence
+(in-context conditioning) are carried through the blocks and dropped before the final layer.
 
 The conditioning mechanism is a registered plugin (``tmsa``, ``adaln_zero``, ...). With ``tmsa``,
 a global relative position bias and the plain final layer, ``XL/2`` is the released DiffiT-XL/2
@@ -183,6 +188,10 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
 
         spec = config.block_spec()
+        # A module the mechanism shares across blocks (adaLN-single's); an attribute only when declared.
+        shared = self.build_shared(spec, config.mechanism, config.mechanism_options)
+        if shared is not None:
+            self.shared_conditioning = shared
         self.blocks = nn.ModuleList(
             [DiffiTBlock(spec, config.mechanism, config.mechanism_options) for _ in range(config.depth)]
         )
@@ -220,10 +229,11 @@ class LatentDiffiT(PretrainedMixin, ConditionedBackbone):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x`` (B, C, H, W), ``t`` (B,), ``y`` (B,) or ``None`` -> (B, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p)(W/p)
-        c = self.condition(t, y)  # (B, D)
+        T = x.shape[1]
+        cond = self.share(getattr(self, "shared_conditioning", None), self.conditioning(t, y))  # c = cond.c (B, D)
         for block in self.blocks:
-            x = self.run_block(block, x, c)  # (B, T, D)
-        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+            x = self.run_block(block, x, cond)  # (B, T, D) (+ appended tokens, carried)
+        x = self.final_layer(x[:, :T], cond.c)  # (B, T, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
 

@@ -323,24 +323,44 @@ class Attention(nn.Module):
         qkv_offset: Tensor | None = None,
         bias_table_offset: Tensor | None = None,
         extra_tokens: Tensor | None = None,
+        appended: int = 0,
     ) -> Tensor:
-        """Attend over ``x`` (B, N, dim), N = H*W in row-major grid order.
+        """Attend over ``x`` (B, N + A, dim): N = H*W grid tokens in row-major order, then
+        ``appended`` tokens that belong to no grid position (in-context conditioning tokens).
 
         Args:
             qkv_offset: (B, 1, 3*dim) added to the qkv projection of every token (TMSA).
             bias_table_offset: (B, T, heads) added to the relative bias table (time-dependent bias).
             extra_tokens: (B, M, dim) tokens projected with the same qkv weights and attended as
                 extra keys/values (in every window), with zero position bias; they emit no output.
+            appended: the last ``appended`` tokens of ``x`` are queries, keys and values like the
+                grid tokens but with zero position bias: every grid query (in every window) also
+                attends to them, and they attend to all tokens (globally, across windows).
         """
-        B, N, C = x.shape
+        B, L, C = x.shape
+        N = L - appended
         if self.grid is not None and N != self.grid[0] * self.grid[1]:
             raise ValueError(
                 f"attention built for a {self.grid[0]}x{self.grid[1]} grid got {N} tokens: "
                 f"build the model for this input size"
             )
-        qkv = self.qkv(x)  # (B, N, 3C), layout (3, heads, head_dim)
+        qkv = self.qkv(x)  # (B, N + A, 3C), layout (3, heads, head_dim)
         if qkv_offset is not None:
             qkv = qkv + qkv_offset
+        # Keys and values beyond the grid's own, with zero position bias: the appended tokens
+        # (projected with the grid's, offset included), then the extra tokens.
+        beyond = [qkv[:, N:]] if appended else []
+        if extra_tokens is not None:
+            beyond.append(F.linear(extra_tokens, self.qkv.weight, self.qkv.bias))  # (B, M, 3C)
+        extra = torch.cat(beyond, dim=1) if beyond else None  # (B, A + M, 3C)
+        if appended:  # the appended tokens' queries attend to every token, across windows
+            q_app = rearrange(qkv[:, N:], "b a (three h d) -> three b h a d", three=3, h=self.num_heads)[0]
+            _, k_all, v_all = rearrange(torch.cat([qkv[:, :N], extra], dim=1), "b m (three h d) -> three b h m d",
+                                        three=3, h=self.num_heads)
+            grad = torch.is_grad_enabled() and (q_app.requires_grad or k_all.requires_grad or v_all.requires_grad)
+            backend = self.backend.pick(q_app.device.type, q_app.dtype, False, self.head_dim, grad)
+            out_app = rearrange(backend.fn(q_app, k_all, v_all, None, self.scale), "b h a d -> b a (h d)")
+            qkv = qkv[:, :N]
         windows = 1
         if self.window is not None:
             (gh, gw), (wh, ww) = self.grid, self.window
@@ -352,8 +372,7 @@ class Attention(nn.Module):
         if bias_table_offset is not None and not has_bias:
             raise ValueError("a bias table offset needs rel_pos_bias=True on the attention")
 
-        if extra_tokens is not None:
-            extra = F.linear(extra_tokens, self.qkv.weight, self.qkv.bias)  # (B, M, 3C)
+        if extra is not None:
             _, ke, ve = rearrange(extra, "b m (three h d) -> three b h m d", three=3, h=self.num_heads)
             if windows > 1:
                 ke, ve = ke.repeat_interleave(windows, dim=0), ve.repeat_interleave(windows, dim=0)
@@ -383,4 +402,48 @@ class Attention(nn.Module):
         if self.window is not None:
             (gh, gw), (wh, ww) = self.grid, self.window
             out = rearrange(out, "(b nh nw) (wh ww) c -> b (nh wh nw ww) c", nh=gh // wh, nw=gw // ww, wh=wh, ww=ww)
+        if appended:
+            out = torch.cat([out, out_app], dim=1)  # (B, N + A, C)
         return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention of grid tokens to a short sequence of context tokens (DiT's
+    cross-attention block, Sec. 3.2): ``proj(softmax(q(x) k(ctx)^T * scale) v(ctx))``, no
+    position bias.
+
+    Args:
+        dim: width of the querying tokens; ``num_heads`` must divide it.
+        num_heads: number of heads.
+        context_dim: width of the context tokens.
+        qkv_bias: bias in the q and k/v projections.
+        backend: attention backend name, as for [`Attention`][diffit_toolkit.nn.attention.Attention].
+
+    Parameters: ``q`` (dim -> dim), ``kv`` (context_dim -> 2 dim, layout ``(2, heads,
+    head_dim)``), ``proj``; xavier-uniform with zero biases (DiT's init of every linear).
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, *, qkv_bias: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads: choose heads that divide the width")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = resolve_backend(backend)
+        for linear in (self.q, self.kv, self.proj):
+            nn.init.xavier_uniform_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """``x`` (B, N, dim) attends to ``context`` (B, M, context_dim) -> (B, N, dim)."""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        backend = self.backend.pick(q.device.type, q.dtype, False, self.head_dim, grad)
+        return self.proj(rearrange(backend.fn(q, k, v, None, self.scale), "b h n d -> b n (h d)"))

@@ -3,15 +3,18 @@
 A block is pre-norm attention + MLP (DiffiT eq. 7-8):
 
 ```text
+x = [x, sequence]                                   # only where x carries no appended tokens yet
 x = x + gate_attn * Attention(modulate(LN(x), shift_attn, scale_attn), qkv, bias, extra tokens)
+x = x + CrossAttention(LN(x), context)              # only in blocks built with a context width
 x = x + gate_mlp  * MLP(modulate(LN(x), shift_mlp, scale_mlp) + mlp_in)
 ```
 
 The time/class token ``c`` enters **only** through the fields of an
 [`Injection`][diffit_toolkit.nn.block.Injection], which the
-block's conditioning mechanism computes from ``c``. Every field left ``None`` is a site the
-mechanism does not use, and the block then computes exactly the unconditioned formula. The
-sites:
+block's conditioning mechanism computes from ``c`` (or, if it asks for them, from the time and
+class embeddings apart: [`Conditioning`][diffit_toolkit.nn.block.Conditioning]). Every field left
+``None`` is a site the mechanism does not use, and the block then computes exactly the
+unconditioned formula. The sites:
 
 | site (Injection field) | effect | used by |
 | --- | --- | --- |
@@ -24,6 +27,8 @@ sites:
 | `shift_mlp/scale_mlp` | modulation of the MLP's LayerNorm | `adaln_zero` |
 | `mlp_in` | added to the MLP input | `mlp` |
 | `gate_mlp` | multiplies the MLP branch | `adaln_zero` |
+| `sequence` | appended to the token sequence, carried through the following blocks | `in_context` |
+| `context` | attended by a cross-attention layer after the self-attention | `cross_attention` |
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
+
+import torch
 
 from torch import Tensor, nn
 
-from diffit_toolkit.nn.attention import Attention, as_pair, bias_table_rows, check_window
+from diffit_toolkit.nn.attention import Attention, CrossAttention, as_pair, bias_table_rows, check_window
 from diffit_toolkit.registry import PluginError, conditioning
 
 
@@ -66,6 +73,8 @@ class BlockSpec:
         attention_backend: registered backend name or ``auto``.
         norm_eps: LayerNorm epsilon (1e-6 as released).
         norm_affine: learnable LayerNorm scale/shift (the released model has none).
+        context_dim: width of the context tokens a cross-attention layer after the
+            self-attention attends to (the ``context`` site); ``None``: no such layer.
     """
 
     dim: int
@@ -79,6 +88,7 @@ class BlockSpec:
     attention_backend: str = "auto"
     norm_eps: float = 1e-6
     norm_affine: bool = False
+    context_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -117,7 +127,7 @@ class Injection:
     Shapes (B the batch, D the width, T the bias table rows, H the heads, M extra tokens):
     ``tokens``, ``shift_*``, ``scale_*``, ``gate_*``, ``mlp_in``: (B, 1, D) (or (B, N, D));
     ``qkv``: (B, 1, 3D) in the ``(3, heads, head_dim)`` layout; ``bias_table``: (B, T, H);
-    ``extra_tokens``: (B, M, D).
+    ``extra_tokens``, ``sequence``: (B, M, D); ``context``: (B, M, context_dim).
     """
 
     tokens: Tensor | None = None
@@ -131,6 +141,33 @@ class Injection:
     scale_mlp: Tensor | None = None
     mlp_in: Tensor | None = None
     gate_mlp: Tensor | None = None
+    sequence: Tensor | None = None
+    context: Tensor | None = None
+
+
+class Conditioning(NamedTuple):
+    """The conditioning of one forward pass, computed once by the backbone and given to every block.
+
+    Attributes:
+        t: (B, C) time embedding.
+        y: (B, C) class embedding, ``None`` for an unconditional model.
+        shared: what the mechanism's shared module (``ConditioningMechanism.shared_module``)
+            computed from ``c`` for all blocks; ``None`` when it declares none.
+    """
+
+    t: Tensor
+    y: Tensor | None = None
+    shared: Tensor | None = None
+
+    @property
+    def c(self) -> Tensor:
+        """The conditioning token ``c = t + y`` (B, C) (DiT's, what most mechanisms read)."""
+        return self.t if self.y is None else self.t + self.y
+
+    @property
+    def tokens(self) -> Tensor:
+        """The embeddings as a sequence ``[t, y]`` (B, 2, C) (``[t]``, (B, 1, C), unconditional)."""
+        return self.t[:, None] if self.y is None else torch.stack([self.t, self.y], dim=1)
 
 
 class ConditioningMechanism(nn.Module, abc.ABC):
@@ -142,7 +179,13 @@ class ConditioningMechanism(nn.Module, abc.ABC):
 
     * ``requires_rel_pos_bias``: the block must have a relative position bias.
     * ``configure_block(spec, **options)``: a classmethod that may adjust the block's spec before
-      it is built (e.g. ``window_tmsa`` turns windows on).
+      it is built (e.g. ``window_tmsa`` turns windows on, ``cross_attention`` sets a context width).
+    * ``takes_parts``: ``forward`` receives the
+      [`Conditioning`][diffit_toolkit.nn.block.Conditioning] (time and class embeddings apart, and
+      the shared module's output) instead of the summed token ``c`` (B, cond_dim).
+    * ``shared_module(spec, **options)``: a classmethod that may return a module the backbone
+      builds once (beside its blocks) and runs once per forward on ``c``; its output reaches every
+      block as ``Conditioning.shared`` (PixArt's adaLN-single). Default: none.
 
     Declarations that the conformance kit ([`diffit_toolkit.testing`][diffit_toolkit.testing]) checks and the
     backbones read; the defaults suit most mechanisms:
@@ -162,6 +205,7 @@ class ConditioningMechanism(nn.Module, abc.ABC):
     unused_parameters: ClassVar[frozenset[str]] = frozenset()
     compile_fullgraph: ClassVar[bool] = True
     final_layer: ClassVar[str | None] = None
+    takes_parts: ClassVar[bool] = False
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
@@ -172,9 +216,16 @@ class ConditioningMechanism(nn.Module, abc.ABC):
         """Return the spec the block should be built with (default: unchanged)."""
         return spec
 
+    @classmethod
+    def shared_module(cls, spec: BlockSpec, **options: Any) -> nn.Module | None:
+        """The module shared by all blocks of a backbone, ``c`` (B, cond_dim) -> anything the
+        blocks read from ``Conditioning.shared`` (default: none)."""
+        return None
+
     @abc.abstractmethod
     def forward(self, c: Tensor) -> Injection:
-        """Map the conditioning token ``c`` (B, cond_dim) to this block's injections."""
+        """Map the conditioning token ``c`` (B, cond_dim) to this block's injections (with
+        ``takes_parts``: the [`Conditioning`][diffit_toolkit.nn.block.Conditioning])."""
 
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
@@ -209,7 +260,8 @@ class DiffiTBlock(nn.Module):
 
     Submodules: ``norm1``, ``attn`` ([`Attention`][diffit_toolkit.nn.attention.Attention]),
     ``norm2``, ``mlp`` (``fc1``/``fc2``,
-    GELU tanh), ``cond`` (the mechanism).
+    GELU tanh), ``cond`` (the mechanism); with ``spec.context_dim`` also ``norm_cross`` and
+    ``cross_attn`` ([`CrossAttention`][diffit_toolkit.nn.attention.CrossAttention]).
     """
 
     def __init__(
@@ -239,6 +291,11 @@ class DiffiTBlock(nn.Module):
             qkv_bias=spec.qkv_bias,
             backend=spec.attention_backend,
         )
+        self.norm_cross = self.cross_attn = None
+        if spec.context_dim is not None:
+            self.norm_cross = nn.LayerNorm(spec.dim, eps=spec.norm_eps, elementwise_affine=spec.norm_affine)
+            self.cross_attn = CrossAttention(spec.dim, spec.num_heads, spec.context_dim, qkv_bias=spec.qkv_bias,
+                                             backend=spec.attention_backend)
         self.norm2 = nn.LayerNorm(spec.dim, eps=spec.norm_eps, elementwise_affine=spec.norm_affine)
         self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         for linear in (self.mlp.fc1, self.mlp.fc2):
@@ -249,14 +306,42 @@ class DiffiTBlock(nn.Module):
         else:
             self.cond = cls(spec, **options)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """``x`` (B, N, D) tokens in row-major grid order, ``c`` (B, cond_dim) -> (B, N, D)."""
-        inj: Injection = self.cond(c)
+    def injection(self, c: Tensor | Conditioning) -> Injection:
+        """The mechanism's injections for ``c``: the summed token (B, cond_dim), or the
+        [`Conditioning`][diffit_toolkit.nn.block.Conditioning] for a mechanism that ``takes_parts``."""
+        cond = c if isinstance(c, Conditioning) else Conditioning(c)
+        return self.cond(cond if self.cond.takes_parts else cond.c)
+
+    def forward(self, x: Tensor, c: Tensor | Conditioning) -> Tensor:
+        """``x`` (B, N, D) tokens in row-major grid order, ``c`` (B, cond_dim) or a
+        [`Conditioning`][diffit_toolkit.nn.block.Conditioning] -> (B, N, D).
+
+        A mechanism that fills the ``sequence`` site makes it (B, N + M, D): the M tokens are
+        appended where ``x`` has only its N grid tokens, and carried as they are by the next
+        blocks (which find N + M tokens); the caller drops them after its last block (``[:, :N]``).
+        """
+        inj: Injection = self.injection(c)
         if inj.tokens is not None:
             x = x + inj.tokens
+        appended = 0
+        if inj.sequence is not None:
+            if self.spec.grid is None:
+                raise ValueError("tokens appended to the sequence need the token grid: set grid=(H, W) in the BlockSpec")
+            if x.shape[1] == self.spec.grid[0] * self.spec.grid[1]:
+                x = torch.cat([x, inj.sequence], dim=1)  # (B, N + M, D)
+            appended = x.shape[1] - self.spec.grid[0] * self.spec.grid[1]
         h = modulate(self.norm1(x), inj.shift_attn, inj.scale_attn)
-        h = self.attn(h, qkv_offset=inj.qkv, bias_table_offset=inj.bias_table, extra_tokens=inj.extra_tokens)
+        h = self.attn(h, qkv_offset=inj.qkv, bias_table_offset=inj.bias_table, extra_tokens=inj.extra_tokens,
+                      appended=appended)
         x = x + _gated(h, inj.gate_attn)
+        if self.cross_attn is not None:
+            if inj.context is None:
+                raise ValueError(f"this block attends to context tokens, but mechanism '{self.mechanism_name}' "
+                                 f"gave none: fill the context site")
+            x = x + self.cross_attn(self.norm_cross(x), inj.context)
+        elif inj.context is not None:
+            raise ValueError("context tokens need a cross-attention layer: build the block with "
+                             "BlockSpec.context_dim (a mechanism's configure_block sets it)")
         h = modulate(self.norm2(x), inj.shift_mlp, inj.scale_mlp)
         if inj.mlp_in is not None:
             h = h + inj.mlp_in
