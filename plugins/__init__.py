@@ -6,11 +6,15 @@ package's hook runs them all.
 """
 
 from diffit_plugins import (
+    adaln,
+    adaln_single,
     adaln_zero,
     additive,
     attention_backends,
     backbones,
+    cross_attention,
     datasets,
+    in_context,
     mlp,
     processes,
     relative_bias,
@@ -21,8 +25,8 @@ from diffit_plugins import (
 )
 from diffit_toolkit.hookspecs import hookimpl
 
-MODULES = (adaln_zero, additive, attention_backends, backbones, datasets, mlp, processes, relative_bias,
-           separate_token, time_embeddings, tmsa, triton_attention)
+MODULES = (adaln, adaln_single, adaln_zero, additive, attention_backends, backbones, cross_attention, datasets,
+           in_context, mlp, processes, relative_bias, separate_token, time_embeddings, tmsa, triton_attention)
 
 
 @hookimpl

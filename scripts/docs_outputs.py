@@ -116,8 +116,11 @@ def mechanism_parameters() -> dict[str, tuple[int, int]]:
 
     Quickstart: width 96, 4 heads, the 4 x 4 token grid of 8 x 8 digits in 2 x 2 patches, a
     global relative bias (``recipes/quickstart.yaml``). XL: width 1152, 16 heads, the 16 x 16
-    grid of DiffiT-XL/2 at 256 px, global relative bias.
+    grid of DiffiT-XL/2 at 256 px, global relative bias. Counted: the block's parameters beyond
+    the norms, attention and MLP every block has (the mechanism's own, and a layer it asks the block
+    for, such as a cross-attention); not a module shared by all blocks of a backbone.
     """
+    import torch
     import yaml
 
     from diffit_toolkit.nn.block import BlockSpec, DiffiTBlock
@@ -128,10 +131,13 @@ def mechanism_parameters() -> dict[str, tuple[int, int]]:
     quick = BlockSpec(dim=model["hidden_size"], num_heads=model["num_heads"], cond_dim=model["hidden_size"],
                       grid=(side, side), rel_pos_bias=model["rel_pos_bias"])
     xl = BlockSpec(dim=1152, num_heads=16, cond_dim=1152, grid=(16, 16), rel_pos_bias=True)
+    plain = ("norm1", "attn", "norm2", "mlp")  # what every block has; the rest is the mechanism's
     counts = {}
     for name in conditioning.names():
-        counts[name] = tuple(sum(p.numel() for p in DiffiTBlock(spec, name).cond.parameters())
-                             for spec in (quick, xl))
+        with torch.device("meta"):
+            blocks = [DiffiTBlock(spec, name) for spec in (quick, xl)]
+        counts[name] = tuple(sum(p.numel() for n, p in block.named_parameters() if n.split(".")[0] not in plain)
+                             for block in blocks)
     return counts
 
 
@@ -143,6 +149,10 @@ MECHANISMS = {  # name: (sites, the layer that reads the conditioning token)
     "mlp": ("`mlp_in`", "`mlp_temb`: Linear(cond, D)"),
     "separate_token": ("`extra_tokens`", "`token_temb`: Linear(cond, D)"),
     "additive": ("`tokens`", "`add_temb`: Linear(cond, D), `gamma` (D)"),
+    "cross_attention": ("`context`", "`cross_attn` (block's): q, kv, proj on [t, y]"),
+    "in_context": ("`sequence`", "none (`proj`: Linear(cond, D) where widths differ)"),
+    "adaln": ("shifts, scales", "`adaLN_modulation`: SiLU, Linear(cond, 4D)"),
+    "adaln_single": ("shifts, scales, gates", "`scale_shift_table` (6, D); shared: Linear(cond, 6D)"),
 }
 
 

@@ -27,7 +27,8 @@ def test_one_recipe_per_built_in_mechanism_differing_from_the_base_only_in_it():
         assert {k: v for k, v in raw["model"].items() if k not in free} == {
             k: v for k, v in base["model"].items() if k not in free}
     # window TMSA is TMSA in this backbone (every mechanism attends in its windows): no recipe of its own
-    built_in = {"tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive"}
+    built_in = {"tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive",
+                "cross_attention", "in_context", "adaln", "adaln_single"}
     assert mechanisms == built_in and built_in <= set(conditioning.names())
 
 
@@ -44,7 +45,7 @@ def test_the_base_is_the_unconditional_digits_canvas_with_windows_over_at_least_
     assert recipe.train.max_steps % recipe.train.ckpt_every == 0
 
 
-@pytest.mark.parametrize("name", ["suite.yaml", "curve.yaml"])
+@pytest.mark.parametrize("name", ["suite.yaml", "curve.yaml", "dit_designs.yaml"])
 def test_suites_list_existing_recipes_and_score_at_most_the_floor_set(name):
     from diffit_toolkit.data.canvas import make_canvases
 

@@ -48,7 +48,8 @@ def test_ablation_recipes_differ_from_their_base_only_in_the_mechanism():
         free = {"mechanism", "mechanism_options"} | ({"hidden_size"} if path.stem.endswith("_matched") else set())
         assert {k: v for k, v in raw["model"].items() if k not in free} == {
             k: v for k, v in base["model"].items() if k not in free}
-    assert mechanisms == {"tmsa", "window_tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive"}
+    assert mechanisms == {"tmsa", "window_tmsa", "relative_bias", "mlp", "separate_token", "adaln_zero", "additive",
+                          "cross_attention", "in_context", "adaln", "adaln_single"}
 
 
 def test_extends_merges_sections_key_by_key_and_set_overrides(tmp_path):
