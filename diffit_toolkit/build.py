@@ -29,7 +29,7 @@ import torch
 from diffit_toolkit.data import DataConfig
 from diffit_toolkit.errors import did_you_mean, first_line
 from diffit_toolkit.optional import OPTIONAL, missing
-from diffit_toolkit.process import Process, build_process as _build_process, check_process, process_class, resolve_sampler
+from diffit_toolkit.process import Process, build_process as _build_process, resolve_sampler
 from diffit_toolkit.recipe import Recipe, RecipeError, TrainSection, format_validation_error, parse_recipe, read_recipe
 from diffit_toolkit.registry import PluginBuildError, PluginError, PluginLoadError, backbones
 
@@ -107,11 +107,7 @@ def model_options(recipe: Recipe) -> tuple[str, str | None, dict[str, Any]]:
     options = dict(recipe.model)
     backbone = options.pop("backbone", "latent_diffit")
     preset = options.pop("preset", None)
-    try:
-        learned = process_class(recipe.diffusion.process).learned_variance
-    except PluginError as exc:
-        raise _recipe_error("diffusion.process", exc) from None
-    if learned:
+    if "learn_sigma" in type(recipe.diffusion).model_fields:  # the process can learn a variance
         options.setdefault("learn_sigma", recipe.diffusion.learn_sigma)
     elif options.get("learn_sigma"):
         raise RecipeError(
@@ -156,10 +152,6 @@ def build_model(recipe: Recipe, facts: Mapping[str, Any] | None = None, device: 
 
 def build_process(recipe: Recipe) -> Process:
     """The recipe's diffusion process (its sampler checked too)."""
-    try:
-        check_process(recipe.diffusion)
-    except (PluginError, ValueError) as exc:
-        raise _recipe_error("diffusion.process", exc) from None
     try:
         resolve_sampler(recipe.diffusion.process, recipe.sample.sampler)
     except PluginError as exc:

@@ -182,7 +182,8 @@ def _bare_recipe(recipe: str | Path | None, model: torch.nn.Module) -> Recipe:
 
     parsed = read_recipe(recipe) if recipe is not None else Recipe()
     data = parsed.to_dict()
-    data["diffusion"]["learn_sigma"] = bool(model.config.get("learn_sigma", False))
+    if "learn_sigma" in data["diffusion"]:  # a process that can learn a variance: as the weights do
+        data["diffusion"]["learn_sigma"] = bool(model.config.get("learn_sigma", False))
     return parse_recipe({**data, "data": {}})
 
 

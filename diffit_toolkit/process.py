@@ -27,8 +27,10 @@ from torch import Tensor
 from diffit_toolkit.registry import PluginError, UnknownPluginError, processes, samplers
 from diffit_toolkit.sampling.guidance import ClassifierFreeGuidance, GuidanceConfig
 
+from diffit_toolkit.recipe import ProcessOptions
+
 if TYPE_CHECKING:  # pragma: no cover
-    from diffit_toolkit.recipe import DiffusionSection, SampleSection
+    from diffit_toolkit.recipe import SampleSection
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -49,27 +51,31 @@ class Sampler(Protocol):
 class Process:
     """Base class of a diffusion process plugin (built from a recipe's ``diffusion`` section).
 
-    Subclasses set `learned_variance` and `min_snr_weighting` and implement [`loss`][diffit_toolkit.process.Process.loss]
-    and [`noise_level`][diffit_toolkit.process.Process.noise_level];
-    they may override [`check`][diffit_toolkit.process.Process.check] for option combinations only
-    they know about.
+    Subclasses implement [`loss`][diffit_toolkit.process.Process.loss] and
+    [`noise_level`][diffit_toolkit.process.Process.noise_level], declare their recipe options as
+    `Options` (a [`ProcessOptions`][diffit_toolkit.recipe.ProcessOptions] subclass: typed fields
+    with their ranges, and validators for combinations), and receive the validated options as
+    ``config``. A process whose options have ``learn_sigma`` trains a model with a learned
+    variance when it is true.
+
+    ```python
+    class MyOptions(ProcessOptions):
+        sigma_max: float = Field(80.0, gt=0)
+
+    class MyProcess(Process):
+        Options = MyOptions
+    ```
     """
 
-    #: Whether the model may output a learned variance (``model.learn_sigma``) for this process.
-    learned_variance: ClassVar[bool] = False
-    #: Whether the loss applies ``diffusion.min_snr_gamma`` (other processes refuse the option).
-    min_snr_weighting: ClassVar[bool] = False
+    #: The recipe options of this process (``diffusion.<key>``); the base class has none.
+    Options: ClassVar[type[ProcessOptions]] = ProcessOptions
 
-    def __init__(self, config: DiffusionSection) -> None:
+    def __init__(self, config: ProcessOptions) -> None:
         self.config = config
 
     @property
     def name(self) -> str:
         return self.config.process
-
-    @classmethod
-    def check(cls, config: DiffusionSection) -> None:
-        """Raise a one-line ``ValueError`` ("at <key>: ...; <fix>") for an invalid combination."""
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, model: Model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
@@ -130,18 +136,7 @@ def process_class(name: str) -> type[Process]:
     return processes.get(name)
 
 
-def build_process(config: DiffusionSection) -> Process:
-    """The process of a recipe's ``diffusion`` section."""
+def build_process(config: ProcessOptions) -> Process:
+    """The process of a recipe's ``diffusion`` section (validated against the process's options)."""
     return processes.build(config.process, config)
-
-
-def check_process(config: DiffusionSection) -> type[Process]:
-    """Check a diffusion section (the process exists, its options fit) without building it."""
-    cls = process_class(config.process)
-    if getattr(config, "min_snr_gamma", None) is not None and not cls.min_snr_weighting:
-        weighted = " / ".join(n for n in processes.names() if process_class(n).min_snr_weighting) or "no"
-        raise ValueError(f"at diffusion.min_snr_gamma: min-SNR weighting applies to the {weighted} process, not "
-                         f"'{config.process}' (it sets its own loss weights); remove it")
-    cls.check(config)
-    return cls
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
 from diffit_toolkit.errors import did_you_mean
 
@@ -73,32 +73,77 @@ class _Section(BaseModel):
         return value
 
 
-class DiffusionSection(_Section):
-    """The diffusion process.
+class ProcessOptions(_Section):
+    """The recipe's ``diffusion`` section: the process and its options.
+
+    Each diffusion process declares its options as a subclass (its ``Options`` class attribute,
+    see [`Process`][diffit_toolkit.process.Process]); the section is validated against the chosen
+    process's class, so a key that process does not take is a one-line error naming its valid
+    keys. The built-in processes' options (``GaussianOptions``, ``EDMOptions`` in
+    ``diffit_plugins.processes``): ``gaussian``: ``schedule`` (``linear``, ``cosine``),
+    ``num_timesteps`` (1000), ``prediction`` (``eps``, ``x0``, ``v``), ``learn_sigma`` (true:
+    the learned-range variance with the hybrid loss), ``min_snr_gamma`` (``null``: unweighted);
+    ``edm``: ``precond`` (``edm``, ``vp``, ``ve``), ``sigma_data`` (0.5); ``flow``: none.
 
     Attributes:
         process: a registered diffusion process: ``gaussian`` (ADM/DiT), ``edm`` (Karras et al.)
             or ``flow`` (linear-interpolant flow matching); see ``diffit-toolkit plugins``.
-        schedule: Gaussian beta schedule, ``linear`` or ``cosine``.
-        num_timesteps: Gaussian training steps (1000).
-        prediction: Gaussian model output, ``eps``, ``x0`` or ``v``.
-        learn_sigma: Gaussian learned-range variance with the hybrid MSE + VLB loss (the model
-            then outputs 2C channels).
-        precond: EDM preconditioning, ``edm``, ``vp`` or ``ve``.
-        sigma_data: EDM data standard deviation.
-        min_snr_gamma: Gaussian only: weight each step's loss by Min-SNR-gamma (Hang et al.,
-            2023), the x0 error weighted by ``min(SNR, gamma)``; ``null``: unweighted (5 is the
-            paper's value).
     """
 
     process: str = "gaussian"
-    schedule: Literal["linear", "cosine"] = "linear"
-    num_timesteps: int = Field(1000, gt=0, le=100_000)
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    learn_sigma: bool = True
-    precond: Literal["edm", "vp", "ve"] = "edm"
-    sigma_data: float = Field(0.5, gt=0, le=1e6)
-    min_snr_gamma: float | None = Field(None, gt=0, le=1e6)
+
+
+#: The ``diffusion`` keys of every saved recipe from before each process declared its own
+#: options, with the values they held when a recipe did not set them (``learn_sigma``: either, as
+#: a process without a learned variance never used it). A saved recipe of another process still
+#: reads: such a key is dropped when it holds one of these values (and refused otherwise).
+EARLIER_DIFFUSION_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "schedule": ("linear",), "num_timesteps": (1000,), "prediction": ("eps",), "learn_sigma": (True, False),
+    "precond": ("edm",), "sigma_data": (0.5,), "min_snr_gamma": (None,),
+}
+
+
+def process_options(section: Any) -> ProcessOptions:
+    """The ``diffusion`` section validated against its process's declared options.
+
+    Raises:
+        RecipeError: one line: an unknown process, a key the process does not take (with its
+            valid keys), or a value out of range.
+    """
+    from diffit_toolkit.registry import PluginError, PluginLoadError, processes
+
+    if isinstance(section, ProcessOptions):
+        return section
+    if not isinstance(section, Mapping):
+        raise RecipeError(f"recipe error at diffusion: must be a section of keys, got {type(section).__name__}")
+    data = dict(section)
+    name = data.setdefault("process", ProcessOptions.model_fields["process"].default)
+    try:
+        options_cls = getattr(processes.get(str(name)), "Options", ProcessOptions)
+    except PluginLoadError as exc:  # a broken plugin module: not a recipe key's fault
+        raise RecipeError(str(exc).strip().splitlines()[0]) from None
+    except PluginError as exc:
+        raise RecipeError(f"recipe error at diffusion.process: {str(exc).strip().splitlines()[0]}") from None
+    declared = options_cls.model_fields
+    for key in list(data):
+        if key in declared:
+            continue
+        if key in EARLIER_DIFFUSION_DEFAULTS and any(data[key] == v and type(data[key]) is type(v)
+                                                     for v in EARLIER_DIFFUSION_DEFAULTS[key]):
+            del data[key]
+            continue
+        valid = [k for k in declared if k != "process"]
+        hint = did_you_mean(key, valid)
+        raise RecipeError(f"recipe error at diffusion.{_shown(str(key))}: the {name} process takes no option "
+                          f"'{_shown(str(key))}'{hint} (its options: {', '.join(valid) or 'none'}); remove it")
+    try:
+        return options_cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"] and message.startswith("at "):  # a combination the options class checks
+            raise RecipeError(f"recipe error {message}") from None
+        raise RecipeError(format_validation_error({**err, "loc": ("diffusion", *err["loc"])})) from None
 
 
 class TrainSection(_Section):
@@ -245,7 +290,8 @@ class Recipe(_Section):
         model: ``backbone`` (registered name), ``preset``, and any option of that backbone
             (``mechanism``, ``mechanism_options``, ``window``, ...); validated by building the model
             on the meta device.
-        diffusion: [`DiffusionSection`][diffit_toolkit.recipe.DiffusionSection].
+        diffusion: the process and its own options
+            ([`ProcessOptions`][diffit_toolkit.recipe.ProcessOptions] or the process's subclass).
         data: options of the dataset (``kind``, ``path``, ...), validated against the data config.
         train: [`TrainSection`][diffit_toolkit.recipe.TrainSection].
         sample: [`SampleSection`][diffit_toolkit.recipe.SampleSection].
@@ -256,11 +302,16 @@ class Recipe(_Section):
     description: str = ""
     output_dir: str | None = None
     model: dict[str, Any] = Field(default_factory=dict)
-    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    diffusion: SerializeAsAny[ProcessOptions] = Field(default_factory=lambda: process_options({}))
     data: dict[str, Any] = Field(default_factory=dict)
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("diffusion", mode="before")
+    @classmethod
+    def _the_process_options(cls, value: Any) -> ProcessOptions:
+        return process_options(value)
 
     @field_validator("name")
     @classmethod
@@ -502,8 +553,11 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
     [`diffit_toolkit.build.check_recipe`][diffit_toolkit.build.check_recipe];
     ``diffit_toolkit.build.load_recipe`` does both.
     """
+    data = dict(data)
+    if "diffusion" in data:  # checked first, so that its errors name the process's own keys
+        data["diffusion"] = process_options(data["diffusion"])
     try:
-        recipe = Recipe.model_validate(dict(data))
+        recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as exc:
         raise RecipeError(format_validation_error(exc.errors()[0])) from None
     _check_options(recipe.model, "model")

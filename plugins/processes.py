@@ -7,9 +7,10 @@ with an already guided model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffit_toolkit.diffusion import (
@@ -28,6 +29,7 @@ from diffit_toolkit.diffusion import (
 from diffit_toolkit.diffusion.edm import RHO, sampling_sigma_range
 from diffit_toolkit.hookspecs import hookimpl
 from diffit_toolkit.process import Process
+from diffit_toolkit.recipe import ProcessOptions
 from diffit_toolkit.sampling import (
     ddim_sample,
     ddpm_sample,
@@ -42,14 +44,52 @@ _MEAN_TYPES = {"eps": "epsilon", "x0": "x0", "v": "v"}
 _EDM = {"edm": (EDMPrecond, EDMLoss), "vp": (VPPrecond, VPLoss), "ve": (VEPrecond, VELoss)}
 
 
+class GaussianOptions(ProcessOptions):
+    """Options of the ``gaussian`` process (``diffusion.<key>``).
+
+    Attributes:
+        schedule: beta schedule, ``linear`` or ``cosine``.
+        num_timesteps: training steps (1000).
+        prediction: model output, ``eps``, ``x0`` or ``v``.
+        learn_sigma: learned-range variance with the hybrid MSE + VLB loss (the model then
+            outputs 2C channels); needs ``prediction: eps``.
+        min_snr_gamma: weight each step's loss by Min-SNR-gamma (Hang et al., 2023), the x0
+            error weighted by ``min(SNR, gamma)``; ``null``: unweighted (5 is the paper's value).
+    """
+
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = Field(1000, gt=0, le=100_000)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    learn_sigma: bool = True
+    min_snr_gamma: float | None = Field(None, gt=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _learned_variance_needs_eps(self) -> GaussianOptions:
+        if self.learn_sigma and self.prediction != "eps":
+            raise ValueError("at diffusion.learn_sigma: the learned variance is trained with epsilon prediction; "
+                             "set diffusion.prediction: eps or diffusion.learn_sigma: false")
+        return self
+
+
+class EDMOptions(ProcessOptions):
+    """Options of the ``edm`` process (``diffusion.<key>``).
+
+    Attributes:
+        precond: preconditioning, ``edm``, ``vp`` or ``ve``.
+        sigma_data: data standard deviation (``precond: edm``).
+    """
+
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    sigma_data: float = Field(0.5, gt=0, le=1e6)
+
+
 class GaussianProcess(Process):
     """ADM/DiT Gaussian diffusion: linear or cosine betas, eps/x0/v prediction, optional learned
     variance with the hybrid loss; the model's ``t`` is the training step index 0..T-1."""
 
-    learned_variance = True
-    min_snr_weighting = True
+    Options = GaussianOptions
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: GaussianOptions) -> None:
         super().__init__(config)
         self.gaussian: GaussianDiffusion = create_gaussian_diffusion(
             noise_schedule=config.schedule,
@@ -60,14 +100,6 @@ class GaussianProcess(Process):
         gamma = getattr(config, "min_snr_gamma", None)  # configs built by hand may lack it
         self.min_snr = None if gamma is None else min_snr_weight(
             self.gaussian.alphas_cumprod, gamma, _MEAN_TYPES[config.prediction])
-
-    @classmethod
-    def check(cls, config: Any) -> None:
-        if config.learn_sigma and config.prediction != "eps":
-            raise ValueError(
-                "at diffusion.learn_sigma: the learned variance is trained with epsilon prediction; "
-                "set diffusion.prediction: eps or diffusion.learn_sigma: false"
-            )
 
     def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         t = self.gaussian.sample_timesteps(x0.shape[0], generator, x0.device)
@@ -89,7 +121,9 @@ class EDMProcess(Process):
     from ``sigma_max`` (1) to ``sigma_min`` (0), so a fraction of the level is about that
     fraction of the sampling steps."""
 
-    def __init__(self, config: Any) -> None:
+    Options = EDMOptions
+
+    def __init__(self, config: EDMOptions) -> None:
         super().__init__(config)
         precond_cls, loss_cls = _EDM[config.precond]
         edm = config.precond == "edm"
@@ -108,9 +142,9 @@ class EDMProcess(Process):
 
 class FlowProcess(Process):
     """Flow matching with the linear interpolant and velocity prediction (SiT); the model's ``t``
-    runs from 0 (noise) to 1 (data), so the noise level is ``1 - t``."""
+    runs from 0 (noise) to 1 (data), so the noise level is ``1 - t``; it has no options."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: ProcessOptions) -> None:
         super().__init__(config)
         self.flow = LinearFlow()
 

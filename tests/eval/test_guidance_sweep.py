@@ -93,9 +93,9 @@ def test_parse_scales():
 def test_edm_guidance_interval_guides_only_inside_the_noise_range():
     from diffit_toolkit.diffusion.edm import EDMPrecond
     from diffit_toolkit.process import build_process
-    from diffit_toolkit.recipe import DiffusionSection, SampleSection
+    from diffit_toolkit.recipe import SampleSection, process_options
 
-    process = build_process(DiffusionSection(process="edm", learn_sigma=False))
+    process = build_process(process_options({"process": "edm"}))
     sample = SampleSection(sampler="heun", guidance_scale=3.0, guidance_interval=(0.29, 0.59))
 
     def model(x, t, y):  # conditional output 1, unconditional 0: the guided value is the scale
