@@ -56,7 +56,8 @@ class Process:
     `Options` (a [`ProcessOptions`][diffit_toolkit.recipe.ProcessOptions] subclass: typed fields
     with their ranges, and validators for combinations), and receive the validated options as
     ``config``. A process whose options have ``learn_sigma`` trains a model with a learned
-    variance when it is true.
+    variance when it is true; one with a ``diffusers_scheduler(class_name, clip_denoised)``
+    method can be exported as a diffusers pipeline.
 
     ```python
     class MyOptions(ProcessOptions):

@@ -114,6 +114,11 @@ class GaussianProcess(Process):
     def noise_level(self, t: Tensor) -> Tensor:
         return t.to(torch.float64) / self.config.num_timesteps
 
+    def diffusers_scheduler(self, class_name: str, clip_denoised: bool = False) -> Any:
+        """The diffusers scheduler ``class_name`` for this process's training schedule, configured
+        as the ``diffusers:<SchedulerClass>`` sampler uses it (what an exported pipeline gets)."""
+        return _diffusers_scheduler(class_name, self.config, clip_denoised)
+
 
 class EDMProcess(Process):
     """EDM (Karras et al. 2022) with EDM, VP or VE preconditioning; the model's ``t`` is

@@ -75,11 +75,13 @@ def pipeline_scheduler(process: Any, sample: Any) -> Any:
             initial noise is not standard normal (``DiTPipeline`` does not scale it by
             ``init_noise_sigma``).
     """
-    from diffit_plugins.processes import _diffusers_scheduler  # the scheduler the toolkit's bridge samples with
-
     check_pipeline_process(process.name)
+    make = getattr(process, "diffusers_scheduler", None)  # the scheduler the toolkit's own bridge samples with
+    if make is None:
+        raise ValueError(f"the {process.name} process builds no diffusers scheduler; export it without "
+                         f"--diffusers-pipeline and sample it with diffit-toolkit")
     name = scheduler_name(sample.sampler)
-    scheduler = _diffusers_scheduler(name, process.config, sample.clip_denoised)
+    scheduler = make(name, sample.clip_denoised)
     if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
         scheduler = type(scheduler).from_config(scheduler.config, variance_type="fixed_small")
     scheduler.set_timesteps(sample.steps)
