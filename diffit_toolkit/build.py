@@ -26,6 +26,7 @@ from typing import Any
 import pydantic
 import torch
 
+from diffit_toolkit.backbones import build_registered_backbone
 from diffit_toolkit.data import DataConfig
 from diffit_toolkit.errors import did_you_mean, first_line
 from diffit_toolkit.optional import OPTIONAL, missing
@@ -142,7 +143,7 @@ def build_model(recipe: Recipe, facts: Mapping[str, Any] | None = None, device: 
         options = complete_model_options(options, facts)
     try:
         with torch.device(device or "cpu"):
-            return backbones.build(name, preset, **options)
+            return build_registered_backbone(name, preset, **options)
     except Exception as exc:  # a recipe value must never surface as a traceback from deep inside torch
         raise _recipe_error("model", exc) from None
 

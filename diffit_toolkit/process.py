@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from diffit_toolkit.registry import PluginError, UnknownPluginError, processes, samplers
+from diffit_toolkit.errors import one_line
+from diffit_toolkit.registry import DISTRIBUTION, PluginError, UnknownPluginError, processes, samplers
 from diffit_toolkit.sampling.guidance import ClassifierFreeGuidance, GuidanceConfig
 
 from diffit_toolkit.recipe import ProcessOptions
@@ -108,7 +109,20 @@ class Process:
         """Draw ``x_0`` from ``noise`` (B, C, H, W) with the recipe's sampler and guidance."""
         sampler = resolve_sampler(self.name, sample.sampler)
         guided = self.guided(model, sample, null_class if y is not None else None)
-        return sampler(self, guided, noise, y, sample, generator)
+        entry = samplers.entry(_sampler_key(self.name, sample.sampler))
+        try:
+            x0 = sampler(self, guided, noise, y, sample, generator)
+        except (PluginError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if entry.source == DISTRIBUTION:  # the toolkit's own samplers: a bug to see in full
+                raise
+            raise PluginError(f"sampler '{entry.name}' (from '{entry.source}') failed: {one_line(exc)}") from exc
+        if not isinstance(x0, Tensor) or x0.shape != noise.shape:
+            shown = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+            raise PluginError(f"sampler '{entry.name}' (from '{entry.source}') returned {shown} for noise of shape "
+                              f"{tuple(noise.shape)}: it must return the samples in the shape of the noise")
+        return x0
 
 
 def sampler_names(process: str) -> list[str]:
@@ -118,15 +132,20 @@ def sampler_names(process: str) -> list[str]:
     return [f"{DIFFUSERS_PREFIX}:<SchedulerClass>" if n == DIFFUSERS_PREFIX else n for n in names]
 
 
+def _sampler_key(process: str, sampler: str) -> str:
+    """The registry name of ``sampler`` for ``process`` (``diffusers:X`` -> ``<process>.diffusers``)."""
+    base = sampler.split(":", 1)[0] if sampler.startswith(f"{DIFFUSERS_PREFIX}:") else sampler
+    return f"{process}.{base}"
+
+
 def resolve_sampler(process: str, sampler: str) -> Sampler:
     """The sampler registered as ``"<process>.<sampler>"`` (``diffusers:X`` -> ``<process>.diffusers``).
 
     Raises:
         PluginError: one line listing the samplers of ``process``.
     """
-    base = sampler.split(":", 1)[0] if sampler.startswith(f"{DIFFUSERS_PREFIX}:") else sampler
     try:
-        return samplers.get(f"{process}.{base}")
+        return samplers.get(_sampler_key(process, sampler))
     except UnknownPluginError:
         valid = ", ".join(sampler_names(process)) or "none registered"
         raise PluginError(f"sampler '{sampler}' does not sample the {process} process (valid: {valid})") from None

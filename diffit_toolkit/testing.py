@@ -61,6 +61,7 @@ from diffit_toolkit.nn.block import (
     Conditioning,
     ConditioningMechanism,
     DiffiTBlock,
+    SITE_SHAPES,
     Injection,
     resolve_mechanism,
 )
@@ -296,25 +297,6 @@ class _MechanismHarness:
         x = torch.randn(case.batch, n, case.spec.dim, generator=g, dtype=torch.float64)
         c = torch.randn(case.batch, 2, case.spec.cond_dim, generator=g, dtype=torch.float64)  # t and y embeddings
         return x.to(dtype), c.to(dtype)
-
-
-#: The shape of each injection site, as documented (B batch, N tokens, D width, T bias table
-#: rows, M extra tokens). A new site must add its row here; the kit rejects a site it cannot check.
-SITE_SHAPES: dict[str, str] = {
-    "tokens": "(B, 1 or N, D)",
-    "shift_attn": "(B, 1 or N, D)",
-    "scale_attn": "(B, 1 or N, D)",
-    "gate_attn": "(B, 1 or N, D)",
-    "qkv": "(B, 1 or N, 3D)",
-    "bias_table": "(B, T, heads)",
-    "extra_tokens": "(B, M, D)",
-    "shift_mlp": "(B, 1 or N, D)",
-    "scale_mlp": "(B, 1 or N, D)",
-    "mlp_in": "(B, 1 or N, D)",
-    "gate_mlp": "(B, 1 or N, D)",
-    "sequence": "(B, M, D)",
-    "context": "(B, M, context_dim)",
-}
 
 
 def _site_shape_ok(site: str, shape: tuple[int, ...], spec: BlockSpec, batch: int) -> bool:

@@ -41,7 +41,20 @@ def build_backbone(config: dict[str, Any], source: str = "model config") -> nn.M
     name = options.pop("backbone", None)
     if not isinstance(name, str):
         raise ValueError("a backbone config needs the registry name under 'backbone'")
-    return backbones.build(name, None, **options)
+    return build_registered_backbone(name, None, **options)
+
+
+def build_registered_backbone(name: str, preset: str | None, **options: Any) -> nn.Module:
+    """The registered backbone factory ``name`` called with ``preset`` and ``options``; a factory
+    that returns something other than a module is a one-line
+    [`PluginError`][diffit_toolkit.registry.PluginError] naming it."""
+    from diffit_toolkit.registry import PluginError, backbones
+
+    model = backbones.build(name, preset, **options)
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"backbone '{name}' (from '{backbones.entry(name).source}') returned a "
+                          f"{type(model).__name__}, not a torch.nn.Module: its factory must return the model")
+    return model
 
 
 __all__ = [
@@ -53,6 +66,7 @@ __all__ = [
     "LatentDiffiT",
     "LatentDiffiTConfig",
     "build_backbone",
+    "build_registered_backbone",
     "from_pretrained",
     "is_pretrained_dir",
     "save_pretrained",

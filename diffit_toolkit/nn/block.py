@@ -34,6 +34,7 @@ unconditioned formula. The sites:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, NamedTuple
@@ -228,6 +229,51 @@ class ConditioningMechanism(nn.Module, abc.ABC):
         ``takes_parts``: the [`Conditioning`][diffit_toolkit.nn.block.Conditioning])."""
 
 
+SITE_SHAPES: dict[str, str] = {
+    "tokens": "(B, 1 or N, D)",
+    "shift_attn": "(B, 1 or N, D)",
+    "scale_attn": "(B, 1 or N, D)",
+    "gate_attn": "(B, 1 or N, D)",
+    "qkv": "(B, 1 or N, 3D)",
+    "bias_table": "(B, T, heads)",
+    "extra_tokens": "(B, M, D)",
+    "shift_mlp": "(B, 1 or N, D)",
+    "scale_mlp": "(B, 1 or N, D)",
+    "mlp_in": "(B, 1 or N, D)",
+    "gate_mlp": "(B, 1 or N, D)",
+    "sequence": "(B, M, D)",
+    "context": "(B, M, context_dim)",
+}
+"""The shape each injection site takes (B the batch, N the block's tokens, D its width, M extra
+tokens, T the bias table rows): the conformance kit checks them in full, every forward checks the
+rank and the width. A new site adds its row here."""
+
+#: The last dimension of each shape in `SITE_SHAPES`, for a block's spec.
+_LAST_DIM: dict[str, Callable[[BlockSpec], int | None]] = {
+    "D)": lambda spec: spec.dim, "3D)": lambda spec: 3 * spec.dim, "heads)": lambda spec: spec.num_heads,
+    "context_dim)": lambda spec: spec.context_dim,
+}
+
+
+def check_injection(inj: Any, spec: BlockSpec, mechanism: str) -> None:
+    """One-line [`PluginError`][diffit_toolkit.registry.PluginError] unless ``inj`` is an
+    [`Injection`][diffit_toolkit.nn.block.Injection] whose tensors are 3-D with the width of their
+    site (`SITE_SHAPES`): a mechanism's mistake is named here, not as a broadcasting error deep
+    inside torch."""
+    if not isinstance(inj, Injection):
+        raise PluginError(f"conditioning mechanism '{mechanism}': forward(c) returned {type(inj).__name__}, not an "
+                          f"Injection (return Injection(<site>=tensor, ...))")
+    for site, shape in SITE_SHAPES.items():
+        value = getattr(inj, site)
+        if value is None:
+            continue
+        width = _LAST_DIM[shape.rsplit(" ", 1)[1]](spec)
+        if not isinstance(value, Tensor) or value.ndim != 3 or (width is not None and value.shape[-1] != width):
+            shown = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise PluginError(f"conditioning mechanism '{mechanism}': injection site '{site}' has shape {shown}, "
+                              f"expected {shape} with D = {spec.dim}")
+
+
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
     """``x * (1 + scale) + shift`` (DiT's adaLN), each term skipped when ``None``."""
     if scale is not None:
@@ -310,7 +356,9 @@ class DiffiTBlock(nn.Module):
         """The mechanism's injections for ``c``: the summed token (B, cond_dim), or the
         [`Conditioning`][diffit_toolkit.nn.block.Conditioning] for a mechanism that ``takes_parts``."""
         cond = c if isinstance(c, Conditioning) else Conditioning(c)
-        return self.cond(cond if self.cond.takes_parts else cond.c)
+        inj = self.cond(cond if self.cond.takes_parts else cond.c)
+        check_injection(inj, self.spec, self.mechanism_name)
+        return inj
 
     def forward(self, x: Tensor, c: Tensor | Conditioning) -> Tensor:
         """``x`` (B, N, D) tokens in row-major grid order, ``c`` (B, cond_dim) or a
