@@ -74,7 +74,8 @@ class ImageDiffiTConfig:
         time_dim: width of the time (and class) token ``c``.
         mlp_ratio: MLP hidden width / stage width.
         num_classes: class labels (0: unconditional, the paper's setting).
-        class_dropout_prob: label dropout to the null class during training.
+        class_dropout_prob: label dropout to the null class during training (0.1, DiT's value:
+            `DEFAULT_CLASS_DROPOUT`).
         learn_sigma: output ``2C`` channels.
         mechanism: registered conditioning mechanism (default ``window_tmsa``).
         mechanism_options: keyword options of the mechanism.

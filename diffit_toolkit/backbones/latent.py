@@ -70,7 +70,8 @@ class LatentDiffiTConfig:
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / ``D``.
         num_classes: class labels (0: unconditional, no label table).
-        class_dropout_prob: label dropout to the null class during training.
+        class_dropout_prob: label dropout to the null class during training (0.1, DiT's value:
+            `DEFAULT_CLASS_DROPOUT`).
         learn_sigma: output ``2C`` channels (epsilon and the learned variance interpolation).
         mechanism: registered conditioning mechanism (``tmsa``, ``adaln_zero``, ...).
         mechanism_options: keyword options of the mechanism.

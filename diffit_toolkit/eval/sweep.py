@@ -121,6 +121,8 @@ def plot_guidance_sweep(curves: dict[str, Sequence[dict[str, float]]], path: str
                         y: str = "fd", floor: float | None = None, title: str | None = None) -> Path:
     """The trade-off plot: ``y`` (e.g. FD, log scale) against ``x`` (e.g. class accuracy), one line
     per setting in ``curves``, each point labelled with its guidance scale."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +144,7 @@ def plot_guidance_sweep(curves: dict[str, Sequence[dict[str, float]]], path: str
         ax.set_yscale("log")
     ax.set_xlabel(labels.get(x, x))
     ax.set_ylabel(labels.get(y, y))
-    ax.set_title(title or "Guidance trade-off (labels: guidance scale)", fontsize=10)
+    ax.set_title(textwrap.fill(title or "Guidance trade-off (labels: guidance scale)", 64), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
