@@ -76,7 +76,8 @@ def load_npz(path: Path) -> ImageSet:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npz ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     try:
-        arrays = {k: read_member(data, k, path) for k in ("mu", "sigma", "arr_0", "arr_1") if k in keys}
+        with data:  # closed however the reading ends (a refused member must not leave the file open)
+            arrays = {k: read_member(data, k, path) for k in ("mu", "sigma", "arr_0", "arr_1") if k in keys}
     except ValueError as exc:
         raise InputError(str(exc)) from None
     stats = None
