@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 from diffit_toolkit.optional import missing, require
 from diffit_toolkit.runs.files import open_no_follow, write_text_atomic
@@ -44,6 +44,15 @@ def _start_wandb(section: WandbSection, run_dir: Path, config: dict[str, Any], n
         raise RecipeError(f"recipe error at logging.wandb: W&B could not start ({reason}); set "
                           "WANDB_API_KEY or run `wandb login`, or set logging.wandb.mode=offline to log under the run "
                           "folder and upload later with `wandb sync`") from exc
+
+
+def format_eta(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"`` or ``"2.1 h"``: the time left, read at a glance."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -121,10 +130,11 @@ class RunLogger:
         if show_progress and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                TextColumn("{task.fields[rates]}  loss {task.fields[loss]}"), TimeRemainingColumn(),
+                TextColumn("{task.fields[rates]}  loss {task.fields[loss]}  eta {task.fields[eta]}"),
                 console=self.console,
             )
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, rates="", loss="-")
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, rates="", loss="-",
+                                               eta="-")
             self.progress.start()
 
     @rank_zero_only
@@ -133,9 +143,9 @@ class RunLogger:
         done = step - self.start_step
         rate = done / max(now - self.t0, 1e-9)
         self.window.append(loss)
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}",
-                                 rates=f"{rate:.2f} it/s {rate * self.batch_size:.1f} img/s")
+        if self.progress is not None:  # the ETA from the mean rate since the start: steady, not the last second's
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", eta=format_eta(
+                (self.total_steps - step) / max(rate, 1e-9)), rates=f"{rate:.2f} it/s {rate * self.batch_size:.1f} img/s")
         if not log:
             return
         loss = sum(self.window) / len(self.window)  # mean over the steps since the last line
@@ -157,7 +167,7 @@ class RunLogger:
         if self.progress is None:
             self.console.print(
                 f"step {step}/{self.total_steps}  loss {loss:.4f}  {window_rate:.2f} it/s  "
-                f"{window_rate * self.batch_size:.1f} img/s  eta {eta / 60:.1f} min", highlight=False)
+                f"{window_rate * self.batch_size:.1f} img/s  eta {format_eta(eta)}", highlight=False)
 
     @rank_zero_only
     def image(self, tag: str, path: Path, step: int) -> None:

@@ -142,3 +142,16 @@ def test_wandb_online_with_its_server_unreachable_stops_after_the_timeout_with_o
     with pytest.raises(RecipeError, match=r"^recipe error at logging\.wandb: W&B could not start \(.*\); "
                                           r"set WANDB_API_KEY or run `wandb login`, or set logging\.wandb\.mode=offline"):
         train(recipe, device="cpu", progress=False)
+
+
+
+def test_the_eta_reads_at_a_glance_and_comes_from_the_mean_rate(tmp_path, capsys):
+    from diffit_toolkit.train.logging import format_eta
+
+    assert [format_eta(s) for s in (-1, 0, 42.4, 59.6, 90, 3599, 3600, 7560)] == [
+        "0 s", "0 s", "42 s", "60 s", "1.5 min", "60.0 min", "1.0 h", "2.1 h"]
+    logger = RunLogger(tmp_path, total_steps=100, start_step=0, batch_size=4, show_progress=False)
+    logger.t0 -= 10.0  # ten steps in the ten seconds since the start: 90 left at 1 it/s
+    logger.step(10, loss=1.0, log=True)
+    logger.close()
+    assert "eta 1.5 min" in capsys.readouterr().err
