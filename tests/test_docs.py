@@ -93,6 +93,13 @@ def test_user_pages_speak_of_the_product(page):
     assert not hits, f"{page.relative_to(DOCS)}: working notes belong on docs/contributing/roadmap.md:\n" + "\n".join(hits)
 
 
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstrings_speak_of_the_product(path):
+    """Docstrings show on the API reference pages: the same rule as the user pages."""
+    hits = [f"docstring at line {line}: {m.group(0)!r}" for line, doc in docstrings(path) for m in WORKING_WORDS.finditer(doc)]
+    assert not hits, f"{path.relative_to(ROOT)}: working notes in docstrings:\n" + "\n".join(hits)
+
+
 def test_working_words_are_caught():
     for text in ("see SPEC 2", "the budget of this session", "a work item", "TODO: x", "a core change, not yet made",
                  "(the performance issue)", "issue 18"):
