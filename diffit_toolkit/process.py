@@ -151,11 +151,6 @@ def resolve_sampler(process: str, sampler: str) -> Sampler:
         raise PluginError(f"sampler '{sampler}' does not sample the {process} process (valid: {valid})") from None
 
 
-def process_class(name: str) -> type[Process]:
-    """The registered process class ``name`` (one-line error with "did you mean" otherwise)."""
-    return processes.get(name)
-
-
 def build_process(config: ProcessOptions) -> Process:
     """The process of a recipe's ``diffusion`` section (validated against the process's options)."""
     return processes.build(config.process, config)
