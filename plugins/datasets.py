@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffit_toolkit.data import DatasetKind, DigitsDataset, ImageFolderDataset, LatentDataset, NpzDataset
 from diffit_toolkit.data.canvas import CANVAS_SPLITS, DigitsCanvasDataset
 from diffit_toolkit.data.digits import DIGITS_SPLITS
 from diffit_toolkit.data.shapes import ShapesDataset
+from diffit_toolkit.eval.canvas import JUDGE_FILE as CANVAS_JUDGE_FILE
 from diffit_toolkit.hookspecs import hookimpl
 
 
@@ -13,6 +16,14 @@ class Digits(DatasetKind):
     """scikit-learn's 8x8 handwritten digits, embedded (fixed stratified train/test split)."""
 
     splits = DIGITS_SPLITS
+    judge_file = "classifier.pt"
+
+    @classmethod
+    def judge(cls, path: Path):
+        from diffit_toolkit.eval.digits import DigitsMetric
+        from diffit_toolkit.eval.sweep import digits_judge
+
+        return digits_judge(path), DigitsMetric(seed=0, cache=path).test_accuracy()
 
     @classmethod
     def build(cls, config):
@@ -21,6 +32,15 @@ class Digits(DatasetKind):
 
 class Shapes(DatasetKind):
     """Procedurally generated 32x32 RGB shapes in 10 balanced classes, embedded (deterministic)."""
+
+    judge_file = "shapes_classifier.pt"
+
+    @classmethod
+    def judge(cls, path: Path):
+        from diffit_toolkit.eval.shapes import ShapesMetric
+        from diffit_toolkit.eval.sweep import shapes_judge
+
+        return shapes_judge(path), ShapesMetric(cache=path).test_accuracy()
 
     @classmethod
     def build(cls, config):
@@ -31,6 +51,14 @@ class DigitsCanvas(DatasetKind):
     """Real 8x8 digits at random offsets on a 16x16 canvas, embedded (deterministic; the benchmark testbed)."""
 
     splits = CANVAS_SPLITS
+    judge_file = CANVAS_JUDGE_FILE
+
+    @classmethod
+    def judge(cls, path: Path):
+        from diffit_toolkit.eval.canvas import CanvasMetric
+        from diffit_toolkit.eval.sweep import canvas_judge
+
+        return canvas_judge(path), CanvasMetric(cache=path).test_accuracy()
 
     @classmethod
     def build(cls, config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from diffit_toolkit.data.base import DiffusionDataset
@@ -26,6 +27,16 @@ class DatasetKind:
     splits: ClassVar[tuple[str, ...]] = ()
     #: Whether ``channels`` is an image channel count (1 or 3).
     image_channels: ClassVar[bool] = True
+    #: File name of the kind's cached offline judge (a classifier and its feature space, used by
+    #: ``ablate`` and ``benchmark``), or ``None`` when the kind has none; a new judge design
+    #: takes a new name, so runs scored by the old one are not mistaken for the new.
+    judge_file: ClassVar[str | None] = None
+
+    @classmethod
+    def judge(cls, path: Path) -> tuple[Callable[..., dict[str, Any]], float]:
+        """The offline judge cached at ``path`` (trained there on first use): ``(score, held-out
+        accuracy)``, where ``score(images, labels)`` returns at least ``fd`` and ``accuracy``."""
+        raise NotImplementedError("this dataset kind has no offline judge")
 
     @classmethod
     def check(cls, config: DataConfig) -> None:

@@ -134,36 +134,29 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]
 
 
 def judge_file(kind: str) -> str:
-    """File name of the cached offline judge of data ``kind`` (a new name for every new judge design)."""
-    from diffit_toolkit.eval.canvas import JUDGE_FILE
+    """File name of the cached offline judge of data ``kind`` (the dataset kind's ``judge_file``;
+    empty for a kind without one)."""
+    from diffit_toolkit.registry import PluginError, datasets
 
-    return {"digits": "classifier.pt", "shapes": "shapes_classifier.pt", "digits_canvas": JUDGE_FILE}.get(kind, "")
+    try:
+        return datasets.get(kind).judge_file or ""
+    except PluginError:
+        return ""
 
 
 def judge_for(data: dict[str, Any], cache_dir: Path):
-    """The offline judge of a recipe's ``data`` section: ``(name, judge, held-out accuracy)``."""
-    from diffit_toolkit.eval.sweep import canvas_judge, digits_judge, shapes_judge
+    """The offline judge of a recipe's ``data`` section, as its dataset kind declares it:
+    ``(name, judge, held-out accuracy)``."""
+    from diffit_toolkit.registry import datasets
 
-    kind = data.get("kind", "digits")
-    if kind == "digits":
-        from diffit_toolkit.eval.digits import DigitsMetric
-
-        path = cache_dir / judge_file(kind)
-        metric = DigitsMetric(seed=0, cache=path)
-        return "digits", digits_judge(path), metric.test_accuracy()
-    if kind == "shapes":
-        from diffit_toolkit.eval.shapes import ShapesMetric
-
-        path = cache_dir / judge_file(kind)
-        metric = ShapesMetric(cache=path)
-        return "shapes", shapes_judge(path), metric.test_accuracy()
-    if kind == "digits_canvas":
-        from diffit_toolkit.eval.canvas import CanvasMetric
-
-        path = cache_dir / judge_file(kind)
-        metric = CanvasMetric(cache=path)
-        return "digits_canvas", canvas_judge(path), metric.test_accuracy()
-    raise ValueError(f"the ablation scores with an offline judge: data.kind must be digits, shapes or digits_canvas, got '{kind}'")
+    kind = str(data.get("kind", "digits"))
+    cls = datasets.get(kind)
+    if not cls.judge_file:
+        judged = ", ".join(e.name for e in datasets.entries() if e.obj.judge_file) or "none"
+        raise ValueError(f"the ablation scores with an offline judge: data.kind must be a kind that has one ({judged}), "
+                         f"got '{kind}'")
+    judge, held_out = cls.judge(cache_dir / cls.judge_file)
+    return kind, judge, held_out
 
 
 def _ablation_specs(suite: AblationSuite, device: str) -> tuple[list[RunSpec], list[str], Any]:

@@ -123,3 +123,29 @@ def test_glyph_jitter_turns_and_scales_about_the_centre():
     assert not torch.allclose(jittered, images[:64])
     still = canvas_eval.jitter_glyphs(images[:64], gen, rotation=0.0, scale=0.0)
     assert torch.allclose(still, images[:64], atol=1e-5)  # no turn, no scale: the glyphs themselves
+
+
+def test_a_dataset_kind_declares_its_own_judge(tmp_path, plugin_system):
+    """The judge belongs to the dataset plugin: a user's kind with one is scored like a built-in."""
+    from diffit_toolkit.data import DatasetKind
+    from diffit_toolkit.eval.ablation import judge_file, judge_for
+    from diffit_toolkit.registry import datasets
+
+    seen = []
+
+    class Judged(DatasetKind):
+        judge_file = "my_judge_v1.pt"
+
+        @classmethod
+        def judge(cls, path):
+            seen.append(path)
+            return (lambda images, labels: {"fd": 1.0, "accuracy": 0.5}), 0.9
+
+    datasets.register("judged_probe", Judged)
+    name, judge, held_out = judge_for({"kind": "judged_probe"}, tmp_path)
+    assert (name, held_out, seen) == ("judged_probe", 0.9, [tmp_path / "my_judge_v1.pt"])
+    assert judge(None, None) == {"fd": 1.0, "accuracy": 0.5} and judge_file("judged_probe") == "my_judge_v1.pt"
+    assert judge_file("npz") == "" and judge_file("no_such_kind") == ""
+    with pytest.raises(ValueError, match=r"data.kind must be a kind that has one \(digits, digits_canvas, judged_probe, "
+                                         r"shapes\), got 'npz'"):
+        judge_for({"kind": "npz"}, tmp_path)
