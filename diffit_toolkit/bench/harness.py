@@ -202,7 +202,11 @@ def _model_specs(config: BenchConfig) -> tuple[_ModelSpec, Any]:
 
 def _dit_spec(spec: _ModelSpec) -> _ModelSpec:
     """The same-size DiT: the ``dit`` backbone with the size options of ``spec``."""
-    preset = spec.recipe.model.get("preset") if spec.backbone in ("latent_diffit", "dit") else None
+    from diffit_toolkit.registry import backbones
+
+    preset = spec.recipe.model.get("preset")
+    if preset not in getattr(backbones.get("dit"), "presets", ()):  # a preset DiT does not declare: sizes only
+        preset = None
     model = {"backbone": "dit", "preset": preset, **{k: v for k, v in spec.recipe.model.items() if k in _SIZE_KEYS}}
     label = f"dit:{preset}" if preset else "dit"
     return _ModelSpec(label, spec.recipe.model_copy(update={"name": label, "model": model}))
