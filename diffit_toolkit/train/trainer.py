@@ -528,6 +528,7 @@ def train(
                 logger.message(line)
         result = trainer.fit(run_dir, logger, config, stop_after=stop_after)
         logger.close()
+        barrier(env)  # every rank done before any leaves the process group: no rank exits under a peer's collective
         result.seconds = time.perf_counter() - start_time
         return result
     finally:
