@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffit_toolkit.errors import one_line
-from diffit_toolkit.registry import DISTRIBUTION, PluginError, UnknownPluginError, processes, samplers
+from diffit_toolkit.registry import DISTRIBUTION, Entry, PluginError, UnknownPluginError, processes, samplers
 from diffit_toolkit.sampling.guidance import ClassifierFreeGuidance, GuidanceConfig
 
 from diffit_toolkit.recipe import ProcessOptions
@@ -107,11 +107,10 @@ class Process:
     def sample(self, model: Model, noise: Tensor, y: Tensor | None, sample: SampleSection,
                generator: torch.Generator, null_class: int | None = None) -> Tensor:
         """Draw ``x_0`` from ``noise`` (B, C, H, W) with the recipe's sampler and guidance."""
-        sampler = resolve_sampler(self.name, sample.sampler)
+        entry = _sampler_entry(self.name, sample.sampler)
         guided = self.guided(model, sample, null_class if y is not None else None)
-        entry = samplers.entry(_sampler_key(self.name, sample.sampler))
         try:
-            x0 = sampler(self, guided, noise, y, sample, generator)
+            x0 = entry.obj(self, guided, noise, y, sample, generator)
         except (PluginError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
@@ -138,17 +137,22 @@ def _sampler_key(process: str, sampler: str) -> str:
     return f"{process}.{base}"
 
 
+def _sampler_entry(process: str, sampler: str) -> Entry:
+    """The registry entry of ``sampler`` for ``process`` (one-line ``PluginError`` listing the valid ones)."""
+    try:
+        return samplers.entry(_sampler_key(process, sampler))
+    except UnknownPluginError:
+        valid = ", ".join(sampler_names(process)) or "none registered"
+        raise PluginError(f"sampler '{sampler}' does not sample the {process} process (valid: {valid})") from None
+
+
 def resolve_sampler(process: str, sampler: str) -> Sampler:
     """The sampler registered as ``"<process>.<sampler>"`` (``diffusers:X`` -> ``<process>.diffusers``).
 
     Raises:
         PluginError: one line listing the samplers of ``process``.
     """
-    try:
-        return samplers.get(_sampler_key(process, sampler))
-    except UnknownPluginError:
-        valid = ", ".join(sampler_names(process)) or "none registered"
-        raise PluginError(f"sampler '{sampler}' does not sample the {process} process (valid: {valid})") from None
+    return _sampler_entry(process, sampler).obj
 
 
 def build_process(config: ProcessOptions) -> Process:

@@ -25,7 +25,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
-from diffit_toolkit.errors import did_you_mean
+from diffit_toolkit.errors import did_you_mean, first_line
 
 #: Where the shipped recipes live: the package ``diffit_toolkit.recipes`` (``recipes/`` in a source
 #: checkout, installed inside the package by a wheel).
@@ -121,9 +121,9 @@ def process_options(section: Any) -> ProcessOptions:
     try:
         options_cls = getattr(processes.get(str(name)), "Options", ProcessOptions)
     except PluginLoadError as exc:  # a broken plugin module: not a recipe key's fault
-        raise RecipeError(str(exc).strip().splitlines()[0]) from None
+        raise RecipeError(first_line(exc)) from None
     except PluginError as exc:
-        raise RecipeError(f"recipe error at diffusion.process: {str(exc).strip().splitlines()[0]}") from None
+        raise RecipeError(f"recipe error at diffusion.process: {first_line(exc)}") from None
     declared = options_cls.model_fields
     for key in list(data):
         if key in declared:

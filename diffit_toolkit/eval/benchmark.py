@@ -186,11 +186,10 @@ def count_params(recipe_path: Path, overrides: Sequence[str]) -> tuple[int, Any]
     return sum(p.numel() for p in model.parameters()), recipe
 
 
-def _matched_width(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[str, str, int] | None:
+def _matched_width(recipe_path: Path, overrides: Sequence[str], target: int, recipe: Any) -> tuple[str, str, int] | None:
     """The ``hidden_size`` (a multiple of ``num_heads``, up to four times the width) closest to ``target``."""
     from diffit_toolkit.recipe import RecipeError
 
-    _, recipe = count_params(recipe_path, overrides)
     heads = int(recipe.model.get("num_heads", 1) or 1)
     width = int(recipe.model.get("hidden_size", 0) or 0)
     best: tuple[str, str, int] | None = None
@@ -206,7 +205,7 @@ def _matched_width(recipe_path: Path, overrides: Sequence[str], target: int) -> 
     return best
 
 
-def _matched_mlp_ratio(recipe_path: Path, overrides: Sequence[str], target: int) -> tuple[str, str, int] | None:
+def _matched_mlp_ratio(recipe_path: Path, overrides: Sequence[str], target: int, recipe: Any) -> tuple[str, str, int] | None:
     """The ``mlp_ratio`` (two decimals) closest to ``target``: the parameter count is linear in it,
     so two counts give the ratio and a third checks it."""
     from diffit_toolkit.recipe import RecipeError
@@ -232,7 +231,7 @@ def match_parameters(recipe_path: Path, overrides: Sequence[str], target: int) -
     heads and windows stay as they are."""
     _, recipe = count_params(recipe_path, overrides)
     knob = _matched_width if recipe.model.get("hidden_size") else _matched_mlp_ratio
-    best = knob(recipe_path, overrides, target)
+    best = knob(recipe_path, overrides, target, recipe)
     if best is None or abs(best[2] - target) > MATCH_TOLERANCE * target:
         return None
     return best
