@@ -43,9 +43,9 @@ def main() -> None:
     cases["the 180 floor digits, all at the centre"] = paste(images, torch.full((len(images), 2), 4), 16)
     if args.glyph_model:
         from diffit_toolkit.data.canvas import random_offsets
-        from diffit_toolkit.generate import load_generator
+        from diffit_toolkit.inference.pipeline import load_pipeline
 
-        model = load_generator(args.glyph_model, device="cpu")
+        model = load_pipeline(args.glyph_model, device="cpu")
         samples, _ = model.sample(len(x), model.recipe.sample)
         cases["samples of the 8x8 model, each pasted at a random offset"] = paste(
             samples[:, 0].clamp(-1, 1), random_offsets(len(samples), 16, gen), 16)

@@ -62,9 +62,9 @@ def train_with_profiles(recipe_path: str, out: Path, overrides: list[str]) -> No
 
 def score_profiles(out: Path, scales: list[float], num: int) -> None:
     from diffit_toolkit.eval.digits import DigitsMetric
-    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.inference.pipeline import load_pipeline
 
-    gen = load_generator(out, device="cpu")
+    gen = load_pipeline(out, device="cpu")
     metric = DigitsMetric(cache=out / "classifier.pt")
     own = {k: v.clone() for k, v in gen.model.state_dict().items()}
     profiles = torch.load(out / "ema_profiles.pt", weights_only=True)

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("backbones", "process", "recipe"),
     ("runs",),
     ("interop", "build"),
-    ("generate",),
+    ("inference",),
     ("train",),
     ("eval", "bench", "testing"),
     ("commands",),

@@ -70,13 +70,13 @@ def test_every_model_command_takes_cuda_when_available_unless_told(tmp_path, mon
     import diffit_toolkit.data.cache as cache
     import diffit_toolkit.eval.ablation as ablation
     import diffit_toolkit.eval.metrics as metrics
-    import diffit_toolkit.generate as generate
+    import diffit_toolkit.inference.pipeline as pipeline
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU is touched: the stand-ins stop first
     seen: list = []
     monkeypatch.setattr(cache, "cache_latents", _stop(seen, "cache-latents"))
     monkeypatch.setattr(metrics, "inception_extractor", _stop(seen, "eval"))
-    monkeypatch.setattr(generate, "load_generator", _stop(seen, "eval RUN"))
+    monkeypatch.setattr(pipeline, "load_pipeline", _stop(seen, "eval RUN"))
     monkeypatch.setattr(ablation, "run_ablation", _stop(seen, "ablate"))
     (tmp_path / "r.yaml").write_text("name: r\n")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

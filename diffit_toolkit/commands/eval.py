@@ -132,7 +132,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         shapes_judge,
         write_sweep_csv,
     )
-    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
@@ -140,7 +140,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
 
     try:
         with progress_bar("sampling", enabled=show_progress) as update:
-            gen = load_generator(run, device=device)
+            gen = load_pipeline(run, device=device)
             if not gen.num_classes:
                 raise InputError(f"{run}: the model is unconditional: there is no guidance to sweep")
             if metric == "auto":

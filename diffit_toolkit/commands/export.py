@@ -13,13 +13,11 @@ from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, check_output,
 def _checkpoint_record(run: Path) -> tuple[Path, dict[str, Any], int | None]:
     """``(run folder, the checkpoint's resolved recipe, its step)`` of a run or step folder."""
     from diffit_toolkit.errors import read_json_object
-    from diffit_toolkit.runs import latest_checkpoint
+    from diffit_toolkit.interop.weights import checkpoint_folder
     from diffit_toolkit.runs.checkpoint import checkpoint_step
 
-    if (run / "checkpoints").is_dir():
-        run_dir, checkpoint = run, latest_checkpoint(run)
-    else:
-        run_dir, checkpoint = run.parent.parent, run
+    checkpoint = checkpoint_folder(run)
+    run_dir = run if checkpoint != run else run.parent.parent
     config = read_json_object(checkpoint / "config.json", "a checkpoint config")
     return run_dir, dict(config.get("recipe") or {}), checkpoint_step(checkpoint)
 
@@ -44,8 +42,10 @@ def export(
 
     Every export holds a model card (README.md, with the metadata the Hugging Face hub reads) and the run's resolved recipe (training_recipe.yaml).
     """
-    from diffit_toolkit.generate import export_model, load_generator, write_folder_atomically
+    from diffit_toolkit.inference.export import export_model, write_folder_atomically
+    from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.interop.model_card import CardFacts, read_evaluation, write_card
+    from diffit_toolkit.interop.weights import CHECKPOINT, weights_format
     from diffit_toolkit.runs import CheckpointError
 
     if weights not in ("ema", "model"):
@@ -63,10 +63,10 @@ def export(
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         exit_with_error(f"{out} exists and is not an empty folder: choose a new output folder", EXIT_USAGE)
     try:
-        gen = load_generator(run, device="cpu", weights=weights)
+        gen = load_pipeline(run, device="cpu", weights=weights)
     except (CheckpointError, ValueError) as exc:
         exit_with_error(exc, EXIT_USAGE)
-    if not (run / "checkpoints").is_dir() and not (run / "state.pt").is_file():
+    if weights_format(run) != CHECKPOINT:
         exit_with_error(f"{run} is not a run or checkpoint folder (it is already exported weights)", EXIT_USAGE)
     try:
         run_dir, recipe, step = _checkpoint_record(run)

@@ -68,7 +68,8 @@ def sample(
     from PIL import Image
 
     from diffit_toolkit.commands import check_device, progress_bar
-    from diffit_toolkit.generate import load_generator, shard_range, write_samples
+    from diffit_toolkit.inference.pipeline import load_pipeline
+    from diffit_toolkit.inference.writers import shard_range, write_samples
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.registry import PluginError
@@ -98,7 +99,7 @@ def sample(
             exit_with_error(f"sampling on {env.world_size} processes writes an .npz or PNG files: give --npz PATH "
                             f"(and --out for a grid, drawn by rank 0) or --png-dir DIR", 2)
         try:
-            gen = load_generator(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
+            gen = load_pipeline(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
             if env.is_main:
                 for note in gen.notes:
                     console.print(f"warning: {note}", soft_wrap=True, highlight=False)

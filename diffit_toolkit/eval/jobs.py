@@ -261,7 +261,7 @@ def run_job(spec: dict[str, Any] | RunSpec) -> dict[str, Any]:
     from diffit_toolkit.build import load_recipe
     from diffit_toolkit.eval.ablation import judge_for
     from diffit_toolkit.eval.sweep import best_row, guidance_sweep
-    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.recipe import SampleSection
     from diffit_toolkit.runs import checkpoint_step, list_checkpoints
     from diffit_toolkit.train import train
@@ -292,7 +292,7 @@ def run_job(spec: dict[str, Any] | RunSpec) -> dict[str, Any]:
     checkpoints = [(checkpoint_step(c), c) for c in list_checkpoints(result.run_dir)]
     checkpoints = [(k, c) for k, c in checkpoints if k is not None and (k % every == 0 or k == result.step)]
     for step, ckpt in checkpoints:
-        gen = load_generator(ckpt, device=spec.device)
+        gen = load_pipeline(ckpt, device=spec.device)
         final = ckpt == checkpoints[-1][1]
         # guidance needs classes: an unconditional model is scored once, at the recipe's setting
         sweep = bool(spec.guidance_scales) and final and bool(gen.num_classes)

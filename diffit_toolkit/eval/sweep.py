@@ -53,7 +53,7 @@ def guidance_sweep(generator: Any, scales: Sequence[float], sample: Any, num_ima
     """Score ``num_images`` samples of ``generator`` at every guidance scale.
 
     Args:
-        generator: a [`Generator`][diffit_toolkit.generate.Generator] (a loaded checkpoint).
+        generator: a [`Pipeline`][diffit_toolkit.inference.pipeline.Pipeline] (a loaded checkpoint).
         scales: guidance scales (1: the plain conditional model).
         sample: the [`SampleSection`][diffit_toolkit.recipe.SampleSection] to sample with; only
             ``guidance_scale`` changes between the rows.

@@ -180,7 +180,7 @@ def save_dit_pipeline(gen: Any, folder: str | Path, vae: str | None = None) -> P
     ``model_index.json``) that ``DiTPipeline.from_pretrained(folder)`` loads as it is.
 
     Args:
-        gen: a loaded [`Generator`][diffit_toolkit.generate.Generator] (weights, recipe, data facts).
+        gen: a loaded [`Pipeline`][diffit_toolkit.inference.pipeline.Pipeline] (weights, recipe, data facts).
         folder: where to write (created).
         vae: the VAE folder or hub id (default: the run's recorded one); its ``scaling_factor``
             is set to the run's latent scale.

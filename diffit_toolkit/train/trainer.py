@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffit_toolkit.errors import one_line
 from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
-from diffit_toolkit.generate import Generator, save_sample_grid
+from diffit_toolkit.inference.pipeline import Pipeline
+from diffit_toolkit.inference.writers import save_sample_grid
 from diffit_toolkit.recipe import Recipe, RecipeError
 from diffit_toolkit.runs.files import write_text_atomic
 from diffit_toolkit.runs import (
@@ -181,7 +182,7 @@ def sample_images(recipe: Recipe, process, model, facts: dict[str, Any], device:
     """``recipe.sample.num_images`` EMA samples and their labels for a grid (one row per class for
     class-conditional models), through the same path as ``diffit-toolkit sample``."""
     n = recipe.sample.num_images
-    return Generator(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
+    return Pipeline(model, process, recipe, facts, device).sample(n, recipe.sample, batch_size=n, seed=recipe.sample.seed)
 
 
 @dataclass
@@ -237,10 +238,10 @@ class Trainer:
         self.process = build_process(recipe)
         self.generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 1_000_003 + env.rank)
         self.per_rank = self._per_rank_batch(dataset)
-        self.sampler = self.loader = None
+        self.data_sampler = self.loader = None
         if dataset is not None:
-            self.sampler = ResumableSampler(len(dataset), self.per_rank, env.rank, env.world_size, seed=cfg.seed)
-            self.loader = DataLoader(dataset, batch_size=self.per_rank, sampler=self.sampler,
+            self.data_sampler = ResumableSampler(len(dataset), self.per_rank, env.rank, env.world_size, seed=cfg.seed)
+            self.loader = DataLoader(dataset, batch_size=self.per_rank, sampler=self.data_sampler,
                                      num_workers=cfg.num_workers, drop_last=True,
                                      pin_memory=env.device.type == "cuda",
                                      # its own generator: creating an iterator must not consume the
@@ -284,8 +285,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.recipe, model)
         components = {"optimizer": OptimizerState(model, self.optimizer), "scheduler": self.scheduler,
                       "scaler": self.scaler, "ema_n_averaged": EmaCount(self.ema)}
-        if self.sampler is not None:
-            components["data"] = self.sampler
+        if self.data_sampler is not None:
+            components["data"] = self.data_sampler
         own_rng = RandomState(self.generator)
         components.update(rng=own_rng, rng_ranks=RankRandomStates(own_rng, env))
         self.state = TrainState(components, optional=("rng_ranks",))
@@ -354,10 +355,10 @@ class Trainer:
         """This process's batches on the device, endlessly, in the resumable data order."""
         while True:
             for x, y in self.loader:
-                self.sampler.advance()
+                self.data_sampler.advance()
                 x, y = apply_to_collection((x, y), torch.Tensor, lambda t: t.to(self.env.device, non_blocking=True))
                 yield x, (y if self.facts["num_classes"] else None)
-            self.sampler.next_epoch()
+            self.data_sampler.next_epoch()
 
     def weights_finite(self) -> bool:
         finite = torch.tensor([float(all(torch.isfinite(local(p)).all() for p in self.model.parameters()))],
@@ -538,7 +539,7 @@ def train(
 
 def _init_weights(trainer: Trainer, path: str | Path) -> None:
     """Copy the weights at ``path`` into the model and its EMA; a mismatch names the keys."""
-    from diffit_toolkit.generate import read_weights
+    from diffit_toolkit.interop.weights import read_weights
 
     try:
         state = read_weights(path)

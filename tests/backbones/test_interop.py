@@ -282,7 +282,7 @@ def test_cli_model_info_prints_params_and_compute():
 def test_no_null_class_keeps_every_row_a_class_and_refuses_guidance():
     from types import SimpleNamespace
 
-    from diffit_toolkit.generate import Generator
+    from diffit_toolkit.inference.pipeline import Pipeline
 
     sd = released_state_dict("dit")
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
@@ -294,7 +294,7 @@ def test_no_null_class_keeps_every_row_a_class_and_refuses_guidance():
     y = torch.tensor([0, 7, rows - 1])  # the last row is a real class now
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), reference_forward(sd, "dit", x, t, y), atol=1e-5, rtol=0)
-    gen = Generator(model, None, None, {"num_classes": rows}, torch.device("cpu"))
+    gen = Pipeline(model, None, None, {"num_classes": rows}, torch.device("cpu"))
     with pytest.raises(ValueError, match="guidance-scale 1"):
         gen.check_guidance(SimpleNamespace(guidance_scale=4.0))
     gen.check_guidance(SimpleNamespace(guidance_scale=1.0))

@@ -72,7 +72,7 @@ def test_blurred_or_noisy_digits_score_worse(metric, held_out):
 
 
 def test_uint8_nhwc_input_matches_float_input(metric, held_out):
-    from diffit_toolkit.generate import to_uint8_nhwc
+    from diffit_toolkit.inference.writers import to_uint8_nhwc
 
     x, y = held_out
     a = metric.score(x[:100], y[:100])

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
 from diffit_toolkit.eval.sweep import best_row, guidance_sweep, parse_scales
-from diffit_toolkit.generate import load_generator, save_npz
+from diffit_toolkit.inference.pipeline import load_pipeline
+from diffit_toolkit.inference.writers import save_npz
 from diffit_toolkit.build import load_recipe
 from diffit_toolkit.train import train
 
@@ -29,7 +30,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_sweep_samples_every_scale_with_the_same_seed_and_count(run_dir):
-    gen = load_generator(run_dir, device="cpu")
+    gen = load_pipeline(run_dir, device="cpu")
     calls = []
 
     def sample(num_images, settings, batch_size=64, seed=0, progress=None):

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffit_toolkit.cli import app
-from diffit_toolkit.generate import save_npz
+from diffit_toolkit.inference.writers import save_npz
 
 
 def _random_inception_weights(path, monkeypatch):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from diffit_toolkit.cli import app
 from diffit_toolkit.eval.inputs import InputError, load_image_set
 from diffit_toolkit.eval.metrics import INCEPTION_WEIGHTS_FILE, MissingWeightsError, find_inception_weights
-from diffit_toolkit.generate import save_npz
+from diffit_toolkit.inference.writers import save_npz
 
 runner = CliRunner()
 

@@ -159,10 +159,10 @@ def test_pipeline_export_refusals_name_the_reason_and_write_nothing(dit_run, tmp
 
 
 def test_pipeline_check_refuses_pixel_models_and_runs_without_vae(dit_run):
-    from diffit_toolkit.generate import load_generator
+    from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.interop.diffusers_pipeline import check_pipeline
 
-    gen = load_generator(dit_run / "run", device="cpu")
+    gen = load_pipeline(dit_run / "run", device="cpu")
     assert check_pipeline(gen, None) == str(dit_run / "vae")
     gen.facts = {**gen.facts, "vae": None}
     with pytest.raises(ValueError, match="the run records no VAE and DiTPipeline decodes its latents with one: pass --vae"):

@@ -14,7 +14,7 @@ from diffit_toolkit.backbones.image import ImageDiffiT
 from diffit_toolkit.backbones.latent import LatentDiffiT
 from diffit_toolkit.build import load_recipe
 from diffit_toolkit.cli import app
-from diffit_toolkit.generate import load_generator
+from diffit_toolkit.inference.pipeline import load_pipeline
 from diffit_toolkit.registry import backbones
 from diffit_toolkit.runs import latest_checkpoint, load_checkpoint, save_model_file
 from diffit_toolkit.train import train
@@ -84,8 +84,8 @@ def test_train_export_from_pretrained_gives_identical_outputs(tiny_run):
     with torch.no_grad():
         assert torch.equal(model(x, t, y), result.ema(x, t, y))
     # the same images from the run and from the export
-    a = load_generator(folder / "run", device="cpu")
-    b = load_generator(folder / "exported", device="cpu")
+    a = load_pipeline(folder / "run", device="cpu")
+    b = load_pipeline(folder / "exported", device="cpu")
     assert b.recipe.sample == a.recipe.sample and b.recipe.diffusion == a.recipe.diffusion
     ia, _ = a.sample(4, a.recipe.sample, classes=[2], batch_size=4, seed=3)
     ib, _ = b.sample(4, b.recipe.sample, classes=[2], batch_size=4, seed=3)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffit_toolkit.data import cache_latents, decode_latents, load_vae
-from diffit_toolkit.generate import load_generator
+from diffit_toolkit.inference.pipeline import load_pipeline
 from diffit_toolkit.build import validate_recipe
 from diffit_toolkit.train import train
 
@@ -42,7 +42,7 @@ def test_train_and_sample_on_cached_latents(tmp_path, monkeypatch):
     assert result.model.config["in_channels"] == 4 and result.model.config["input_size"] == 8  # from the data
     assert result.model.config["num_classes"] == 2 and result.model.out_channels == 8  # learned sigma: 2C
 
-    gen = load_generator(tmp_path / "run", device="cpu")
+    gen = load_pipeline(tmp_path / "run", device="cpu")
     assert gen.facts["latent_scale"] == meta.latent_scale and gen.facts["vae"] == meta.vae
     images, labels = gen.sample(4, gen.recipe.sample, batch_size=4, seed=0)
     assert images.shape == (4, 3, 16, 16) and images.min() >= -1 and images.max() <= 1  # decoded pixels
@@ -64,13 +64,13 @@ def test_train_and_sample_on_cached_latents(tmp_path, monkeypatch):
 
     # the .npz of decoded samples declares the decoded side (the VAE upsamples 8 -> 16), which
     # np.load and the ADM evaluator's reader take from the header
-    from diffit_toolkit.generate import write_samples
+    from diffit_toolkit.inference.writers import write_samples
 
     assert gen.image_shape() == (16, 16, 3)
     write_samples(gen, 5, gen.recipe.sample, npz=tmp_path / "s.npz", batch_size=2, seed=0)
     arrays = np.load(tmp_path / "s.npz")
     assert arrays["arr_0"].shape == (5, 16, 16, 3) and arrays["arr_1"].shape == (5,)
     decoded, _ = gen.sample(5, gen.recipe.sample, batch_size=2, seed=0)
-    from diffit_toolkit.generate import to_uint8_nhwc
+    from diffit_toolkit.inference.writers import to_uint8_nhwc
 
     assert np.array_equal(arrays["arr_0"], to_uint8_nhwc(decoded))

@@ -364,7 +364,7 @@ def test_a_checkpoint_beyond_max_steps_is_refused(trained):
     ({"recipe": {}, "data": {}}, "config.json has no model"),
 ])
 def test_a_malformed_config_is_one_line_for_sample(trained, config, expected):
-    # protection: load_checkpoint's type check, load_generator's key check
+    # protection: load_checkpoint's type check, load_pipeline's key check
     _, ckpt = trained
     (ckpt / "config.json").write_text(json.dumps(config))
     code, output = invoke("sample", str(ckpt), "--num", "2", "--steps", "2", "--device", "cpu")
@@ -499,7 +499,7 @@ def test_an_export_to_a_full_disk_leaves_nothing_and_a_retry_works(tmp_path, tin
 
 
 def test_non_finite_weights_are_refused_by_sample_and_export(tmp_path, tiny_recipe):
-    # protection: check_finite_weights in load_generator and export_model
+    # protection: check_finite_weights in load_pipeline and export_model
     from safetensors.torch import load_file, save_file
 
     train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=1)), device="cpu", progress=False)

@@ -14,13 +14,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffit_toolkit.generate import Generator, export_model, save_npz, shard_range, write_samples
+from diffit_toolkit.inference.export import export_model
+from diffit_toolkit.inference.pipeline import Pipeline
+from diffit_toolkit.inference.writers import save_npz, shard_range, write_samples
 from diffit_toolkit.recipe import SampleSection, parse_recipe
 from diffit_toolkit.build import build_process
 from diffit_toolkit.registry import backbones
 
 
-def _generator(sampler: str, classes: int = 3) -> Generator:
+def _pipeline(sampler: str, classes: int = 3) -> Pipeline:
     torch.manual_seed(0)
     model = backbones.build("dit", None, input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1,
                             num_heads=2, num_classes=classes, learn_sigma=True)
@@ -30,12 +32,12 @@ def _generator(sampler: str, classes: int = 3) -> Generator:
     recipe = parse_recipe({"diffusion": {"process": "gaussian", "learn_sigma": True},
                            "sample": {"sampler": sampler, "steps": 5, "guidance_scale": 1.5}})
     facts = {"num_classes": classes, "channels": 1, "resolution": 8, "latent_scale": None, "vae": None}
-    return Generator(model.eval(), build_process(recipe), recipe, facts, torch.device("cpu"))
+    return Pipeline(model.eval(), build_process(recipe), recipe, facts, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "diffusers:DDPMScheduler"])
 def test_images_do_not_depend_on_the_batch_size(sampler):
-    gen = _generator(sampler)
+    gen = _pipeline(sampler)
     settings = gen.recipe.sample
     a, la = gen.sample(7, settings, batch_size=7, seed=4)
     b, lb = gen.sample(7, settings, batch_size=3, seed=4)
@@ -52,7 +54,7 @@ def test_images_do_not_depend_on_the_batch_size(sampler):
 
 
 def test_write_samples_streams_the_same_images_as_save_npz(tmp_path):
-    gen = _generator("ddim")
+    gen = _pipeline("ddim")
     images, labels = gen.sample(10, gen.recipe.sample, batch_size=4, seed=1)
     save_npz(images, labels, tmp_path / "whole.npz")
     seen = []
@@ -66,7 +68,7 @@ def test_write_samples_streams_the_same_images_as_save_npz(tmp_path):
 
 
 def test_unconditional_npz_has_no_labels(tmp_path):
-    gen = _generator("ddim", classes=0)
+    gen = _pipeline("ddim", classes=0)
     write_samples(gen, 3, SampleSection(sampler="ddim", steps=2), npz=tmp_path / "u.npz", batch_size=2)
     assert list(np.load(tmp_path / "u.npz").keys()) == ["arr_0"]
 
@@ -93,7 +95,7 @@ def _ranks_in_turn(gen, tmp_path, world, **options):
 
 @pytest.mark.parametrize("world", [2, 3, 5])
 def test_the_joined_shards_are_the_one_process_npz(tmp_path, world):
-    gen = _generator("ddim")
+    gen = _pipeline("ddim")
     write_samples(gen, 10, gen.recipe.sample, npz=tmp_path / "one.npz", batch_size=3, seed=2)
     out = tmp_path / "many"
     results = _ranks_in_turn(gen, tmp_path, world, npz=out / "s.npz", grid=out / "g.png")
@@ -105,7 +107,7 @@ def test_the_joined_shards_are_the_one_process_npz(tmp_path, world):
 
 
 def test_an_unfinished_shard_leaves_no_npz(tmp_path):
-    gen = _generator("ddim")
+    gen = _pipeline("ddim")
     npz = tmp_path / "s.npz"
     write_samples(gen, 10, gen.recipe.sample, npz=npz, batch_size=3, seed=2, rank=1, world_size=2, barrier=lambda: None)
     shard = tmp_path / "s.npz.rank1.arr_0.tmp"
@@ -116,7 +118,7 @@ def test_an_unfinished_shard_leaves_no_npz(tmp_path):
 
 
 def test_several_processes_need_an_npz(tmp_path):
-    gen = _generator("ddim")
+    gen = _pipeline("ddim")
     with pytest.raises(ValueError, match="give --npz PATH"):
         write_samples(gen, 4, gen.recipe.sample, grid=tmp_path / "g.png", rank=0, world_size=2, barrier=lambda: None)
 
@@ -128,7 +130,7 @@ def _free_port() -> int:
 
 
 def test_torchrun_sampling_on_two_gloo_processes_equals_one_process(tmp_path):
-    export_model(_generator("ddim"), tmp_path / "model")
+    export_model(_pipeline("ddim"), tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     args = ["-m", "diffit_toolkit", "sample", str(tmp_path / "model"), "-n", "10", "--batch-size", "3",
             "--seed", "2", "--device", "cpu"]
@@ -194,7 +196,7 @@ def test_two_samplings_to_one_npz_never_mix(tmp_path, tiny_recipe):
 
 
 def test_labels_are_made_per_batch_not_for_every_image_up_front():
-    gen = _generator("ddim")
+    gen = _pipeline("ddim")
     batches = gen.batches(10**12, gen.recipe.sample, classes=[1, 2], batch_size=4, seed=0,
                           images=range(10**12 - 5, 10**12))
     _, labels = next(batches)  # would need terabytes if every label were made first

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffit_toolkit.generate import load_generator, save_npz
+from diffit_toolkit.inference.pipeline import load_pipeline
+from diffit_toolkit.inference.writers import save_npz
 from diffit_toolkit.build import load_recipe
 from diffit_toolkit.runs import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from diffit_toolkit.registry import PLUGINS_ENV, PluginSystem, use_plugin_system
@@ -59,7 +60,7 @@ def test_checkpoint_contents_load_without_pickled_code(tmp_path, tiny_recipe):
 
 def test_sample_from_run_writes_grid_and_adm_npz(tmp_path, tiny_recipe):
     train(load_recipe(tiny_recipe(tmp_path, "run", max_steps=2)), device="cpu", progress=False)
-    gen = load_generator(tmp_path / "run", device="cpu")
+    gen = load_pipeline(tmp_path / "run", device="cpu")
     images, labels = gen.sample(12, gen.recipe.sample, classes=[3, 7], batch_size=5, seed=1)
     assert images.shape == (12, 1, 8, 8) and labels.tolist() == [3, 7] * 6  # classes take turns
     again, _ = gen.sample(12, gen.recipe.sample, classes=[3, 7], batch_size=5, seed=1)
@@ -228,7 +229,7 @@ def test_an_unconditional_model_on_labelled_data_trains_and_samples_without_labe
     result = train(recipe, device="cpu", progress=False)
     assert result.step == 2 and result.model.num_classes == 0
     assert load_checkpoint(result.checkpoint)["config"]["data"]["num_classes"] == 0
-    gen = load_generator(tmp_path / "run", device="cpu")
+    gen = load_pipeline(tmp_path / "run", device="cpu")
     images, labels = gen.sample(3, gen.recipe.sample.model_copy(update={"guidance_scale": 1.0}), batch_size=3)
     assert images.shape == (3, 1, 8, 8) and labels is None
 
