@@ -1,4 +1,4 @@
-"""Built-in dataset kinds: the embedded digits (plain and on a canvas) and shapes, image folders, ``.npz`` arrays, cached latents."""
+"""Built-in dataset kinds: the embedded digits and shapes (plain and on a canvas), image folders, ``.npz`` arrays, cached latents."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from diffit_toolkit.data import DatasetKind, DigitsDataset, ImageFolderDataset, 
 from diffit_toolkit.data.canvas import CANVAS_SPLITS, DigitsCanvasDataset
 from diffit_toolkit.data.digits import DIGITS_SPLITS
 from diffit_toolkit.data.shapes import ShapesDataset
+from diffit_toolkit.data.shapes_canvas import SHAPES_CANVAS_SPLITS, ShapesCanvasDataset
 from diffit_toolkit.eval.canvas import JUDGE_FILE as CANVAS_JUDGE_FILE
+from diffit_toolkit.eval.shapes_canvas import JUDGE_FILE as SHAPES_CANVAS_JUDGE_FILE
 from diffit_toolkit.hookspecs import hookimpl
 
 
@@ -65,6 +67,31 @@ class DigitsCanvas(DatasetKind):
         return DigitsCanvasDataset(split=config.split or "train", **config.common_options())
 
 
+class ShapesCanvas(DatasetKind):
+    """White shapes of random size, place and rotation on a black 16x16 canvas, embedded
+    (deterministic; the benchmark testbed)."""
+
+    splits = SHAPES_CANVAS_SPLITS
+    judge_file = SHAPES_CANVAS_JUDGE_FILE
+
+    @classmethod
+    def check(cls, config):
+        if config.resolution not in (None, 16):
+            raise ValueError(f"kind='shapes_canvas' is drawn at 16x16 only, got resolution={config.resolution}; "
+                             "leave resolution out")
+
+    @classmethod
+    def judge(cls, path: Path):
+        from diffit_toolkit.eval.shapes_canvas import ShapesCanvasMetric
+        from diffit_toolkit.eval.sweep import shapes_canvas_judge
+
+        return shapes_canvas_judge(path), ShapesCanvasMetric(cache=path).test_accuracy()
+
+    @classmethod
+    def build(cls, config):
+        return ShapesCanvasDataset(split=config.split or "train", **config.common_options())
+
+
 class ImageFolder(DatasetKind):
     """A folder of images, one subfolder per class (or flat and unconditional)."""
 
@@ -107,6 +134,7 @@ def diffit_register(registrar):
     registrar.add("dataset", "digits", Digits)
     registrar.add("dataset", "shapes", Shapes)
     registrar.add("dataset", "digits_canvas", DigitsCanvas)
+    registrar.add("dataset", "shapes_canvas", ShapesCanvas)
     registrar.add("dataset", "image_folder", ImageFolder)
     registrar.add("dataset", "npz", Npz)
     registrar.add("dataset", "latents", Latents)

@@ -27,7 +27,7 @@ def _seeds(text: str | None) -> list[int] | None:
 def eval_(
     samples: Path = typer.Argument(..., help="Samples: an image folder or an ADM-layout .npz (as diffit-toolkit sample --npz writes)."),
     ref: Path = typer.Option(None, "--ref", help="Reference: an image folder, an .npz, or an ADM reference batch (mu/sigma)."),
-    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits, shapes or digits_canvas (offline), or auto: the data set's judge without --ref (8x8: digits, 32x32: shapes, 16x16: digits_canvas), inception with it."),
+    metric: str = typer.Option("auto", help="inception (FID/KID/IS/PR), digits, shapes, digits_canvas or shapes_canvas (offline), or auto: the data set's judge without --ref (a run: its data's judge; images: 8x8 digits, 32x32 shapes, 16x16 digits_canvas), inception with it."),
     inception_weights: Path = typer.Option(None, help="Local Inception weights file (torch-fidelity's FID Inception, a .pth file); nothing is downloaded: without the file, the error says which one to fetch."),
     fid: bool = typer.Option(True, help="Frechet Inception Distance."),
     kid: bool = typer.Option(True, help="Kernel Inception Distance (needs reference images)."),
@@ -56,7 +56,7 @@ def eval_(
     from diffit_toolkit.eval.metrics import MissingWeightsError, evaluate_sets, inception_extractor
 
     if metric not in ("auto", "inception", *OFFLINE_SIZES):
-        _fail(f"--metric must be auto, inception, digits, shapes or digits_canvas, got '{metric}'")
+        _fail(f"--metric must be auto, inception, {', '.join(OFFLINE_SIZES)}, got '{metric}'")
     if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
         _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
     device = str(check_device(device))
@@ -90,7 +90,7 @@ def eval_(
             if metric == "auto":
                 metric = next((name for name, size in OFFLINE_SIZES.items() if size == fake.size), "")
             if fake.size != OFFLINE_SIZES.get(metric):
-                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits, the shapes metric 32x32 shapes and the digits_canvas metric 16x16 canvases; give --ref (and --inception-weights) for other data")
+                raise InputError(f"{samples}: {fake.size[0]}x{fake.size[1]} images: the digits metric takes 8x8 digits, the shapes metric 32x32 shapes, the digits_canvas and shapes_canvas metrics 16x16 canvases; give --ref (and --inception-weights) for other data")
             score = _offline_metric_class(metric)().score(fake.images, fake.labels)
             result = score.as_dict()
             line = score.line()
@@ -129,6 +129,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
         inception_judge,
         parse_scales,
         plot_guidance_sweep,
+        shapes_canvas_judge,
         shapes_judge,
         write_sweep_csv,
     )
@@ -144,7 +145,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
             if not gen.num_classes:
                 raise InputError(f"{run}: the model is unconditional: there is no guidance to sweep")
             if metric == "auto":
-                metric = "inception" if ref is not None else _offline_metric(gen.facts)
+                metric = "inception" if ref is not None else _offline_metric(gen.facts, gen.recipe.data.get("kind"))
             if metric == "inception":
                 if ref is None:
                     raise InputError("the Inception metrics of a run need --ref (the real images or an ADM reference batch)")
@@ -153,11 +154,13 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
             else:
                 if ref is not None:
                     raise InputError(f"the {metric} metric compares with held-out real images of its data set; drop --ref")
-                fitting = _offline_metric(gen.facts)
+                fitting = _offline_metric(gen.facts, gen.recipe.data.get("kind"))
                 if metric != fitting:
-                    takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes", "digits_canvas": "16x16 gray digit canvases"}[metric]
+                    takes = {"digits": "8x8 gray digits", "shapes": "32x32 RGB shapes", "digits_canvas": "16x16 gray digit canvases",
+                             "shapes_canvas": "16x16 gray shape canvases"}[metric]
                     raise InputError(f"the {metric} metric takes {takes}, this model makes {fitting}: use --metric {fitting}")
-                judge = {"digits": digits_judge, "shapes": shapes_judge, "digits_canvas": canvas_judge}[metric]()
+                judge = {"digits": digits_judge, "shapes": shapes_judge, "digits_canvas": canvas_judge,
+                         "shapes_canvas": shapes_canvas_judge}[metric]()
                 x_key, y_key, key = "accuracy", "fd", "fd"
             overrides = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
             if interval_text is not None:
@@ -186,7 +189,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
 
 
 #: Image size (width, height) each offline metric takes.
-OFFLINE_SIZES = {"digits": (8, 8), "shapes": (32, 32), "digits_canvas": (16, 16)}
+OFFLINE_SIZES = {"digits": (8, 8), "shapes": (32, 32), "digits_canvas": (16, 16), "shapes_canvas": (16, 16)}
 
 
 def _offline_metric_class(name: str):
@@ -195,16 +198,21 @@ def _offline_metric_class(name: str):
         from diffit_toolkit.eval.shapes import ShapesMetric as Metric
     elif name == "digits_canvas":
         from diffit_toolkit.eval.canvas import CanvasMetric as Metric
+    elif name == "shapes_canvas":
+        from diffit_toolkit.eval.shapes_canvas import ShapesCanvasMetric as Metric
     else:
         from diffit_toolkit.eval.digits import DigitsMetric as Metric
     return Metric
 
 
-def _offline_metric(facts: dict) -> str:
-    """The offline judge that fits a model's data: digits (1x8x8, 10 classes), shapes (3x32x32,
-    10 classes) or digits_canvas (1x16x16, unconditional or 10 classes)."""
+def _offline_metric(facts: dict, kind: str | None = None) -> str:
+    """The offline judge that fits a model's data: its data kind's when that has one of the offline
+    metrics, else by shape: digits (1x8x8, 10 classes), shapes (3x32x32, 10 classes) or
+    digits_canvas (1x16x16, unconditional or 10 classes)."""
     from diffit_toolkit.eval.inputs import InputError
 
+    if kind in OFFLINE_SIZES:
+        return kind
     shape = (facts.get("channels"), facts.get("resolution"), facts.get("num_classes"))
     if shape == (1, 8, 10):
         return "digits"

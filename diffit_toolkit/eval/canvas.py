@@ -50,10 +50,16 @@ JUDGE_FILE = "canvas_judge_v2.pt"
 
 class CanvasClassifier(nn.Module):
     """Two conv + batch-norm stages on 1x16x16 canvases in [-1, 1]; ``features`` is its 64-d
-    penultimate layer, ``forward`` the class logits and ``offset`` the glyph's predicted top-left
-    corner as a fraction of the free range (0: top/left edge, 1: bottom/right edge)."""
+    penultimate layer, ``forward`` the class logits and ``offset`` its reading of where the
+    object is (for the digits: the glyph's top-left corner as a fraction of the free range, 0 at
+    the top/left edge and 1 at the bottom/right edge).
 
-    def __init__(self) -> None:
+    Args:
+        num_classes: Class logits (10 digits).
+        num_targets: Regressed geometry values (2: the glyph's offset).
+    """
+
+    def __init__(self, num_classes: int = 10, num_targets: int = 2) -> None:
         super().__init__()
         def stage(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
@@ -63,8 +69,8 @@ class CanvasClassifier(nn.Module):
             *stage(32, 64),  # (B, 64, 4, 4)
             nn.Flatten(), nn.Linear(64 * 16, FEATURE_DIM), nn.ReLU(),
         )
-        self.head = nn.Linear(FEATURE_DIM, 10)
-        self.where = nn.Linear(FEATURE_DIM, 2)
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
+        self.where = nn.Linear(FEATURE_DIM, num_targets)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -90,6 +96,14 @@ def jitter_glyphs(glyph_images: torch.Tensor, gen: torch.Generator, rotation: fl
     return nn.functional.grid_sample(ink, grid, align_corners=False, padding_mode="zeros")[:, 0] - 1
 
 
+def add_nuisance(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Canvases (B, 1, H, W) with the judge's pixel nuisance: Gaussian noise of std
+    ``JUDGE_NOISE`` and a share ``JUDGE_STRAY_PIXELS`` of the pixels set to random values."""
+    x = x + JUDGE_NOISE * torch.randn(x.shape, generator=gen)
+    stray = torch.rand(x.shape, generator=gen) < JUDGE_STRAY_PIXELS
+    return torch.where(stray, torch.rand(x.shape, generator=gen) * 2 - 1, x)
+
+
 def train_canvas_classifier(seed: int = 0, epochs: int = JUDGE_EPOCHS, num: int | None = None,
                             batch: int = 128) -> CanvasClassifier:
     """Train the judge on the train glyphs at fresh random offsets, with the nuisance augmentations
@@ -112,10 +126,7 @@ def train_canvas_classifier(seed: int = 0, epochs: int = JUDGE_EPOCHS, num: int 
             idx = order[start : start + batch]
             offsets = random_offsets(len(idx), CANVAS_RESOLUTION, gen)  # (B, 2)
             xb = paste(jitter_glyphs(images[idx], gen), offsets, CANVAS_RESOLUTION)  # (B, 1, 16, 16)
-            xb = xb + JUDGE_NOISE * torch.randn(xb.shape, generator=gen)
-            stray = torch.rand(xb.shape, generator=gen) < JUDGE_STRAY_PIXELS
-            xb = torch.where(stray, torch.rand(xb.shape, generator=gen) * 2 - 1, xb)
-            feats = model.features(xb)
+            feats = model.features(add_nuisance(xb, gen))
             loss = nn.functional.cross_entropy(model.head(feats), labels[idx])
             loss = loss + POSITION_WEIGHT * nn.functional.mse_loss(model.where(feats), offsets.float() / free)
             opt.zero_grad()
@@ -141,15 +152,16 @@ class CanvasScore(JudgeScore):
     name = "digits_canvas"
 
 
-def to_canvas_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Samples as float (B, 1, 16, 16) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW (RGB averaged)."""
+def to_canvas_tensor(images: torch.Tensor | np.ndarray, kind: str = "digits_canvas") -> torch.Tensor:
+    """Samples as float (B, 1, 16, 16) in [-1, 1]: accepts float [-1, 1] NCHW or uint8 NHWC/NCHW
+    (RGB averaged); ``kind`` is the data kind the error message names."""
     x = batch_as_float(images, channels=(1, 3))
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
     side = CANVAS_RESOLUTION
     if tuple(x.shape[1:]) != (1, side, side):
-        raise ValueError(f"the digits_canvas metric takes {side}x{side} gray (or gray-as-RGB) canvases, got "
-                         f"{tuple(x.shape[1:])}; train with data.kind=digits_canvas at its default resolution")
+        raise ValueError(f"the {kind} metric takes {side}x{side} gray (or gray-as-RGB) canvases, got "
+                         f"{tuple(x.shape[1:])}; train with data.kind={kind} at its default resolution")
     return x
 
 

@@ -183,6 +183,15 @@ def canvas_judge(cache: str | Path | None = None) -> Judge:
     return lambda images, labels: metric.score(images, labels).as_dict()
 
 
+def shapes_canvas_judge(cache: str | Path | None = None) -> Judge:
+    """FD (and class accuracy with labels) of 16x16 shape canvases
+    ([`ShapesCanvasMetric`][diffit_toolkit.eval.shapes_canvas.ShapesCanvasMetric])."""
+    from diffit_toolkit.eval.shapes_canvas import ShapesCanvasMetric
+
+    metric = ShapesCanvasMetric(cache=cache)
+    return lambda images, labels: metric.score(images, labels).as_dict()
+
+
 def inception_judge(ref: Any, extractor: Any) -> Judge:
     """FID against ``ref`` (an [`ImageSet`][diffit_toolkit.eval.inputs.ImageSet]) and the Inception Score."""
     from diffit_toolkit.eval.inputs import ImageSet

@@ -19,7 +19,7 @@ from diffit_toolkit.data import DataConfig, build_dataset
         ({"kind": "image_folder", "path": "."}, "needs resolution"),
         ({"kind": "digits", "channels": 2}, "channels must be 1 or 3"),
         ({"kind": "digits", "on_bad_file": "ignore"}, "on_bad_file must be one of skip, stop"),
-        ({"kind": "npz", "path": ".", "split": "test"}, "split applies to kind='digits' or kind='digits_canvas' only"),
+        ({"kind": "npz", "path": ".", "split": "test"}, "split applies to kind='digits' or kind='digits_canvas' or kind='shapes_canvas' only"),
         ({"kind": "digits", "resolution": 0}, "resolution must be an image side from 1 to 4096 pixels, got 0"),
             ({"kind": "digits", "resolution": 100000}, "resolution must be an image side from 1 to 4096 pixels, got 100000"),
     ],

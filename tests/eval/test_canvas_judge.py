@@ -147,5 +147,5 @@ def test_a_dataset_kind_declares_its_own_judge(tmp_path, plugin_system):
     assert judge(None, None) == {"fd": 1.0, "accuracy": 0.5} and judge_file("judged_probe") == "my_judge_v1.pt"
     assert judge_file("npz") == "" and judge_file("no_such_kind") == ""
     with pytest.raises(ValueError, match=r"data.kind must be a kind that has one \(digits, digits_canvas, judged_probe, "
-                                         r"shapes\), got 'npz'"):
+                                         r"shapes, shapes_canvas\), got 'npz'"):
         judge_for({"kind": "npz"}, tmp_path)
