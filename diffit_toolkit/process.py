@@ -31,6 +31,7 @@ from diffit_toolkit.sampling.guidance import ClassifierFreeGuidance, GuidanceCon
 from diffit_toolkit.recipe import ProcessOptions
 
 if TYPE_CHECKING:  # pragma: no cover
+    from diffit_toolkit.diffusion.exact import GaussianMixture
     from diffit_toolkit.recipe import SampleSection
 
 Model = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -83,6 +84,16 @@ class Process:
     def loss(self, model: Model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         """Per-sample training loss ``(B,)`` with all randomness drawn from ``generator``."""
         raise NotImplementedError
+
+    # -- the exact model of known data (the conformance kit) ----------------------------------
+    def exact_model(self, data: GaussianMixture) -> Model:
+        """The model that is optimal for ``data`` in this process's parametrisation: what a
+        network trained to convergence on ``data`` would compute, in closed form (see
+        [`diffit_toolkit.diffusion.exact`][diffit_toolkit.diffusion.exact]). The conformance kit
+        ([`check_process`][diffit_toolkit.testing.processes.check_process],
+        [`check_sampler`][diffit_toolkit.testing.processes.check_sampler]) plugs it into the loss
+        and the samplers; a process without one is skipped there."""
+        raise NotImplementedError(f"the {self.name} process defines no exact_model(data)")
 
     # -- guidance ------------------------------------------------------------------------------
     def noise_level(self, t: Tensor) -> Tensor:

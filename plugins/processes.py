@@ -17,7 +17,11 @@ from diffit_toolkit.diffusion import (
     EDMDenoiser,
     EDMLoss,
     EDMPrecond,
+    ExactEDMRawNetwork,
+    ExactFlowVelocity,
+    ExactGaussianModel,
     GaussianDiffusion,
+    GaussianMixture,
     LinearFlow,
     VELoss,
     VEPrecond,
@@ -111,6 +115,11 @@ class GaussianProcess(Process):
         weight = self.min_snr[t].to(terms["mse"].dtype)
         return weight * terms["mse"] + terms.get("vb", 0.0)
 
+    def exact_model(self, data: GaussianMixture):
+        """The posterior mean as the model predicts it (epsilon, x0 or v) and, when the model
+        learns a variance, the one that is optimal on the training steps."""
+        return ExactGaussianModel(data, self.gaussian)
+
     def noise_level(self, t: Tensor) -> Tensor:
         return t.to(torch.float64) / self.config.num_timesteps
 
@@ -138,6 +147,10 @@ class EDMProcess(Process):
     def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         return self.edm_loss(EDMDenoiser(model, self.precond), x0, y, generator=generator)
 
+    def exact_model(self, data: GaussianMixture):
+        """The raw network that the preconditioning turns into the optimal denoiser."""
+        return ExactEDMRawNetwork(data, self.precond)
+
     def noise_level(self, t: Tensor) -> Tensor:
         sigma = self.precond.sigma_from_c_noise(t.to(torch.float64))
         sigma_min, sigma_max = sampling_sigma_range(self.precond)
@@ -155,6 +168,10 @@ class FlowProcess(Process):
 
     def loss(self, model, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
         return self.flow.training_loss(model, x0, y, generator=generator)
+
+    def exact_model(self, data: GaussianMixture):
+        """The optimal velocity ``E[x_data - noise | x_t]``."""
+        return ExactFlowVelocity(data)
 
     def noise_level(self, t: Tensor) -> Tensor:
         return 1 - t.to(torch.float64)

@@ -17,26 +17,24 @@ from diffit_toolkit.testing import (
     MECHANISM_PROPERTIES,
     SITE_SHAPES,
     ConformanceError,
+    attention_backend_checks,
     check_attention_backend,
     check_mechanism,
+    mechanism_checks,
 )
 
-# The kit as a pytest plugin: arguments named conditioning_name / attention_backend_name are
-# parametrised over every registered name.
-pytest_plugins = ["diffit_toolkit.testing"]
+# The kit as a pytest plugin: an argument named conditioning_check / attention_backend_check
+# runs once per registered name and property (conditioning_name / attention_backend_name: once
+# per name); pytester runs the plugin on generated test files.
+pytest_plugins = ["diffit_toolkit.testing", "pytester"]
 
 
-def test_every_registered_mechanism_conforms(conditioning_name):
-    report = check_mechanism(conditioning_name)
-    expected = [p for p in MECHANISM_PROPERTIES if p != "identity at initialisation"]
-    if conditioning.get(conditioning_name).identity_at_init:
-        expected.append("identity at initialisation")
-    assert report.passed == tuple(expected)
+def test_every_registered_mechanism_has_every_property(conditioning_check):
+    conditioning_check()
 
 
-def test_every_registered_attention_backend_conforms(attention_backend_name):
-    report = check_attention_backend(attention_backend_name)
-    assert set(report.passed) | set(report.skipped) == set(ATTENTION_PROPERTIES)
+def test_every_registered_attention_backend_has_every_property(attention_backend_check):
+    attention_backend_check()
 
 
 def test_the_registered_names_are_what_the_plugin_parametrises(request):
@@ -45,6 +43,40 @@ def test_the_registered_names_are_what_the_plugin_parametrises(request):
     assert {"tmsa", "window_tmsa", "adaln_zero", "relative_bias", "mlp", "separate_token", "additive"} <= set(
         conditioning.names()
     )
+
+
+def test_one_check_per_mechanism_property_with_a_test_id():
+    ids = [str(c) for c in mechanism_checks("adaln_zero")]
+    assert ids == [f"adaln_zero-{p.slug}" for p in MECHANISM_PROPERTIES.values()]
+    assert "adaln_zero-batch_independence" in ids and "adaln_zero-torch_compile" in ids
+    # identity at initialisation applies only where the class declares it
+    assert [c.property for c in mechanism_checks("tmsa")] == list(MECHANISM_PROPERTIES)[:-1]
+    assert [c.property for c in attention_backend_checks("math")] == list(ATTENTION_PROPERTIES)
+
+
+def test_check_mechanism_reports_every_property_it_ran():
+    report = check_mechanism(Good, max_examples=2)
+    assert report.subject == "conditioning mechanism 'Good'"
+    assert report.passed == tuple(p for p in MECHANISM_PROPERTIES if p != "identity at initialisation")
+    assert report.skipped == {}
+
+
+def test_the_plugin_gives_one_test_per_plugin_and_property_that_k_selects(pytester):
+    pytester.makepyfile(
+        """
+        def test_mechanism(conditioning_check):
+            conditioning_check()
+
+        def test_named(conditioning_name):
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "diffit_toolkit.testing", "--collect-only", "-q",
+                                          "-k", "batch_independence and not window")
+    ids = [line.split("::")[-1] for line in result.outlines if "::" in line]
+    assert "test_mechanism[tmsa-batch_independence]" in ids
+    assert len(ids) == len(conditioning.names()) - 1  # every mechanism but window_tmsa, one property
+    assert all(i.endswith("-batch_independence]") for i in ids)
 
 
 def test_every_injection_site_has_a_documented_shape_rule():
@@ -184,6 +216,18 @@ def test_the_kit_fails_a_broken_mechanism_in_one_line(cls, prop, detail):
     assert message.startswith(f"conditioning mechanism '{cls.__name__}': {prop} failed: ")
     assert detail in message
     assert isinstance(info.value, AssertionError)
+
+
+def test_one_broken_property_fails_alone():
+    """Each property is its own check: a batch-statistics leak fails batch independence only."""
+    failed = []
+    for check in mechanism_checks(MixesBatch, max_examples=2):
+        try:
+            check()
+        except ConformanceError as exc:
+            failed.append(check.id)
+            assert str(exc).startswith("conditioning mechanism 'MixesBatch': batch independence failed: ")
+    assert failed == ["MixesBatch-batch_independence"]
 
 
 @pytest.mark.parametrize("cls", [DeclaredUnused, GraphBreakDeclared, GatedFromZero], ids=lambda c: c.__name__)

@@ -382,3 +382,10 @@ def image_diffit(preset: str | None = "cifar10", **options: Any) -> ImageDiffiT:
 
 # What `diffit-toolkit model-info` lists for this factory (any registered factory may declare them).
 image_diffit.presets, image_diffit.model_name = tuple(IMAGE_PRESETS), "DiffiT"
+
+#: What the conformance kit (``diffit_toolkit.testing``) builds: two stages (8x8 and 4x4 grids) of
+#: one block each, window 2, class-conditional; and the zero-initialised head's promise (a fresh
+#: model outputs 0), which the kit checks.
+IMAGE_TOY_OPTIONS: dict[str, Any] = dict(input_size=8, in_channels=3, channels=(16, 32), num_blocks=(1, 1), window=2,
+                                         head_dim=8, time_dim=16, norm_groups=4, num_classes=3)
+image_diffit.toy_options, image_diffit.zero_output_at_init = IMAGE_TOY_OPTIONS, True

@@ -287,3 +287,11 @@ LATENT_MODELS: dict[str, Any] = {
 # What `diffit-toolkit model-info` lists for these factories (any registered factory may declare them).
 latent_diffit.presets, latent_diffit.model_name = tuple(LATENT_PRESETS), "DiffiT"
 dit.presets, dit.model_name = tuple(LATENT_PRESETS), "DiT"
+
+#: What the conformance kit (``diffit_toolkit.testing``) builds: two blocks of width 16 over a 4x4
+#: token grid, class-conditional. Each factory also declares the zero-initialised output layer's
+#: promise (a fresh model outputs 0), which the kit checks.
+LATENT_TOY_OPTIONS: dict[str, Any] = dict(input_size=8, in_channels=2, hidden_size=16, depth=2, num_heads=2,
+                                          num_classes=3)
+latent_diffit.toy_options, latent_diffit.zero_output_at_init = LATENT_TOY_OPTIONS, True
+dit.toy_options, dit.zero_output_at_init = LATENT_TOY_OPTIONS, True
