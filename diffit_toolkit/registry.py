@@ -311,10 +311,9 @@ class PluginSystem:
         return module
 
     def _call_register(self, plugin: object, source: str) -> None:
-        registrar = Registrar(self, source)
-        for impl in self.pm.hook.diffit_register.get_hookimpls():
-            if impl.plugin is plugin:
-                impl.function(registrar=registrar)
+        # through pluggy, on this plugin alone: what it registers is attributed to its source
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        self.pm.subset_hook_caller("diffit_register", remove_plugins=others)(registrar=Registrar(self, source))
 
     # -- entries -------------------------------------------------------------------------------
     def add(self, entry: Entry) -> None:
