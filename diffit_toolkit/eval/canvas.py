@@ -23,6 +23,7 @@ The copy check searches the 11 496 training canvases.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,24 +112,38 @@ def train_canvas_classifier(seed: int = 0, epochs: int = JUDGE_EPOCHS, num: int 
     images, labels = glyphs("train")
     images, labels = images[:num], labels[:num]
     free = CANVAS_RESOLUTION - DIGITS_RESOLUTION
+
+    def canvases(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        offsets = random_offsets(len(idx), CANVAS_RESOLUTION, gen)  # (B, 2)
+        xb = paste(jitter_glyphs(images[idx], gen), offsets, CANVAS_RESOLUTION)  # (B, 1, 16, 16)
+        return xb, labels[idx], offsets.float() / free
+
+    return fit_canvas_judge(CanvasClassifier, len(images), canvases, seed, epochs, batch, POSITION_WEIGHT)
+
+
+def fit_canvas_judge(make: Callable[[], CanvasClassifier], count: int,
+                     batches: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     seed: int, epochs: int, batch: int, target_weight: float) -> CanvasClassifier:
+    """Train a canvas judge built by ``make()`` (seeded): every epoch visits ``count`` items in a
+    random order, ``batches(index, gen)`` returns their ``(canvases, labels, targets)``; the loss is
+    the class cross-entropy plus ``target_weight`` times the mean squared error of the geometry
+    head on ``targets``, on canvases with the pixel nuisance of ``add_nuisance``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: one thread is as fast as two contended ones
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CanvasClassifier()
+        model = make()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(images) // batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-count // batch))
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for start in range(0, len(images), batch):
-            idx = order[start : start + batch]
-            offsets = random_offsets(len(idx), CANVAS_RESOLUTION, gen)  # (B, 2)
-            xb = paste(jitter_glyphs(images[idx], gen), offsets, CANVAS_RESOLUTION)  # (B, 1, 16, 16)
+        order = torch.randperm(count, generator=gen)
+        for start in range(0, count, batch):
+            xb, yb, targets = batches(order[start : start + batch], gen)
             feats = model.features(add_nuisance(xb, gen))
-            loss = nn.functional.cross_entropy(model.head(feats), labels[idx])
-            loss = loss + POSITION_WEIGHT * nn.functional.mse_loss(model.where(feats), offsets.float() / free)
+            loss = nn.functional.cross_entropy(model.head(feats), yb)
+            loss = loss + target_weight * nn.functional.mse_loss(model.where(feats), targets)
             opt.zero_grad()
             loss.backward()
             opt.step()

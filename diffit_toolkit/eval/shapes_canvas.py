@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from diffit_toolkit.data.shapes_canvas import RADIUS_RANGE, SHAPES_CANVAS_CLASSES, SHAPES_CANVAS_RESOLUTION, make_shapes_canvas
-from diffit_toolkit.eval.canvas import CanvasClassifier, add_nuisance, to_canvas_tensor
+from diffit_toolkit.eval.canvas import CanvasClassifier, fit_canvas_judge, to_canvas_tensor
 from diffit_toolkit.eval.digits import load_judge
 from diffit_toolkit.eval.yardsticks import HeldOutJudge, JudgeScore
 
@@ -51,28 +50,8 @@ def train_shapes_canvas_classifier(seed: int = 0, epochs: int = JUDGE_EPOCHS, nu
     default all)."""
     images, labels, geometry = (t[:num] for t in make_shapes_canvas("train"))
     targets = geometry / geometry_scale()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread is as fast as two contended ones
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = make_classifier()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(images) // batch))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for start in range(0, len(images), batch):
-            idx = order[start : start + batch]
-            feats = model.features(add_nuisance(images[idx], gen))
-            loss = nn.functional.cross_entropy(model.head(feats), labels[idx])
-            loss = loss + GEOMETRY_WEIGHT * nn.functional.mse_loss(model.where(feats), targets[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    torch.set_num_threads(threads)
-    return model.eval()
+    return fit_canvas_judge(make_classifier, len(images), lambda idx, gen: (images[idx], labels[idx], targets[idx]),
+                            seed, epochs, batch, GEOMETRY_WEIGHT)
 
 
 _MEMO: dict[int, CanvasClassifier] = {}
