@@ -215,7 +215,7 @@ def write_samples(pipeline: Pipeline, num_images: int, sample: SampleSection, *,
         if npz is not None:
             with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for key in arrays:
-                    zf.write(_part_file(npz, key, 0, token), f"{key}.npy")
+                    _store(zf, _part_file(npz, key, 0, token), f"{key}.npy")
             zipped.replace(npz)
             written.append(npz)
     finally:
@@ -232,6 +232,19 @@ def write_samples(pipeline: Pipeline, num_images: int, sample: SampleSection, *,
     if grid is not None:
         written.append(save_sample_grid(torch.cat(kept), torch.cat(kept_labels) if kept_labels else None, grid))
     return written
+
+
+def _store(zf: Any, source: Path, name: str) -> None:
+    """Add ``source`` to ``zf`` as ``name``, with a fixed date and mode, so that the same samples
+    give the same ``.npz`` bytes whenever and however many processes write them."""
+    import shutil
+    import zipfile
+
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    with open(source, "rb") as src, zf.open(info, "w", force_zip64=source.stat().st_size >= zipfile.ZIP64_LIMIT) as dst:
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
 #: Least digits of the image index in a PNG file name (``0000042_class3.png``): names sort in drawing order.
