@@ -37,7 +37,8 @@ from diffit_toolkit.registry import PluginBuildError, PluginError, PluginLoadErr
 
 def _recipe_error(key: str, exc: BaseException) -> RecipeError:
     """``recipe error at <key>: <first line>`` (the message's own key when it names one); a plugin
-    module that could not load is not the recipe's fault: its own line, naming the module."""
+    module that could not load is not the recipe's fault: its own line, naming the module. Raised
+    ``from exc``: a plugin's own exception stays its cause, for ``--traceback``."""
     cause = exc.__cause__ if isinstance(exc, PluginBuildError) and exc.__cause__ is not None else exc
     message = first_line(cause)
     if isinstance(cause, PluginLoadError):
@@ -74,7 +75,7 @@ def data_config(recipe: Recipe) -> DataConfig:
         try:
             config.validate()
         except ValueError as exc:
-            raise _recipe_error("data", exc) from None
+            raise _recipe_error("data", exc) from exc
     return config
 
 
@@ -84,7 +85,7 @@ def build_dataset(recipe: Recipe):
     try:
         return config.build()
     except (ValueError, OSError) as exc:
-        raise _recipe_error("data", exc) from None
+        raise _recipe_error("data", exc) from exc
 
 
 def data_facts(dataset: Any) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def build_model(recipe: Recipe, facts: Mapping[str, Any] | None = None, device: 
         with torch.device(device or "cpu"):
             return build_registered_backbone(name, preset, **options)
     except Exception as exc:  # a recipe value must never surface as a traceback from deep inside torch
-        raise _recipe_error("model", exc) from None
+        raise _recipe_error("model", exc) from exc
 
 
 # -- process, sampler, optimizer -----------------------------------------------------------------
@@ -156,11 +157,11 @@ def build_process(recipe: Recipe) -> Process:
     try:
         resolve_sampler(recipe.diffusion.process, recipe.sample.sampler)
     except PluginError as exc:
-        raise _recipe_error("sample.sampler", exc) from None
+        raise _recipe_error("sample.sampler", exc) from exc
     try:
         return _build_process(recipe.diffusion)
     except (PluginError, ValueError) as exc:
-        raise _recipe_error("diffusion.process", exc) from None
+        raise _recipe_error("diffusion.process", exc) from exc
 
 
 def lr_factor(train: TrainSection, step: int) -> float:

@@ -1,13 +1,46 @@
-"""How every layer words a problem: one line, with the closest valid name when there is one."""
+"""How every layer words a problem: one line, with the closest valid name when there is one; and
+the exit code it ends a command with.
+
+Every error of the toolkit is a [`ToolkitError`][diffit_toolkit.errors.ToolkitError] that carries
+its `exit_code`; the command line turns it into its one line and that code in one place (the
+command group in `diffit_toolkit.commands`). The rule: a
+[`UsageError`][diffit_toolkit.errors.UsageError] (exit 2) lies in what the user gave (an option, a
+recipe, a plugin or its name, a path, data or weights they named, an extra to install) and is fixed
+there before the same command runs again; a [`RunFailure`][diffit_toolkit.errors.RunFailure]
+(exit 1) is met while the work runs from valid input (training diverged, a run's checkpoint
+damaged or not writable, a run folder in use, a sweep stopped or a job failed). Where one kind of
+failure can also be the user's path (a checkpoint path that is none), a usage subclass of it says so.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 #: How alike a typo and a valid name must be for "did you mean" (``difflib`` ratio).
 SUGGESTION_CUTOFF = 0.6
+
+
+class ToolkitError(Exception):
+    """Base class of the toolkit's one-line errors; ``exit_code`` is the command's exit status."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class UsageError(ToolkitError):
+    """Bad input: an option, a recipe, a plugin or its name, a path or data the user named, a
+    missing optional dependency. Fix the command (or what it names) and run it again (exit 2)."""
+
+    exit_code: ClassVar[int] = 2
+
+
+class RunFailure(ToolkitError):
+    """A failure while running from valid input: training diverged, a checkpoint or run folder that
+    cannot be read, written or used, a sweep stopped or a job failed (exit 1)."""
+
+    exit_code: ClassVar[int] = 1
 
 
 def did_you_mean(name: object, choices: Iterable[str]) -> str:

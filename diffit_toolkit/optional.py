@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from lightning_utilities.core.imports import RequirementCache
 
+from diffit_toolkit.errors import UsageError
+
 #: Every optional dependency: its requirement and the extra (in ``pyproject.toml``) that installs it.
 OPTIONAL: dict[str, tuple[RequirementCache, str]] = {
     "xformers": (RequirementCache("xformers"), "xformers"),
@@ -23,7 +25,7 @@ OPTIONAL: dict[str, tuple[RequirementCache, str]] = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(UsageError, ImportError):
     """An optional dependency a recipe or command asked for is not installed (one line)."""
 
 

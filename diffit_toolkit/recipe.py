@@ -25,7 +25,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator
 
-from diffit_toolkit.errors import did_you_mean, first_line
+from diffit_toolkit.errors import UsageError, did_you_mean, first_line
 
 #: Where the shipped recipes live: the package ``diffit_toolkit.recipes`` (``recipes/`` in a source
 #: checkout, installed inside the package by a wheel).
@@ -50,7 +50,7 @@ MAX_OPTION_NUMBER = 2**24
 MAX_OPTION_ITEMS = 256
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError, ValueError):
     """A recipe problem, one line, with the key path."""
 
 
@@ -120,8 +120,8 @@ def process_options(section: Any) -> ProcessOptions:
     name = data.setdefault("process", ProcessOptions.model_fields["process"].default)
     try:
         options_cls = getattr(processes.get(str(name)), "Options", ProcessOptions)
-    except PluginLoadError as exc:  # a broken plugin module: not a recipe key's fault
-        raise RecipeError(first_line(exc)) from None
+    except PluginLoadError as exc:  # a broken plugin module: not a recipe key's fault (its error kept as the cause)
+        raise RecipeError(first_line(exc)) from exc
     except PluginError as exc:
         raise RecipeError(f"recipe error at diffusion.process: {first_line(exc)}") from None
     declared = options_cls.model_fields

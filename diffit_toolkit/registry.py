@@ -47,7 +47,7 @@ from typing import Any, TypeVar, overload
 import pluggy
 
 from diffit_toolkit import hookspecs
-from diffit_toolkit.errors import did_you_mean, one_line
+from diffit_toolkit.errors import UsageError, did_you_mean, one_line
 from diffit_toolkit.hookspecs import PROJECT
 
 ENTRY_POINT_GROUP = "diffit_toolkit.plugins"
@@ -71,7 +71,7 @@ KIND_LABELS: dict[str, str] = {
 T = TypeVar("T")
 
 
-class PluginError(ValueError):
+class PluginError(UsageError, ValueError):
     """Base class of the registry's one-line errors."""
 
 

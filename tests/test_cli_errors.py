@@ -24,6 +24,63 @@ def test_model_info_unknown_backbone_is_a_usage_error():
     assert preset.exit_code == 2 and "unknown preset(s) XL/3" in preset.output
 
 
+def test_every_toolkit_error_carries_its_exit_code_and_keeps_its_builtin_base():
+    from diffit_toolkit.data.image_folder import BadImageError
+    from diffit_toolkit.errors import RunFailure, UsageError
+    from diffit_toolkit.eval.ablation import AblationStopped
+    from diffit_toolkit.eval.inputs import InputError
+    from diffit_toolkit.eval.jobs import LauncherError
+    from diffit_toolkit.eval.metrics import MissingWeightsError
+    from diffit_toolkit.optional import MissingDependencyError
+    from diffit_toolkit.recipe import RecipeError
+    from diffit_toolkit.registry import (DuplicatePluginError, PluginBuildError, PluginError, PluginLoadError,
+                                         PluginModuleClashError, UnknownPluginError)
+    from diffit_toolkit.runs import CheckpointError, CheckpointPathError, OutputFolderError, RunFolderError
+    from diffit_toolkit.train import TrainingError
+
+    usage = {RecipeError: ValueError, PluginError: ValueError, DuplicatePluginError: ValueError,
+             PluginLoadError: ValueError, PluginModuleClashError: ValueError, UnknownPluginError: ValueError,
+             PluginBuildError: ValueError, InputError: ValueError, BadImageError: ValueError,
+             MissingWeightsError: FileNotFoundError, MissingDependencyError: ImportError,
+             CheckpointPathError: CheckpointError, OutputFolderError: RunFolderError}
+    failures = {TrainingError: RuntimeError, CheckpointError: RuntimeError, RunFolderError: RuntimeError,
+                AblationStopped: RuntimeError, LauncherError: RuntimeError}
+    for cls, builtin in usage.items():
+        assert issubclass(cls, UsageError) and issubclass(cls, builtin) and cls("x").exit_code == 2, cls
+    for cls, builtin in failures.items():
+        assert issubclass(cls, RunFailure) and issubclass(cls, builtin) and cls("x").exit_code == 1, cls
+        assert not issubclass(cls, UsageError), cls
+
+
+@pytest.mark.parametrize("error, code", [("CheckpointError", 1), ("CheckpointPathError", 2)])
+def test_a_checkpoint_error_exits_alike_in_every_command_that_reads_one(tmp_path, monkeypatch, error, code):
+    """A damaged checkpoint is a failure (1), a path that is none a usage error (2): in sample,
+    export and eval alike (sample and export used to exit 2 where train exited 1)."""
+    import diffit_toolkit.inference.pipeline as pipeline
+    import diffit_toolkit.runs as runs
+
+    def refuse(*args, **kwargs):
+        raise getattr(runs, error)(f"checkpoint probe: {error}")
+
+    monkeypatch.setattr(pipeline, "load_pipeline", refuse)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    run = str(tmp_path / "run")
+    for command in (["sample", run, "--device", "cpu"], ["export", run, str(tmp_path / "out")],
+                    ["eval", run, "--device", "cpu"]):
+        out = RUNNER.invoke(app, command, env=WIDE)
+        assert out.exit_code == code and out.output.strip() == f"error: checkpoint probe: {error}", (command, out.output)
+
+
+def test_commands_raise_errors_and_one_place_turns_them_into_exit_codes():
+    """No command picks an exit code: each raises the toolkit's errors (or marks a block whose plain
+    ValueError / OSError is the user's input) and the command group maps them."""
+    folder = ROOT / "diffit_toolkit" / "commands"
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        if path.name != "__init__.py":
+            assert "exit_with_error" not in text and "typer.Exit" not in text and "EXIT_" not in text, path.name
+
+
 def test_model_info_without_a_preset_counts_the_benchmark_canvas_model():
     from diffit_toolkit.build import build_dataset, build_model, data_facts, load_recipe
 

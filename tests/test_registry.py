@@ -300,3 +300,21 @@ def test_env_plugin_error_is_not_a_recipe_key_error_and_stays_raised(tmp_path, m
         assert PLUGINS_ENV in str(err.value) and "diffusion.process" not in str(err.value)
         with pytest.raises(PluginLoadError, match=f"drop it from {PLUGINS_ENV}"):
             processes.get("gaussian")
+
+
+def test_a_plugins_own_exception_stays_the_cause_of_the_recipe_error(plugin_system):
+    """Never swallowed (``from None``): the one line is the recipe's, the plugin's own exception its
+    cause, which ``--traceback`` prints down to the plugin's line."""
+    from diffit_toolkit.build import load_recipe
+    from diffit_toolkit.recipe import RecipeError
+
+    class Broken(_Scale):
+        def __init__(self, spec: BlockSpec) -> None:
+            raise ZeroDivisionError("the plugin author's bug")
+
+    register_conditioning("broken_cause_probe", Broken)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    with pytest.raises(RecipeError, match="the plugin author's bug") as err:
+        load_recipe(recipe, ["model.mechanism=broken_cause_probe"])
+    assert isinstance(err.value.__cause__, PluginBuildError)  # raised from it, not from None
+    assert isinstance(err.value.__cause__.__cause__, ZeroDivisionError)

@@ -4,7 +4,11 @@ reports a failure. One module per feature area adds its commands to `app`;
 ...) inside the command functions, so ``--help`` and the light commands start quickly.
 
 Exit codes: 0 success, 1 a run-time failure (training diverged, a file could not be written),
-2 a usage error (a bad option, recipe or path: fix the command and run it again).
+2 a usage error (a bad option, recipe or path: fix the command and run it again). Commands raise
+the toolkit's errors (``diffit_toolkit.errors``: each carries its exit code) and never pick a code
+themselves: `CommandGroup.invoke` is the one place that turns an error into its line and its exit
+code. A plain ``ValueError`` or ``OSError`` from a lower layer is a usage error only inside a block
+where the command says its input caused it (`usage_errors`).
 
 A failure is one line; ``--traceback`` (or ``DIFFIT_TOOLKIT_TRACEBACK=1``) adds the full chain of
 exceptions behind it, also those a one-line message replaced (a plugin's own stack included).
@@ -25,7 +29,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from diffit_toolkit.registry import PLUGINS_ENV, PluginError, load_plugin_modules
+from diffit_toolkit.errors import RunFailure, ToolkitError, UsageError
+from diffit_toolkit.registry import PLUGINS_ENV, load_plugin_modules
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +47,14 @@ def _flags_take_no_value(params: list) -> list:
 
 class CommandGroup(typer.core.TyperGroup):
     """The class of the app and of its command groups: their ``--help`` and their commands'
-    ``--help`` show flags without a value type (typer has no setting for it)."""
+    ``--help`` show flags without a value type (typer has no setting for it), and a toolkit error
+    raised by a command ends it with its one line and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ToolkitError as exc:  # the one place an error becomes an exit code
+            exit_with_error(exc, exc.exit_code)
 
     def get_params(self, ctx):
         return _flags_take_no_value(super().get_params(ctx))
@@ -58,8 +70,8 @@ app = typer.Typer(cls=CommandGroup, help="DiffiT / DiT diffusion transformers: t
                   no_args_is_help=True)
 console = Console()
 
-#: Exit codes of every command.
-EXIT_FAILURE, EXIT_USAGE = 1, 2
+#: Exit codes of every command (each toolkit error carries its own: ``exc.exit_code``).
+EXIT_FAILURE, EXIT_USAGE = RunFailure.exit_code, UsageError.exit_code
 #: Set to 1 for the full exception chain behind every one-line error (as ``--traceback``).
 TRACEBACK_ENV = "DIFFIT_TOOLKIT_TRACEBACK"
 _show_traceback = {"on": False}
@@ -83,7 +95,7 @@ def format_chain(exc: BaseException) -> str:
 
 def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
     """Print ``error: <first line of message>`` unwrapped (one line whatever the terminal width)
-    and exit with ``code``: how every command reports a failure."""
+    and exit with ``code``: how `CommandGroup` reports a toolkit error raised by a command."""
     text = str(message).strip()
     first = text.splitlines()[0] if text else "failed"
     if _show_traceback["on"] or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
@@ -92,6 +104,20 @@ def exit_with_error(message: object, code: int = EXIT_FAILURE) -> NoReturn:
             Console(stderr=True).print(escape(format_chain(cause)), soft_wrap=True, highlight=False)
     console.print(f"[red]error:[/red] {escape(first)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def usage_errors(*types: type[Exception]) -> Iterator[None]:
+    """Inside, a plain exception of ``types`` from a lower layer (``ValueError``: a bad value;
+    ``OSError``: a path that cannot be read) means the command's input is wrong: it becomes a
+    `UsageError` with the same message (exit 2), the original kept as its cause. The toolkit's own
+    errors pass unchanged, with their own exit codes."""
+    try:
+        yield
+    except ToolkitError:
+        raise
+    except types as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def finite(value: float | None) -> float | None:
@@ -124,36 +150,31 @@ def global_options(
 ) -> None:
     """DiffiT / DiT diffusion transformers: train, sample, evaluate, extend."""
     _show_traceback["on"] = show_traceback
-    try:
-        load_plugin_modules(list(plugin or []))
-    except PluginError as exc:
-        exit_with_error(exc, EXIT_USAGE)
+    load_plugin_modules(list(plugin or []))  # a PluginError: a usage error (exit 2)
 
 
 def check_output(path: Path | None, option: str, folder: bool = False) -> None:
-    """Exit 2 with one line when an output path cannot be written (a name too long, a folder of it
-    that is a file; a folder where a file is wanted, unless ``folder``): checked before any work."""
+    """A one-line `UsageError` when an output path cannot be written (a name too long, a folder of
+    it that is a file; a folder where a file is wanted, unless ``folder``): checked before any work."""
     if path is None:
         return
     try:
         if path.is_dir() and not folder:
-            exit_with_error(f"{option} {path} is a folder; give a file path", EXIT_USAGE)
+            raise UsageError(f"{option} {path} is a folder; give a file path")
         for parent in path.parents:
             if parent.exists() and not parent.is_dir():
-                exit_with_error(f"{option} {path}: {parent} is a file, not a folder", EXIT_USAGE)
+                raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
     except OSError as exc:  # ENAMETOOLONG and alike, raised by stat itself
-        exit_with_error(f"{option} {path}: {exc.strerror or exc}; give another path", EXIT_USAGE)
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}; give another path") from exc
 
 
 def check_device(device: str | None) -> torch.device:
     """The device a command runs on: ``--device`` (``cpu``, ``cuda``, ``cuda:N``) or, when it is not
-    given, CUDA when available. Exit 2 with one line when it names a device this machine does not have."""
+    given, CUDA when available. A one-line `UsageError` when it names a device this machine does not have."""
     from diffit_toolkit.runs import parse_device
 
-    try:
+    with usage_errors(ValueError):
         return parse_device(device)
-    except ValueError as exc:
-        exit_with_error(exc, EXIT_USAGE)
 
 
 #: Help of the ``--no-progress`` option of every command with a progress bar.

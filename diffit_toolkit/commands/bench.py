@@ -11,7 +11,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffit_toolkit.commands import app, check_output, exit_with_error, finite
+from diffit_toolkit.commands import app, check_output, finite, usage_errors
+from diffit_toolkit.errors import RunFailure
 
 console = Console()
 
@@ -118,10 +119,9 @@ def bench(
     import torch
 
     from diffit_toolkit.bench import BenchConfig, run_bench
-    from diffit_toolkit.registry import PluginError
 
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    try:
+    with usage_errors(ValueError):  # a recipe, model option or backend that cannot run
         config = BenchConfig(
             recipe=recipe,
             backbone=backbone,
@@ -144,8 +144,6 @@ def bench(
             compare_dit=compare_dit,
         )
         report = run_bench(config, progress=lambda message: console.print(f"[dim]{message}[/dim]", highlight=False))
-    except (PluginError, ValueError) as exc:
-        exit_with_error(exc, 2)
     print_report(report)
     if out is not None:
         from diffit_toolkit.runs import write_text_atomic
@@ -153,5 +151,5 @@ def bench(
         try:
             write_text_atomic(out, json.dumps(report, indent=2, default=str))
         except OSError as exc:
-            exit_with_error(f"could not write {out} ({exc.strerror or exc}); the figures are printed above", 1)
+            raise RunFailure(f"could not write {out} ({exc.strerror or exc}); the figures are printed above") from exc
         console.print(f"wrote {out}", highlight=False)

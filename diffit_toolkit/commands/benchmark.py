@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, check_device, console, exit_with_error
+from diffit_toolkit.commands import app, check_device, console, usage_errors
 from diffit_toolkit.commands.eval import JOBS_HELP, LAUNCHER_HELP, sweep_launcher
+from diffit_toolkit.errors import UsageError
 
 
 @app.command("benchmark")
@@ -34,30 +35,20 @@ def benchmark(
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: rank from the runs already in the cache."),
 ) -> None:
     """Rank MECHANISM against references: train each on each testbed with several seeds, score each at its best guidance scale, and report differences with 95 % intervals, Holm-corrected p-values and verdicts (benchmark.json, benchmark.md). Finished runs are cached and reused."""
-    from diffit_toolkit.eval.ablation import AblationStopped
     from diffit_toolkit.eval.benchmark import BenchmarkPlan, parse_seeds, resolve_testbeds, run_benchmark
-    from diffit_toolkit.eval.jobs import LauncherError
     from diffit_toolkit.eval.sweep import parse_scales
-    from diffit_toolkit.recipe import RecipeError
-    from diffit_toolkit.registry import PluginError
-    from diffit_toolkit.runs import CheckpointError, RunFolderError
-    from diffit_toolkit.train import TrainingError
 
     device = str(check_device(device))
-    try:
+    with usage_errors(ValueError, OSError):  # an option, testbed or recipe file that is wrong
         chosen = sweep_launcher(launcher, jobs, partition, time_min, gpus, cpus)
         references = [a.strip() for a in against.split(",") if a.strip()]
         if not references:
-            raise ValueError("--against is empty: name at least one reference mechanism, e.g. --against tmsa")
+            raise UsageError("--against is empty: name at least one reference mechanism, e.g. --against tmsa")
         plan = BenchmarkPlan(mechanism=mechanism, against=references, testbeds=resolve_testbeds(testbeds),
                              seeds=parse_seeds(seeds), out=out, cache=cache, steps=steps, num_images=num_images,
                              sample_steps=sample_steps, guidance_scales=parse_scales(guidance_scales),
                              overrides=list(set_), device=device)
         report = run_benchmark(plan, chosen, log=lambda line: console.print(line, highlight=False), report_only=report_only)
-    except (AblationStopped, TrainingError, CheckpointError, RunFolderError, LauncherError) as exc:
-        exit_with_error(exc, EXIT_FAILURE)
-    except (RecipeError, PluginError, ValueError, OSError) as exc:
-        exit_with_error(exc, EXIT_USAGE)
     console.print(Path(report["files"]["markdown"]).read_text(), highlight=False, soft_wrap=True)
     for path in report["files"].values():
         console.print(f"wrote {path}", highlight=False)

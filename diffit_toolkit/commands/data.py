@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffit_toolkit.commands import (EXIT_FAILURE, EXIT_USAGE, NO_PROGRESS_HELP, app, check_device, console,
-                                     exit_with_error, progress_bar)
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_device, console, progress_bar, usage_errors
+from diffit_toolkit.errors import RunFailure, ToolkitError
 
 
 @app.command("cache-latents")
@@ -32,24 +32,21 @@ def cache_latents(
 ) -> None:
     """Encode images (plain and mirrored) with a VAE into safetensors shards and record the latent scale."""
     from diffit_toolkit.data.cache import cache_latents as _cache_latents
-    from diffit_toolkit.data.image_folder import BadImageError
     from diffit_toolkit.data.vae import DEFAULT_VAE
 
     vae = vae or DEFAULT_VAE
     device = str(check_device(device))
-    try:
-        with progress_bar("encoding", enabled=not no_progress) as update:
+    try:  # a ValueError: a wrong --vae, data folder or option; a BadImageError (--on-bad-file stop): exit 2
+        with usage_errors(ValueError), progress_bar("encoding", enabled=not no_progress) as update:
             meta = _cache_latents(
                 data_path, out_dir, vae, resolution=resolution, batch_size=batch_size, shard_size=shard_size, device=device,
                 conditional=conditional, dtype=dtype, sample=sample, seed=seed, on_bad_file=on_bad_file, num_workers=workers,
                 progress=update,
             )
-    except BadImageError as exc:  # --on-bad-file stop met an unreadable image
-        exit_with_error(exc, EXIT_FAILURE)
-    except ValueError as exc:  # a wrong --vae, data folder or option
-        exit_with_error(exc, EXIT_USAGE)
+    except ToolkitError:  # its own exit code
+        raise
     except OSError as exc:
-        exit_with_error(f"could not write {exc.filename or out_dir} ({exc.strerror or exc})", EXIT_FAILURE)
+        raise RunFailure(f"could not write {exc.filename or out_dir} ({exc.strerror or exc})") from exc
     table = Table(title=f"latent cache {escape(str(out_dir))}", title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")

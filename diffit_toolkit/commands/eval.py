@@ -6,12 +6,9 @@ from pathlib import Path
 
 import typer
 
-from diffit_toolkit.commands import (EXIT_FAILURE, NO_PROGRESS_HELP, app, check_device, console, exit_with_error, finite,
-                                     parse_guidance_interval, progress_bar)
-
-
-def _fail(message: str) -> None:
-    exit_with_error(message, 2)
+from diffit_toolkit.commands import (NO_PROGRESS_HELP, app, check_device, console, finite, parse_guidance_interval,
+                                     progress_bar, usage_errors)
+from diffit_toolkit.errors import RunFailure, UsageError
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -53,20 +50,20 @@ def eval_(
     import json
 
     from diffit_toolkit.eval.inputs import InputError, load_image_set
-    from diffit_toolkit.eval.metrics import MissingWeightsError, evaluate_sets, inception_extractor
+    from diffit_toolkit.eval.metrics import evaluate_sets, inception_extractor
 
     if metric not in ("auto", "inception", *OFFLINE_SIZES):
-        _fail(f"--metric must be auto, inception, {', '.join(OFFLINE_SIZES)}, got '{metric}'")
+        raise UsageError(f"--metric must be auto, inception, {', '.join(OFFLINE_SIZES)}, got '{metric}'")
     if json_out is not None and (json_out.is_dir() or json_out.suffix.lower() != ".json"):
-        _fail(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
+        raise UsageError(f"--json {json_out} is {'a folder' if json_out.is_dir() else 'not a .json file name'}; give a file path ending in .json")
     device = str(check_device(device))
     if _is_checkpoint_input(samples):
         _sweep(samples, ref, metric, inception_weights, json_out, device, guidance_scales, num, sampler, steps, seed,
                plot, csv_out, guidance_interval, not no_progress)
         return
     if guidance_scales is not None or plot is not None or csv_out is not None or guidance_interval is not None:
-        _fail(f"{samples}: --guidance-scales, --guidance-interval, --plot and --csv sample a model: give a run or checkpoint folder, not images")
-    try:
+        raise UsageError(f"{samples}: --guidance-scales, --guidance-interval, --plot and --csv sample a model: give a run or checkpoint folder, not images")
+    with usage_errors(ValueError, OSError):  # samples or a reference that cannot be read
         if metric == "inception" or (metric == "auto" and ref is not None):
             with progress_bar("Inception features", enabled=not no_progress) as update:
                 extractor = inception_extractor(inception_weights, device=device, progress=update)  # fails fast without weights
@@ -96,15 +93,13 @@ def eval_(
             line = score.line()
             if fake.labels is None:
                 line += "  (no labels in the input: accuracy needs an .npz with arr_1)"
-    except (InputError, MissingWeightsError, ValueError, OSError) as exc:
-        _fail(str(exc))
     console.print(line, highlight=False)
     if json_out is not None:
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(result, indent=2) + "\n")
         except OSError as exc:
-            exit_with_error(f"could not write {json_out} ({exc.strerror or exc})", 1)
+            raise RunFailure(f"could not write {json_out} ({exc.strerror or exc})") from exc
         console.print(f"wrote {json_out}", highlight=False)
 
 
@@ -120,7 +115,7 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
     import json
 
     from diffit_toolkit.eval.inputs import InputError, load_image_set
-    from diffit_toolkit.eval.metrics import MissingWeightsError, inception_extractor
+    from diffit_toolkit.eval.metrics import inception_extractor
     from diffit_toolkit.eval.sweep import (
         best_row,
         canvas_judge,
@@ -136,10 +131,8 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
     from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
-    from diffit_toolkit.registry import PluginError
-    from diffit_toolkit.runs import CheckpointError
 
-    try:
+    with usage_errors(ValueError, OSError):  # a reference, metric or setting that does not fit the run
         with progress_bar("sampling", enabled=show_progress) as update:
             gen = load_pipeline(run, device=device)
             if not gen.num_classes:
@@ -170,8 +163,6 @@ def _sweep(run: Path, ref: Path | None, metric: str, inception_weights: Path | N
             scales = parse_scales(scales_text) if scales_text else [settings.guidance_scale]
             rows = guidance_sweep(gen, scales, settings, num, judge, seed=seed,
                                   log=lambda line: console.print(line, highlight=False), progress=update)
-    except (InputError, MissingWeightsError, CheckpointError, PluginError, ValueError, OSError) as exc:
-        _fail(str(exc))
     if len(rows) > 1:
         best = best_row(rows, key)
         console.print(f"best {key.upper()} {best[key]:.4g} at guidance {best['guidance_scale']:g}", highlight=False)
@@ -238,7 +229,7 @@ def sweep_launcher(launcher: str, jobs: int, partition: str | None, time_min: in
 
     chosen = Launcher(kind=launcher, jobs=jobs, partition=partition, time_min=time_min, gpus=gpus, cpus=cpus)
     if launcher == "local" and (partition or gpus):
-        raise ValueError("--partition and --gpus are SLURM options: add --launcher slurm")
+        raise UsageError("--partition and --gpus are SLURM options: add --launcher slurm")
     chosen.check()
     return chosen
 
@@ -267,24 +258,19 @@ def ablate(
 
     Every (recipe, seed) is one job in its own run folder, <out>/<recipe>/seed_<s>, that trains, scores and writes result.json; the reports are rebuilt from the folders. Run the same command again to skip finished runs and resume stopped ones.
     """
-    from diffit_toolkit.eval.ablation import AblationStopped, AblationSuite, is_suite_file, load_suite, run_ablation
-    from diffit_toolkit.eval.jobs import LauncherError
-    from diffit_toolkit.recipe import RecipeError
-    from diffit_toolkit.registry import PluginError
-    from diffit_toolkit.runs import CheckpointError, RunFolderError
-    from diffit_toolkit.train import TrainingError
+    from diffit_toolkit.eval.ablation import AblationSuite, is_suite_file, load_suite, run_ablation
 
     device = str(check_device(device))
-    try:
+    with usage_errors(ValueError, OSError):  # an option, suite or recipe file that is wrong
         chosen = sweep_launcher(launcher, jobs, partition, time_min, gpus, cpus)
         missing = [p for p in recipes if not p.is_file()]
         if missing:
-            raise ValueError(f"no such recipe or suite file: {missing[0]}")
+            raise UsageError(f"no such recipe or suite file: {missing[0]}")
         if len(recipes) == 1 and is_suite_file(recipes[0]):
             suite = load_suite(recipes[0])
         else:
             if any(is_suite_file(p) for p in recipes):
-                raise ValueError("give either one suite file or recipe files, not both")
+                raise UsageError("give either one suite file or recipe files, not both")
             suite = AblationSuite(recipes=list(recipes))
         suite.seeds = _seeds(seeds) or suite.seeds
         suite.overrides = [*suite.overrides, *set_]
@@ -298,10 +284,6 @@ def ablate(
                 setattr(suite, name, value)
         files = run_ablation(suite, device=device, log=lambda line: console.print(line, highlight=False),
                              launcher=chosen, report_only=report_only)
-    except (AblationStopped, TrainingError, CheckpointError, RunFolderError, LauncherError) as exc:
-        exit_with_error(exc, EXIT_FAILURE)
-    except (RecipeError, PluginError, ValueError, OSError) as exc:
-        _fail(str(exc))
     console.print(Path(files["table_md"]).read_text(), highlight=False)
     for kind in ("table_md", "table_csv", "runs", "curves", "plot", "guidance", "guidance_plot"):
         if kind in files:

@@ -7,7 +7,8 @@ from typing import Any
 
 import typer
 
-from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, app, check_output, console, exit_with_error
+from diffit_toolkit.commands import app, check_output, console, usage_errors
+from diffit_toolkit.errors import UsageError
 
 
 def _checkpoint_record(run: Path) -> tuple[Path, dict[str, Any], int | None]:
@@ -46,37 +47,31 @@ def export(
     from diffit_toolkit.inference.pipeline import load_pipeline
     from diffit_toolkit.interop.model_card import CardFacts, read_evaluation, write_card
     from diffit_toolkit.interop.weights import CHECKPOINT, weights_format
-    from diffit_toolkit.runs import CheckpointError
 
     if weights not in ("ema", "model"):
-        exit_with_error(f"--weights must be ema or model, got '{weights}'", EXIT_USAGE)
+        raise UsageError(f"--weights must be ema or model, got '{weights}'")
     if diffusers and diffusers_pipeline:
-        exit_with_error("--diffusers and --diffusers-pipeline are two formats: give one (the pipeline folder holds "
-                        "the transformer folder too)", EXIT_USAGE)
+        raise UsageError("--diffusers and --diffusers-pipeline are two formats: give one (the pipeline folder holds "
+                         "the transformer folder too)")
     if vae is not None and not diffusers_pipeline:
-        exit_with_error("--vae is copied into a --diffusers-pipeline folder only: add --diffusers-pipeline or drop "
-                        "--vae", EXIT_USAGE)
+        raise UsageError("--vae is copied into a --diffusers-pipeline folder only: add --diffusers-pipeline or drop "
+                         "--vae")
     if not license_id.strip() or any(c.isspace() for c in license_id):
-        exit_with_error(f"--license takes a license id without spaces (e.g. mit, apache-2.0, other), got '{license_id}'",
-                        EXIT_USAGE)
+        raise UsageError(f"--license takes a license id without spaces (e.g. mit, apache-2.0, other), got '{license_id}'")
     check_output(out, "output folder", folder=True)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        exit_with_error(f"{out} exists and is not an empty folder: choose a new output folder", EXIT_USAGE)
-    try:
+        raise UsageError(f"{out} exists and is not an empty folder: choose a new output folder")
+    with usage_errors(ValueError):
         gen = load_pipeline(run, device="cpu", weights=weights)
-    except (CheckpointError, ValueError) as exc:
-        exit_with_error(exc, EXIT_USAGE)
     if weights_format(run) != CHECKPOINT:
-        exit_with_error(f"{run} is not a run or checkpoint folder (it is already exported weights)", EXIT_USAGE)
-    try:
+        raise UsageError(f"{run} is not a run or checkpoint folder (it is already exported weights)")
+    with usage_errors(ValueError):
         run_dir, recipe, step = _checkpoint_record(run)
-    except ValueError as exc:
-        exit_with_error(exc, EXIT_USAGE)
     kind = "diffusers-pipeline" if diffusers_pipeline else "diffusers-transformer" if diffusers else "toolkit"
     card = CardFacts(kind=kind, recipe=recipe, facts=dict(gen.facts), model_config=dict(gen.model.config),
                      parameters=sum(p.numel() for p in gen.model.parameters()), step=step, weights=weights,
                      license=license_id, evaluation=read_evaluation(run_dir))
-    try:
+    with usage_errors(ValueError):  # a model or VAE the format cannot hold; a CheckpointError: the write failed
         if diffusers_pipeline:
             from diffit_toolkit.interop.diffusers_pipeline import (
                 check_pipeline,
@@ -110,10 +105,6 @@ def export(
             console.print(f"wrote {path}: diffusers DiTTransformer2DModel ({weights} weights)", highlight=False)
             return
         path = export_model(gen, out, extra=lambda tmp: write_card(tmp, card))
-    except ValueError as exc:
-        exit_with_error(exc, EXIT_USAGE)
-    except CheckpointError as exc:  # non-finite weights; a full disk, a read-only target, a name too long
-        exit_with_error(exc, EXIT_FAILURE)
     cfg = gen.model.config
     vae_note = f", VAE {gen.facts['vae']}" if gen.facts.get("vae") else ""
     console.print(f"wrote {path}: {cfg['backbone']} ({weights} weights), sampler {gen.recipe.sample.sampler} "

@@ -9,7 +9,8 @@ import typer
 import yaml
 from rich.table import Table
 
-from diffit_toolkit.commands import EXIT_USAGE, app, console, exit_with_error
+from diffit_toolkit.commands import app, console, usage_errors
+from diffit_toolkit.errors import RunFailure, UsageError
 
 
 def _listed() -> dict[str, tuple[str, list[str]]]:
@@ -42,10 +43,6 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def _error(message: str) -> None:
-    exit_with_error(message, EXIT_USAGE)  # a wrong name, option or file: fix the command
-
-
 @app.command("model-info")
 def model_info(
     backbone: list[str] = typer.Option(None, "--backbone", "-b", help="Backbone(s): latent_diffit, dit, image_diffit (default: all)."),
@@ -64,13 +61,10 @@ def model_info(
         if value is not None:
             options[key] = value
     chosen = backbone or [name for name, (_, presets) in listed.items() if presets]
-    from diffit_toolkit.registry import PluginError, backbones
+    from diffit_toolkit.registry import backbones
 
     for name in chosen:
-        try:
-            backbones.get(name)
-        except PluginError as exc:
-            _error(str(exc))
+        backbones.get(name)  # an unknown name: a PluginError (exit 2)
     table = Table(caption="batch 1; MACs are what DiT calls 'Gflops'; FLOPs = 2 x MACs", caption_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("mechanism", no_wrap=True)
@@ -82,17 +76,15 @@ def model_info(
             defaults = p.lower() == "none"  # the backbone's defaults and the --set options, no preset
             if preset and presets and p not in presets and not defaults:
                 continue  # a preset of another backbone
-            try:
+            with usage_errors(ValueError):
                 facts = model_facts(name, None if defaults else p, **options)
-            except ValueError as exc:
-                _error(str(exc).splitlines()[0])
             table.add_row(
                 f"{prefix} (no preset)" if defaults else f"{prefix}-{p}", facts.mechanism or "",
                 f"{facts.params / 1e6:.2f}", f"{facts.gmacs:.2f}", f"{facts.gflops:.2f}"
             )
     if not table.rows:
         valid = sorted({p for name in chosen for p in listed.get(name, ("", []))[1]})
-        _error(f"unknown preset(s) {', '.join(preset)} for backbone(s) {', '.join(chosen)} (valid: {', '.join(valid)})")
+        raise UsageError(f"unknown preset(s) {', '.join(preset)} for backbone(s) {', '.join(chosen)} (valid: {', '.join(valid)})")
     console.print(table)
 
 
@@ -115,17 +107,15 @@ def convert(
     if num_heads is not None:
         options["num_heads"] = num_heads
     if output.is_dir():
-        _error(f"output {output} is a folder; give a file path ending in .safetensors")
+        raise UsageError(f"output {output} is a folder; give a file path ending in .safetensors")
     if output.exists() and source.exists() and output.resolve() == source.resolve():
-        _error(f"output {output} is the source itself; write the converted model to another file")
-    try:
+        raise UsageError(f"output {output} is the source itself; write the converted model to another file")
+    with usage_errors(ValueError, FileNotFoundError):
         model = load_released(source, layout=layout, null_class=not no_null_class, **options)
-    except (ValueError, FileNotFoundError) as exc:
-        _error(str(exc).splitlines()[0])
     try:
         path = save_model_file(model, output, metadata={"diffit_toolkit.converted_from": source.name})
-    except OSError as exc:
-        _error(f"could not write {output} ({exc.strerror or exc})")
+    except OSError as exc:  # a full disk, a read-only folder: a failure, as every command's writes
+        raise RunFailure(f"could not write {output} ({exc.strerror or exc})") from exc
     cfg = model.config
     console.print(
         f"wrote {path}: {cfg['backbone']} ({cfg['mechanism']}), depth {cfg['depth']}, width {cfg['hidden_size']}, "

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_output, exit_with_error, finite, parse_guidance_interval
+from diffit_toolkit.commands import NO_PROGRESS_HELP, app, check_output, finite, parse_guidance_interval, usage_errors
+from diffit_toolkit.errors import RunFailure, ToolkitError, UsageError
 
 console = Console()
 
@@ -72,33 +73,30 @@ def sample(
     from diffit_toolkit.inference.writers import shard_range, write_samples
     from diffit_toolkit.process import resolve_sampler
     from diffit_toolkit.recipe import SampleSection
-    from diffit_toolkit.registry import PluginError
-    from diffit_toolkit.runs import CheckpointError, RunFolderError, confined
+    from diffit_toolkit.runs import confined
     from diffit_toolkit.train.distributed import barrier, cleanup_distributed, setup_distributed
 
     for option, path, suffixes in (("--out", out, tuple(Image.registered_extensions())), ("--npz", npz, (".npz",))):
         check_output(path, option)
         if path is not None and (path.is_dir() or path.suffix.lower() not in suffixes):
             what = "a folder" if path.is_dir() else "not an image file name" if option == "--out" else "not an .npz file name"
-            exit_with_error(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}", 2)
+            raise UsageError(f"{option} {path} is {what}; give a file path ending in {'.png' if option == '--out' else '.npz'}")
     check_output(png_dir, "--png-dir", folder=True)
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
-        exit_with_error(f"--png-dir {png_dir} is a file; give a folder", 2)
+        raise UsageError(f"--png-dir {png_dir} is a file; give a folder")
     check_device(device)
     overrides = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                        guidance_schedule=guidance_schedule, guided_channels=guided_channels).items()
                  if v is not None}
     if guidance_interval is not None:
-        try:
+        with usage_errors(ValueError):
             overrides["guidance_interval"] = parse_guidance_interval(guidance_interval)
-        except ValueError as exc:
-            exit_with_error(exc, 2)
     env = setup_distributed(device)  # one process, or this process's rank under torchrun / SLURM
     try:
         if env.distributed and npz is None and png_dir is None:
-            exit_with_error(f"sampling on {env.world_size} processes writes an .npz or PNG files: give --npz PATH "
-                            f"(and --out for a grid, drawn by rank 0) or --png-dir DIR", 2)
-        try:
+            raise UsageError(f"sampling on {env.world_size} processes writes an .npz or PNG files: give --npz PATH "
+                             f"(and --out for a grid, drawn by rank 0) or --png-dir DIR")
+        with usage_errors(ValueError):  # a run, weights or setting that cannot sample
             gen = load_pipeline(run, device=str(env.device), weights=weights, recipe=recipe, vae=vae)
             if env.is_main:
                 for note in gen.notes:
@@ -113,26 +111,22 @@ def sample(
             resolve_sampler(gen.recipe.diffusion.process, settings.sampler)
             chosen = _classes(classes)
             gen.labels(chosen, 1)  # a wrong class is reported before any sampling
-        except (CheckpointError, PluginError, ValueError) as exc:
-            exit_with_error(exc, 2)
         grid = out or (_default_grid(run) if npz is None and png_dir is None else None)
         if out is None and grid is not None and grid.parent.name == "samples":
-            try:  # the default grid lies inside the run folder: never written through a link there
-                confined(grid.parent.parent, grid)
-            except RunFolderError as exc:
-                exit_with_error(exc, 1)
+            confined(grid.parent.parent, grid)  # the default grid, in the run folder: never through a link there
         share = len(shard_range(num, batch_size, env.rank, env.world_size))  # this process's images
         label = f"sampling (rank 0 of {env.world_size})" if env.distributed else "sampling"
-        try:
-            with progress_bar(label, total=share, enabled=env.is_main and not no_progress) as update:
+        try:  # a ValueError: e.g. a VAE that cannot be loaded, a latent model without one
+            with usage_errors(ValueError), progress_bar(label, total=share,
+                                                        enabled=env.is_main and not no_progress) as update:
                 written = write_samples(gen, num, settings, npz=npz, grid=grid, png_dir=png_dir, classes=chosen,
                                         batch_size=batch_size, seed=seed, progress=update, rank=env.rank,
                                         world_size=env.world_size, barrier=lambda: barrier(env),
                                         source=f"{run.resolve()} ({weights} weights)")
-        except ValueError as exc:  # e.g. a VAE that cannot be loaded, a latent model without one
-            exit_with_error(exc, 2)
+        except ToolkitError:  # its own exit code
+            raise
         except OSError as exc:
-            exit_with_error(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})", 1)
+            raise RunFailure(f"could not write {exc.filename or 'the output'} ({exc.strerror or exc})") from exc
     finally:
         cleanup_distributed()
     for path in written:

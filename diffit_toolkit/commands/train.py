@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from diffit_toolkit.commands import EXIT_FAILURE, EXIT_USAGE, CommandGroup, app, exit_with_error
-from diffit_toolkit.recipe import RecipeError, read_recipe
-from diffit_toolkit.registry import PluginError
+from diffit_toolkit.commands import CommandGroup, app
+from diffit_toolkit.errors import RunFailure
+from diffit_toolkit.recipe import read_recipe
 
 console = Console()
 recipe_app = typer.Typer(cls=CommandGroup, help="Inspect recipes.", no_args_is_help=True)
@@ -22,15 +22,12 @@ SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; value
 def _load(recipe: str, overrides: list[str] | None, read_data: bool = False, build: bool = True):
     """The recipe, checked as training will build it (with the data's facts when ``read_data``;
     types only without ``build``), and the sentences naming the checks that had to be skipped."""
-    try:
-        resolved = read_recipe(recipe, overrides or [])
-        if not build:
-            return resolved, []
-        from diffit_toolkit.build import check_recipe  # the model stack: only when building
+    resolved = read_recipe(recipe, overrides or [])
+    if not build:
+        return resolved, []
+    from diffit_toolkit.build import check_recipe  # the model stack: only when building
 
-        return resolved, check_recipe(resolved, read_data=read_data)
-    except (RecipeError, PluginError) as exc:
-        exit_with_error(exc, EXIT_USAGE)
+    return resolved, check_recipe(resolved, read_data=read_data)
 
 
 @recipe_app.command("show")
@@ -64,9 +61,7 @@ def train(
                                    "or a weights file) with a new optimizer: fine-tuning. Ignored when resuming."),
 ) -> None:
     """Train a recipe. Runs unchanged under torchrun and SLURM; resumes from the run folder."""
-    from diffit_toolkit.optional import MissingDependencyError
-    from diffit_toolkit.runs import CheckpointError, RunFolderError
-    from diffit_toolkit.train import TrainingError
+    from diffit_toolkit.errors import ToolkitError
     from diffit_toolkit.train import train as run
 
     from diffit_toolkit.commands import check_device
@@ -76,22 +71,14 @@ def train(
     if output_dir:
         overrides.append(f"output_dir={output_dir}")
     resolved, _ = _load(recipe, overrides)
-    from diffit_toolkit.runs import parse_device
-
-    try:
-        parse_device(device)
-    except ValueError as exc:
-        exit_with_error(exc, EXIT_USAGE)
     try:
         result = run(resolved, resume=resume, device=device, progress=not no_progress, init_from=init_from)
-    except (RecipeError, PluginError, MissingDependencyError) as exc:
-        exit_with_error(exc, EXIT_USAGE)
-    except (TrainingError, CheckpointError, RunFolderError) as exc:
-        exit_with_error(exc, EXIT_FAILURE)
+    except ToolkitError:  # its own exit code (MissingWeightsError is an OSError too)
+        raise
     except OSError as exc:  # a write outside the checkpoints (metrics, grids) on a full disk, say
         where = f" {exc.filename}" if exc.filename else ""
-        exit_with_error(f"could not write{where} ({exc.strerror or exc}); the checkpoints are intact: free space "
-                        f"and run the same command to resume", EXIT_FAILURE)
+        raise RunFailure(f"could not write{where} ({exc.strerror or exc}); the checkpoints are intact: free space "
+                         f"and run the same command to resume") from exc
     if result.stopped_by:
         console.print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
                       f"run the same command to resume", highlight=False)

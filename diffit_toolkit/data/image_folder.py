@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffit_toolkit.data.base import DiffusionDataset, label
 from diffit_toolkit.data.transforms import PIL_MODES, pil_to_model
+from diffit_toolkit.errors import UsageError
 
 #: File name endings read as images (case-insensitive).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -34,7 +35,7 @@ MAX_ASPECT_RATIO = 32
 _NAMED_IN_SUMMARY = 5
 
 
-class BadImageError(ValueError):
+class BadImageError(UsageError, ValueError):
     """An unreadable image file met with ``on_bad_file="stop"`` (the message names the file)."""
 
 

@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from diffit_toolkit.errors import RunFailure
 from diffit_toolkit.eval.jobs import (GRID_IMAGES, RESULT_FILE, Launcher, LauncherError, RunSpec, current_plugins,  # noqa: F401
                                       describe, launch, mechanism_source, read_result, spec_key, write_json)
+
 CURVE_FIELDS = ("recipe", "mechanism", "seed", "step", "accuracy", "fd", "floor", "num_images", "train_seconds", "loss",
                 "guidance_scale", "train_cpu_seconds", "params")
 
@@ -70,7 +72,7 @@ class AblationSuite:
     out: Path = Path("runs/ablation")
 
 
-class AblationStopped(RuntimeError):
+class AblationStopped(RunFailure, RuntimeError):
     """A training run of the ablation was asked to stop; the finished runs' reports are written."""
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffit_toolkit.errors import UsageError
 from diffit_toolkit.eval.frechet import GaussianStats
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class InputError(ValueError):
+class InputError(UsageError, ValueError):
     """An evaluation input that cannot be read; the message is one line."""
 
 

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffit_toolkit.errors import RunFailure
+
 #: The file a finished job writes into its run folder (its curve rows and its identity).
 RESULT_FILE = "result.json"
 #: What a job that ran in its own process leaves beside it: its status, its output and its pid.
@@ -368,7 +370,7 @@ class Launcher:
                                  "login node, or try the setup here with --launcher submitit-local")
 
 
-class LauncherError(RuntimeError):
+class LauncherError(RunFailure, RuntimeError):
     """A job failed (its log is named) or the launcher could not run."""
 
 

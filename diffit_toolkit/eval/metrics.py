@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffit_toolkit.errors import UsageError
 from diffit_toolkit.eval.frechet import (
     GaussianStats,
     frechet_distance,
@@ -36,7 +37,7 @@ INCEPTION_WEIGHTS_ENV = "DIFFIT_INCEPTION_WEIGHTS"
 Extractor = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(UsageError, FileNotFoundError):
     """The Inception weights are not on this machine; the message says what to fetch and where."""
 
 

@@ -21,7 +21,7 @@ from diffit_toolkit.backbones import from_pretrained, is_pretrained_dir
 from diffit_toolkit.backbones.pretrained import WEIGHTS_NAME, read_safetensors
 from diffit_toolkit.interop.diffusers_dit import is_diffusers_folder
 from diffit_toolkit.interop.released import load_released
-from diffit_toolkit.runs import CheckpointError, latest_checkpoint, load_checkpoint
+from diffit_toolkit.runs import CheckpointError, CheckpointPathError, latest_checkpoint, load_checkpoint
 from diffit_toolkit.runs.model_file import load_model_file, read_config
 
 #: A run folder (its newest checkpoint) or a checkpoint step folder.
@@ -41,10 +41,10 @@ def weights_format(path: Path) -> str:
     (see [the formats][diffit_toolkit.interop.weights]).
 
     Raises:
-        CheckpointError: one line when ``path`` does not exist.
+        CheckpointPathError: one line when ``path`` does not exist.
     """
     if not path.exists():
-        raise CheckpointError(f"no such {'file' if path.suffix else 'folder'}: {path}")
+        raise CheckpointPathError(f"no such {'file' if path.suffix else 'folder'}: {path}")
     if path.is_file():
         return FILE
     if (path / "state.pt").is_file():  # a step folder holds config.json and model.safetensors too
@@ -67,7 +67,7 @@ def checkpoint_folder(path: Path) -> Path:
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)
         if found is None:
-            raise CheckpointError(f"run folder {path} has no complete checkpoint yet")
+            raise CheckpointPathError(f"run folder {path} has no complete checkpoint yet")
         return found
     return path
 

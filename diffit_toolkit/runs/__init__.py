@@ -13,6 +13,8 @@ reads through it. Two kinds of weight files live here:
 
 from diffit_toolkit.runs.checkpoint import (
     CheckpointError,
+    CheckpointPathError,
+    OutputFolderError,
     RunFolderError,
     check_run_dir,
     check_train_state,
@@ -35,6 +37,8 @@ __all__ = [
     "confined",
     "write_text_atomic",
     "CheckpointError",
+    "CheckpointPathError",
+    "OutputFolderError",
     "RunFolderError",
     "check_run_dir",
     "check_train_state",

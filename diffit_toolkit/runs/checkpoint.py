@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffit_toolkit.errors import RunFailure, UsageError
 from diffit_toolkit.runs.files import RunFolderError, confined, open_no_follow
 from diffit_toolkit.runs.files import why_write_failed as _why
 
@@ -56,8 +57,21 @@ _OLD_DIR = re.compile(r"^\.old-step_(\d{7,})-")
 _HOST = socket.gethostname()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailure, RuntimeError):
     """A checkpoint that cannot be written or read; one line naming the file."""
+
+
+class CheckpointPathError(UsageError, CheckpointError):
+    """A path given as a checkpoint that is none: no such file or folder, a run folder without a
+    complete checkpoint, a folder that lacks a checkpoint's files. A usage error (fix the path),
+    and still a [`CheckpointError`][diffit_toolkit.runs.checkpoint.CheckpointError] for code that
+    catches those."""
+
+
+class OutputFolderError(UsageError, RunFolderError):
+    """An output folder a run may not use, refused before anything is written: the file-system
+    root, the home folder, an existing file, a folder of other files. A usage error (give another
+    folder), and still a ``RunFolderError`` for code that catches those."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -279,7 +293,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path.parent
     missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
     if missing:
-        raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)}): pass a step_* folder")
+        raise CheckpointPathError(f"{path} is not a complete checkpoint (missing {', '.join(missing)}): pass a step_* folder")
     verify_checkpoint(path)
     try:
         ckpt = {
@@ -357,10 +371,10 @@ def check_run_dir(run_dir: str | Path) -> Path:
     resolved = path.resolve()
     home = Path.home().resolve()
     if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents:
-        raise RunFolderError(f"output folder {path} is {'the file-system root' if resolved == Path(resolved.anchor) else 'the home folder or above it'}; "
-                             f"give a folder of its own, e.g. runs/<name>")
+        raise OutputFolderError(f"output folder {path} is {'the file-system root' if resolved == Path(resolved.anchor) else 'the home folder or above it'}; "
+                                f"give a folder of its own, e.g. runs/<name>")
     if path.exists() and not path.is_dir():
-        raise RunFolderError(f"output folder {path} is an existing file; give a folder path")
+        raise OutputFolderError(f"output folder {path} is an existing file; give a folder path")
     if path.is_dir():
         try:
             entries = {p.name for p in path.iterdir()}
@@ -368,8 +382,8 @@ def check_run_dir(run_dir: str | Path) -> Path:
             raise RunFolderError(f"output folder {path} cannot be read ({_why(exc)})") from None
         if entries and not entries & set(RUN_MARKERS):
             shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-            raise RunFolderError(f"output folder {path} holds other files ({shown}) and is not a run folder; "
-                                 f"give an empty or new folder")
+            raise OutputFolderError(f"output folder {path} holds other files ({shown}) and is not a run folder; "
+                                    f"give an empty or new folder")
         for name in RUN_OUTPUTS:
             if name in entries:
                 confined(path, path / name)

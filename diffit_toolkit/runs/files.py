@@ -22,10 +22,12 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from diffit_toolkit.errors import RunFailure
+
 _HOST = socket.gethostname()
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(RunFailure, RuntimeError):
     """A run folder that cannot be used (taken by another run, not a run, a dangerous path)."""
 
 

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from diffit_toolkit.errors import one_line
+from diffit_toolkit.errors import RunFailure, one_line
 from diffit_toolkit.build import build_dataset, build_model, build_optimizer, build_process, data_facts
 from diffit_toolkit.inference.pipeline import Pipeline
 from diffit_toolkit.inference.writers import save_sample_grid
@@ -68,7 +68,7 @@ from diffit_toolkit.train.logging import RunLogger
 from diffit_toolkit.train.state import EmaCount, OptimizerState, RandomState, RankRandomStates, TrainState
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunFailure, RuntimeError):
     """A run that cannot go on (diverged, out of memory, ...); one line with what to change."""
 
 
