@@ -190,6 +190,8 @@ class ImageFolderDataset(DiffusionDataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for {len(self.samples)} images")  # ends a plain loop
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             file = self.samples[i][0]

@@ -19,6 +19,8 @@ def test_class_subfolders_map_to_sorted_labels(class_folder):
     x, y = data[3]
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and y.item() == 1 and y.dtype == torch.int64
     assert -1 <= x.min() and x.max() <= 1 and data.skipped == []
+    assert [int(y) for _, y in data] == [0, 0, 0, 1, 1]  # a plain loop ends after the last image
+    assert torch.equal(data[-1][0], data[4][0])
 
 
 def test_flat_mode_is_recursive_and_unconditional(class_folder):
